@@ -1,0 +1,56 @@
+# wasmq: `make demo` runs the real thing end to end, `make test` runs every
+# test. Both install what is missing on a fresh machine (the wasm32-wasip2
+# target; redis-server via apt-get when absent and we are root).
+
+CARGO ?= cargo
+GUEST_TARGET := wasm32-wasip2
+GUEST_DIR := target/guests
+GUESTS := noop onboard thumbnail scrape hostile other-world typed
+GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
+
+.PHONY: all setup target redis guests build test demo bench lint fmt clean
+
+all: build guests
+
+setup: target redis
+
+target:
+	@rustup target list --installed 2>/dev/null | grep -qx $(GUEST_TARGET) || rustup target add $(GUEST_TARGET)
+
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "redis-server not found: installing it with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	else \
+		echo "redis-server not found: install it (e.g. 'sudo apt-get install redis-server') and re-run"; exit 1; \
+	fi
+
+# Example tasks and test guests, as WebAssembly components.
+guests: target
+	$(CARGO) build $(GUEST_FLAGS)
+
+build:
+	$(CARGO) build -p wasmq
+
+test: setup guests
+	$(CARGO) test
+
+demo: setup guests build
+	$(CARGO) run -q -p wasmq --example demo
+
+# Figures for the closing notes: release build, nothing else running.
+bench: setup guests
+	$(CARGO) run --release -p wasmq -- bench --local --jobs 200000
+	$(CARGO) bench -p wasmq --bench cpu
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy -p wasmq -p wasmq-guest --all-targets -- -D warnings
+	$(CARGO) clippy $(GUEST_FLAGS) -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,289 @@
+//! `make demo`: the example tasks end to end: deployed to Redis (a private
+//! redis-server unless `WASMQ_REDIS_URL` answers), run by a worker in fresh
+//! sandboxes, against real local HTTP servers (a mail API and a small site).
+//!
+//! What it shows: `noop`; `thumbnail` burning deterministic fuel; `scrape`
+//! counting pages with a host counter, duplicates counted once; `onboard`
+//! enqueued three times for user 7 plus a mail-API outage, sending exactly one
+//! email; and a hostile guest stopped by its fuel budget.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use serde_json::json;
+use wasmq::broker::{Broker, EnqueueRequest, ResultState};
+use wasmq::component::CompiledCache;
+use wasmq::engine::{build_engine, EngineLimits};
+use wasmq::policy::TaskPolicy;
+use wasmq::pools::PoolKind;
+use wasmq::sandbox::Sandbox;
+use wasmq::worker::{Worker, WorkerConfig};
+
+const GUESTS: &str = "target/guests/wasm32-wasip2/release";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let emails = Arc::new(AtomicU64::new(0));
+    let mail_calls = Arc::new(AtomicU64::new(0));
+    let mail = {
+        let (emails, calls) = (emails.clone(), mail_calls.clone());
+        serve(move |_path| {
+            // The mail provider is down for the first request.
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return (503, "try later".to_string());
+            }
+            emails.fetch_add(1, Ordering::SeqCst);
+            (200, "{\"queued\":true}".to_string())
+        })
+        .await?
+    };
+    let site = serve(|path| {
+        (
+            200,
+            format!("<h1>{path}</h1><a href='/a'>a</a> <a href='/b'>b</a>"),
+        )
+    })
+    .await?;
+
+    let (redis_url, _redis) = redis_for_demo().await?;
+    let broker = Broker::connect(&redis_url).await?;
+    let tenant = "demo";
+    let deploy = |name: &'static str, policy: TaskPolicy| {
+        let broker = broker.clone();
+        async move {
+            let bytes = std::fs::read(format!("{GUESTS}/{name}.wasm"))
+                .map_err(|e| anyhow::anyhow!("{GUESTS}/{name}.wasm: {e} (run `make guests`)"))?;
+            broker.deploy(tenant, name, &bytes, &policy).await
+        }
+    };
+    let with_http = |addr: &str| {
+        let mut p = TaskPolicy::default();
+        p.sandbox.allow_http = vec![addr.to_string()];
+        p.retry.backoff_base = Duration::from_millis(200);
+        p.retry.auto_retry_kinds = vec!["network".into(), "mail-api".into()];
+        p
+    };
+    deploy("noop", TaskPolicy::default()).await?;
+    // The CPU-bound example goes to its own queue, served by a CPU pool.
+    deploy(
+        "thumbnail",
+        TaskPolicy {
+            queue: "images".into(),
+            pool: PoolKind::Cpu,
+            ..TaskPolicy::default()
+        },
+    )
+    .await?;
+    deploy("scrape", with_http(&site)).await?;
+    deploy("onboard", with_http(&mail)).await?;
+    let mut spin = TaskPolicy::default();
+    spin.sandbox.fuel = 100_000_000;
+    deploy("hostile", spin).await?;
+
+    // Worker pools in this process, as `wasmq worker --pool io=default:16
+    // --pool cpu=images:1` runs them: the io pool on this runtime, the cpu
+    // pool on a runtime of its own.
+    let sandbox = Arc::new(Sandbox::new(
+        build_engine(&EngineLimits::default())?,
+        CompiledCache::new(CompiledCache::default_dir()),
+    )?);
+    let pool = |queue: &str, concurrency: usize, id: &str| WorkerConfig {
+        tenants: vec![tenant.into()],
+        queues: vec![queue.into()],
+        concurrency,
+        lease: Duration::from_secs(30),
+        drain_timeout: Duration::from_secs(10),
+        id: id.into(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let io = tokio::spawn(
+        Worker::new(
+            broker.clone(),
+            sandbox.clone(),
+            pool("default", 16, "demo-io"),
+        )
+        .run(until_stopped(stopped.clone())),
+    );
+    let cpu_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let cpu = cpu_runtime.spawn(
+        Worker::new(broker.clone(), sandbox, pool("images", 1, "demo-cpu"))
+            .run(until_stopped(stopped)),
+    );
+
+    let mut jobs: Vec<(&str, serde_json::Value, Option<&str>)> = vec![
+        ("noop", json!({}), None),
+        (
+            "thumbnail",
+            json!({"width": 512, "height": 512, "seed": 42, "thumb": 64}),
+            None,
+        ),
+    ];
+    for page in ["/home", "/about", "/home"] {
+        jobs.push((
+            "scrape",
+            json!({"url": format!("http://{site}{page}")}),
+            None,
+        ));
+    }
+    // The seed case: user 7 onboarded three times with one idempotency key,
+    // once without, while the mail API fails its first request.
+    for key in [
+        Some("onboard-user-7"),
+        Some("onboard-user-7"),
+        Some("onboard-user-7"),
+        None,
+    ] {
+        jobs.push((
+            "onboard",
+            json!({"user_id": 7, "mail_api": format!("http://{mail}/send")}),
+            key,
+        ));
+    }
+    jobs.push(("hostile", json!({"mode": "spin"}), None));
+
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    for (task, payload, key) in &jobs {
+        let request = EnqueueRequest {
+            tenant: tenant.into(),
+            task: task.to_string(),
+            payload: payload.clone(),
+            idempotency_key: key.map(String::from),
+            store_result: Some(true),
+            ..EnqueueRequest::default()
+        };
+        let enqueued = broker.enqueue(request).await?;
+        let dup = if enqueued.duplicate {
+            " (duplicate: same job)"
+        } else {
+            ""
+        };
+        match broker
+            .result(tenant, &enqueued.id, Some(Duration::from_secs(30)))
+            .await?
+        {
+            ResultState::Ready(result) => {
+                ok += 1;
+                println!("ok     {task:<10} {result}{dup}");
+            }
+            ResultState::Failed(failure) => {
+                failed += 1;
+                println!("failed {task:<10} {failure}");
+            }
+            other => {
+                failed += 1;
+                println!("??     {task:<10} {other:?}");
+            }
+        }
+    }
+    let _ = stop.send(true);
+    io.await?;
+    cpu.await?;
+    cpu_runtime.shutdown_background();
+    println!(
+        "summary: {} jobs through Redis at {redis_url}, {ok} succeeded, {failed} failed, {} welcome email(s) sent for user 7 ({} mail API calls), {:.0} ms",
+        jobs.len(),
+        emails.load(Ordering::SeqCst),
+        mail_calls.load(Ordering::SeqCst),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    anyhow::ensure!(
+        emails.load(Ordering::SeqCst) == 1,
+        "expected exactly one welcome email"
+    );
+    Ok(())
+}
+
+/// `WASMQ_REDIS_URL` if it answers, else a private redis-server on a free
+/// port (killed when the returned guard drops).
+async fn redis_for_demo() -> anyhow::Result<(String, Option<KillOnDrop>)> {
+    if let Ok(url) = std::env::var("WASMQ_REDIS_URL") {
+        if Broker::connect(&url).await.is_ok() {
+            return Ok((url, None));
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = std::env::temp_dir().join(format!("wasmq-demo-{port}"));
+    std::fs::create_dir_all(&dir)?;
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting redis-server: {e} (run `make setup`)"))?;
+    let guard = KillOnDrop(child);
+    let url = format!("redis://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if Broker::connect(&url).await.is_ok() {
+            println!("started a private redis-server on port {port}");
+            return Ok((url, Some(guard)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("redis-server on port {port} did not answer")
+}
+
+/// Kills the private redis-server when the demo ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serve HTTP on a free loopback port; the handler maps a path to (status, body).
+async fn serve(
+    handler: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
+) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (status, body) = handler(req.uri().path());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}

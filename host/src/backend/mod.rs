@@ -1,0 +1,148 @@
+//! The host-side state behind the guest's host interfaces: key-value,
+//! counters, locks, step markers and child jobs.
+//!
+//! One trait, [`Backend`], with two implementations: [`memory`] (embedded
+//! mode, `wasmq run`: one process, no Redis) and [`redis`], used by
+//! workers. Every method takes the tenant explicitly: the sandbox passes the
+//! job's tenant, never a name the guest chose, so a guest can only reach its
+//! own tenant's state. Each method is one atomic operation, shaped so Redis
+//! serves it in one round trip (a command or a Lua script).
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Why a backend call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendError {
+    /// The store could not be reached or answered with an error; retrying
+    /// later may work.
+    Unavailable(String),
+    /// The request was refused as malformed or over a limit.
+    Invalid(String),
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::Unavailable(m) => write!(f, "state store unavailable: {m}"),
+            BackendError::Invalid(m) => write!(f, "invalid request: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// Result of a backend call.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Where a step marker stands when a job reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepState {
+    /// Completed before; the recorded output.
+    Done(Vec<u8>),
+    /// Claimed by the caller now: it must run the step.
+    Run,
+    /// Claimed by another run that has not finished (or whose claim has not
+    /// lapsed yet).
+    Busy,
+}
+
+/// A child job a task asked to enqueue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChildJob {
+    /// Task name within the tenant.
+    pub task: String,
+    /// JSON payload.
+    pub payload: String,
+    /// Delay before it may start.
+    pub countdown: Option<Duration>,
+    /// Idempotency key, if any.
+    pub idempotency_key: Option<String>,
+}
+
+/// The state store behind the host interfaces. See the module docs.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Value of `key`, if set and not expired.
+    async fn kv_get(&self, tenant: &str, key: &str) -> BackendResult<Option<Vec<u8>>>;
+    /// Set `key`, with an optional time to live.
+    async fn kv_set(
+        &self,
+        tenant: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> BackendResult<()>;
+    /// Set `key` only if it holds nothing; true if stored.
+    async fn kv_set_if_absent(
+        &self,
+        tenant: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> BackendResult<bool>;
+    /// Delete `key`; true if it existed.
+    async fn kv_delete(&self, tenant: &str, key: &str) -> BackendResult<bool>;
+
+    /// Add `delta` to counter `name`; the new value.
+    async fn counter_incr(&self, tenant: &str, name: &str, delta: i64) -> BackendResult<i64>;
+    /// Add `delta` to counter `name` unless `once_key` was used before;
+    /// either way, the value recorded for `once_key` (atomic).
+    async fn counter_incr_once(
+        &self,
+        tenant: &str,
+        name: &str,
+        delta: i64,
+        once_key: &str,
+    ) -> BackendResult<i64>;
+    /// Current value of counter `name` (0 if unset).
+    async fn counter_get(&self, tenant: &str, name: &str) -> BackendResult<i64>;
+
+    /// Take lock `name` for `owner` for `ttl` if free (or expired): returns
+    /// the new fencing token, strictly greater than any before for this lock.
+    async fn lock_acquire(
+        &self,
+        tenant: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> BackendResult<Option<u64>>;
+    /// Extend the lease if `owner` still holds it.
+    async fn lock_renew(
+        &self,
+        tenant: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> BackendResult<bool>;
+    /// Release the lock if `owner` still holds it.
+    async fn lock_release(&self, tenant: &str, name: &str, owner: &str) -> BackendResult<bool>;
+
+    /// Claim step `key` for `claimant` (one run of one job) for `lease`,
+    /// unless it is done or claimed by another live run.
+    async fn step_begin(
+        &self,
+        tenant: &str,
+        key: &str,
+        claimant: &str,
+        lease: Duration,
+    ) -> BackendResult<StepState>;
+    /// Record step `key` as done with `output` and drop the claim.
+    async fn step_complete(
+        &self,
+        tenant: &str,
+        key: &str,
+        claimant: &str,
+        output: &[u8],
+        ttl: Option<Duration>,
+    ) -> BackendResult<()>;
+    /// Drop `claimant`'s claim on step `key`, if it still holds it.
+    async fn step_abandon(&self, tenant: &str, key: &str, claimant: &str) -> BackendResult<()>;
+
+    /// Enqueue a child job in `tenant`; its job id.
+    async fn enqueue_child(&self, tenant: &str, child: ChildJob) -> BackendResult<String>;
+}

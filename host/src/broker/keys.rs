@@ -1,0 +1,174 @@
+//! Every Redis key wasmq uses, in one place (see docs/redis-layout.md).
+//!
+//! All keys of a tenant start with `wasmq:{TENANT}:`. The braces are a Redis
+//! Cluster hash tag: a tenant's queues, jobs, results and host-interface
+//! state hash to one slot, so one Lua script can move a job between them
+//! atomically. Names a guest passes (key-value keys, counters, locks, steps)
+//! are appended after a fixed kind segment, so whatever string a guest
+//! passes, it stays inside its own tenant's namespace and its own kind.
+
+/// Key builder for one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys of `tenant`. The tenant name is validated by [`valid_tenant`]
+    /// before it gets here (no braces, so the hash tag cannot be forged).
+    pub fn new(tenant: &str) -> Self {
+        Keys {
+            prefix: format!("wasmq:{{{tenant}}}:"),
+        }
+    }
+
+    /// The common prefix (`wasmq:{TENANT}:`), e.g. for ACL key patterns.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    /// HASH: the tenant's record (field `spec`: name and caps).
+    pub fn tenant(&self) -> String {
+        self.key(&["tenant"])
+    }
+    /// HASH: one deployed task's current version and policy.
+    pub fn task(&self, name: &str) -> String {
+        self.key(&["task", name])
+    }
+    /// SET: names of deployed tasks.
+    pub fn tasks(&self) -> String {
+        self.key(&["tasks"])
+    }
+    /// STRING: component bytes, content-addressed by sha256.
+    pub fn component(&self, sha256: &str) -> String {
+        self.key(&["component", sha256])
+    }
+    /// HASH: a job's envelope and state.
+    pub fn job(&self, id: &str) -> String {
+        self.key(&["job", id])
+    }
+    /// ZSET: jobs ready to run, by priority then enqueue order.
+    pub fn ready(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "ready"])
+    }
+    /// ZSET: jobs not yet due, by due time (ms).
+    pub fn delayed(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "delayed"])
+    }
+    /// ZSET: jobs handed to a worker, by lease expiry (ms).
+    pub fn leased(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "leased"])
+    }
+    /// STRING (integer): the queue's enqueue sequence (FIFO within a priority).
+    pub fn seq(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "seq"])
+    }
+    /// STRING: the pool kind (`io` or `cpu`) a queue serves, set by the
+    /// first deploy to it.
+    pub fn queue_pool(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "pool"])
+    }
+    /// LIST: wake-up tokens for idle workers of a queue.
+    pub fn signal(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "signal"])
+    }
+    /// ZSET: dead-lettered jobs, by time of death (ms).
+    pub fn dead(&self) -> String {
+        self.key(&["dead"])
+    }
+    /// LIST: a job's attempt history (JSON events).
+    pub fn history(&self, id: &str) -> String {
+        self.key(&["history", id])
+    }
+    /// HASH: the tenant's summed usage (runs, fuel, wall_time_us,
+    /// memory_byte_seconds), for billing.
+    pub fn usage(&self) -> String {
+        self.key(&["usage"])
+    }
+    /// STRING: a job's stored result (JSON), with a TTL.
+    pub fn result(&self, id: &str) -> String {
+        self.key(&["result", id])
+    }
+    /// LIST: pushed once when a job finishes, for `result --wait`.
+    pub fn done(&self, id: &str) -> String {
+        self.key(&["done", id])
+    }
+    /// STRING: the job id that owns an idempotency key of a task.
+    pub fn idempotency(&self, task: &str, key: &str) -> String {
+        self.key(&["idem", task, key])
+    }
+    /// STRING: a guest's key-value entry.
+    pub fn kv(&self, key: &str) -> String {
+        self.key(&["kv", key])
+    }
+    /// STRING (integer): a guest's counter.
+    pub fn counter(&self, name: &str) -> String {
+        self.key(&["counter", name])
+    }
+    /// STRING (integer): the counter value recorded by `incr-once` for a key.
+    pub fn counted_once(&self, once_key: &str) -> String {
+        self.key(&["counter-once", once_key])
+    }
+    /// STRING: a lock's owner token, with the lease as TTL.
+    pub fn lock(&self, name: &str) -> String {
+        self.key(&["lock", name])
+    }
+    /// STRING (integer): a lock's last fencing token; never expires.
+    pub fn fence(&self, name: &str) -> String {
+        self.key(&["fence", name])
+    }
+    /// STRING: a completed step's recorded output.
+    pub fn step_done(&self, key: &str) -> String {
+        self.key(&["step", "done", key])
+    }
+    /// STRING: the run token holding a step, with the claim lease as TTL.
+    pub fn step_claim(&self, key: &str) -> String {
+        self.key(&["step", "claim", key])
+    }
+}
+
+/// SET of tenant names with a record: the one key outside any tenant
+/// (admin-only; producers' ACLs do not include it).
+pub const TENANTS: &str = "wasmq:tenants";
+
+/// Tenant names: 1–64 of `[a-z0-9_-]`. They end up inside a hash tag and
+/// ACL patterns, so no braces, colons or glob characters.
+pub fn valid_tenant(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tenant name {name:?} is invalid: use 1-64 characters of a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_in_their_tenant_and_kind() {
+        let k = Keys::new("acme");
+        assert_eq!(k.kv("x"), "wasmq:{acme}:kv:x");
+        // A guest spelling out another tenant's prefix still lands in its own.
+        assert_eq!(
+            k.kv("wasmq:{other}:kv:x"),
+            "wasmq:{acme}:kv:wasmq:{other}:kv:x"
+        );
+        assert!(valid_tenant("acme-1").is_ok());
+        assert!(valid_tenant("a}b").is_err());
+        assert!(valid_tenant("").is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! The broker: jobs in Redis (see docs/redis-layout.md for every key).
+//!
+//! Owns the job life cycle in Redis and nothing else: enqueue (with
+//! idempotency and delays), fetch with leases, lease renewal, recording an
+//! outcome, deploys, results, status and the dead-letter queue. Every state
+//! change is one Lua script ([`scripts`]); running jobs is the worker's job.
+
+pub mod acl;
+mod consumer;
+pub mod envelope;
+pub mod keys;
+mod producer;
+mod scripts;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionManager;
+
+pub use consumer::{Completion, Fetched, Outcome};
+pub use producer::{DeployedTask, EnqueueRequest, Enqueued, JobStatus, ResultState};
+
+/// Redis-backed broker handle; cheap to clone (one multiplexed connection
+/// that reconnects by itself).
+#[derive(Clone)]
+pub struct Broker {
+    conn: ConnectionManager,
+    client: redis::Client,
+}
+
+impl Broker {
+    /// Connect to `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let client =
+            redis::Client::open(url).with_context(|| format!("Redis URL {url:?} is not valid"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_max_delay(std::time::Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .with_context(|| format!("connecting to Redis at {url}"))?;
+        Ok(Broker { conn, client })
+    }
+
+    /// The shared connection (also serves the host interfaces).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A dedicated connection for blocking commands (BLPOP, BLMOVE), which
+    /// must not stall the shared multiplexed one. `block` is the longest the
+    /// caller's command blocks; the response timeout allows for it.
+    pub async fn blocking_connection(
+        &self,
+        block: std::time::Duration,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let timeout = block + std::time::Duration::from_secs(5);
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+}
+
+/// Milliseconds since the unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

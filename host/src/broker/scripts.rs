@@ -1,0 +1,214 @@
+//! The Lua scripts that move jobs between states. Each is one atomic step
+//! (Redis runs a script to completion before any other command), so a job is
+//! always in exactly one of ready / delayed / leased / dead / finished.
+//!
+//! Keys are computed inside the scripts from the tenant prefix for per-job
+//! keys; every key carries the tenant's hash tag, so they share a slot.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Enqueue. KEYS: job, ready, delayed, signal, idem-or-empty, history, seq.
+/// ARGV: id, envelope, priority (0-9), due_ms (0 = now), now_ms, idem_ttl_ms.
+/// The ready-queue score is (9 - priority) * 2^44 + a per-queue sequence
+/// number, so higher priorities run first and equal priorities in enqueue
+/// order, whatever the producers' clocks say. Returns {id, "new"} or
+/// {existing_id, "duplicate"}.
+pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if KEYS[5] ~= '' then
+  if not redis.call('SET', KEYS[5], ARGV[1], 'NX', 'PX', ARGV[6]) then
+    return {redis.call('GET', KEYS[5]), 'duplicate'}
+  end
+end
+local due = tonumber(ARGV[4])
+local state = 'queued'
+if due > tonumber(ARGV[5]) then state = 'scheduled' end
+local score = (9 - tonumber(ARGV[3])) * 17592186044416 + redis.call('INCR', KEYS[7])
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', state, 'attempt', 0,
+  'deliveries', 0, 'score', string.format('%.0f', score), 'enqueued_at_ms', ARGV[5],
+  'enqueued_at_us', t[1] .. string.format('%06d', t[2]))
+redis.call('RPUSH', KEYS[6], cjson.encode({at_ms = tonumber(ARGV[5]), event = 'enqueued'}))
+if state == 'scheduled' then
+  redis.call('ZADD', KEYS[3], due, ARGV[1])
+else
+  redis.call('ZADD', KEYS[2], score, ARGV[1])
+end
+redis.call('LPUSH', KEYS[4], '1')
+redis.call('LTRIM', KEYS[4], 0, 63)
+return {ARGV[1], 'new'}
+"#,
+    )
+});
+
+/// Fetch up to n jobs. KEYS: ready, delayed, leased, dead.
+/// ARGV: prefix, now_ms, n, lease_ms, worker, max_deliveries.
+/// First promotes due delayed jobs and reclaims expired leases (their
+/// workers died), then pops by score and leases each popped job.
+/// Returns a flat list: id, envelope, attempt, lease token, ...
+/// A popped id without a job record is dropped (logged as 'missing').
+pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix, now, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_deliveries = tonumber(ARGV[6])
+local function job(id) return prefix .. 'job:' .. id end
+local function history(id, event, detail)
+  redis.call('RPUSH', prefix .. 'history:' .. id, cjson.encode({at_ms = now, event = event, detail = detail}))
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[2], id)
+  local score = redis.call('HGET', job(id), 'score')
+  if score then
+    redis.call('ZADD', KEYS[1], score, id)
+    redis.call('HSET', job(id), 'state', 'queued')
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[3], id)
+  local score = redis.call('HGET', job(id), 'score')
+  if score then
+    local deliveries = tonumber(redis.call('HGET', job(id), 'deliveries') or '0')
+    if deliveries >= max_deliveries then
+      local err = cjson.encode({category = 'trap', message = 'delivered ' .. deliveries ..
+        ' times and never finished: its worker died each time (poison job?)'})
+      redis.call('HSET', job(id), 'state', 'dead', 'last_error', err, 'lease', '')
+      redis.call('ZADD', KEYS[4], now, id)
+      history(id, 'dead', err)
+    else
+      redis.call('ZADD', KEYS[1], score, id)
+      redis.call('HSET', job(id), 'state', 'queued', 'lease', '')
+      history(id, 'lease-expired', 'redelivered after its worker stopped renewing the lease')
+    end
+  end
+end
+local out = {}
+local popped = redis.call('ZPOPMIN', KEYS[1], n)
+for i = 1, #popped, 2 do
+  local id = popped[i]
+  local envelope = redis.call('HGET', job(id), 'envelope')
+  if envelope then
+    local deliveries = redis.call('HINCRBY', job(id), 'deliveries', 1)
+    local attempt = redis.call('HINCRBY', job(id), 'attempt', 1)
+    local token = ARGV[5] .. ':' .. deliveries
+    redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'started_at_ms', now, 'worker', ARGV[5])
+    redis.call('ZADD', KEYS[3], now + lease, id)
+    -- Built by hand: this runs for every job, and cjson costs more than the
+    -- commands around it. The worker id is [A-Za-z0-9._-].
+    redis.call('RPUSH', prefix .. 'history:' .. id, '{"at_ms":' .. now ..
+      ',"event":"started","detail":"attempt ' .. attempt .. ' on ' .. ARGV[5] .. '"}')
+    table.insert(out, id)
+    table.insert(out, envelope)
+    table.insert(out, attempt)
+    table.insert(out, token)
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Extend leases. KEYS: leased. ARGV: prefix, expiry_ms, id1, token1, ...
+/// Only jobs whose lease token still matches are extended (a job whose lease
+/// lapsed and was redelivered belongs to its new holder). Returns the count.
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local renewed = 0
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', ARGV[1] .. 'job:' .. id, 'lease') == token then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id)
+    renewed = renewed + 1
+  end
+end
+return renewed
+"#,
+    )
+});
+
+/// Record outcomes of many deliveries in one call (the worker batches
+/// whatever finished since its last call: fewer script invocations, which
+/// cost more than the commands they run).
+/// ARGV: prefix, now_ms, finished_ttl_ms, then the batch's usage totals
+/// (runs, fuel, wall_time_us, memory_byte_seconds) added to the tenant's
+/// `usage` hash, then per job 10 fields: id,
+/// queue, token, outcome ('succeeded' | 'retry' | 'host-retry' | 'dead' |
+/// 'release'),
+/// result, result_ttl_ms (0 = do not store), retry_at_ms, error_json,
+/// usage_json, idempotency key name or ''.
+/// Returns one 'ok' per job, or 'stale' when the caller no longer holds that
+/// job's lease (its outcome is dropped: the job belongs to whoever holds it
+/// now). Keys are derived from the prefix; all share the tenant's hash tag.
+pub static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix, now, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local t = redis.call('TIME')
+local now_us = t[1] .. string.format('%06d', t[2])
+-- The tenant's usage, summed over the batch by the worker: one write per
+-- batch, not per job.
+if tonumber(ARGV[4]) > 0 then
+  local usage_key = prefix .. 'usage'
+  redis.call('HINCRBY', usage_key, 'runs', ARGV[4])
+  redis.call('HINCRBY', usage_key, 'fuel', ARGV[5])
+  redis.call('HINCRBY', usage_key, 'wall_time_us', ARGV[6])
+  redis.call('HINCRBY', usage_key, 'memory_byte_seconds', ARGV[7])
+end
+local out = {}
+for i = 8, #ARGV, 10 do
+  local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local result, result_ttl, retry_at = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
+  local err, usage, idem = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local job = prefix .. 'job:' .. id
+  local history = prefix .. 'history:' .. id
+  local q = prefix .. 'queue:' .. queue .. ':'
+  if redis.call('HGET', job, 'lease') ~= token then
+    table.insert(out, 'stale')
+  else
+    redis.call('ZREM', q .. 'leased', id)
+    if outcome == 'release' then
+      -- Shutdown before the job finished: back to the front of its queue.
+      redis.call('HINCRBY', job, 'attempt', -1)
+      redis.call('HSET', job, 'state', 'queued', 'lease', '')
+      redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
+      redis.call('RPUSH', history, '{"at_ms":' .. now .. ',"event":"released"}')
+    elseif outcome == 'retry' or outcome == 'host-retry' then
+      -- A host-side failure does not use up one of the task's attempts.
+      if outcome == 'host-retry' then redis.call('HINCRBY', job, 'attempt', -1) end
+      redis.call('HSET', job, 'state', 'scheduled', 'last_error', err, 'lease', '', 'usage', usage)
+      redis.call('ZADD', q .. 'delayed', retry_at, id)
+      redis.call('RPUSH', history, cjson.encode({at_ms = now, event = outcome, detail = err, retry_at_ms = tonumber(retry_at)}))
+    elseif outcome == 'succeeded' then
+      redis.call('HSET', job, 'state', 'succeeded', 'lease', '', 'usage', usage,
+        'finished_at_ms', now, 'finished_at_us', now_us)
+      if result_ttl > 0 then
+        redis.call('SET', prefix .. 'result:' .. id, result, 'PX', result_ttl)
+        redis.call('HSET', job, 'result_stored', 1)
+      end
+      redis.call('RPUSH', history, '{"at_ms":' .. now .. ',"event":"succeeded"}')
+      redis.call('PEXPIRE', job, retention)
+      redis.call('PEXPIRE', history, retention)
+    else
+      redis.call('HSET', job, 'state', 'dead', 'last_error', err, 'lease', '', 'usage', usage,
+        'finished_at_ms', now, 'finished_at_us', now_us)
+      redis.call('ZADD', prefix .. 'dead', now, id)
+      redis.call('RPUSH', history, cjson.encode({at_ms = now, event = 'dead', detail = err}))
+      -- A failed job does not hold its idempotency key: a new enqueue may run.
+      if idem ~= '' then redis.call('DEL', idem) end
+    end
+    if outcome == 'succeeded' or outcome == 'dead' then
+      local done = prefix .. 'done:' .. id
+      redis.call('RPUSH', done, outcome)
+      redis.call('PEXPIRE', done, retention)
+    end
+    table.insert(out, 'ok')
+  end
+end
+return out
+"#,
+    )
+});

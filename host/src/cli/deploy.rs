@@ -1,0 +1,79 @@
+//! `wasmq deploy` and `wasmq tasks`: put a validated component and its
+//! policy in Redis; list what is deployed.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::CliError;
+use crate::broker::Broker;
+use crate::component::CompiledCache;
+use crate::engine::{build_engine, EngineLimits};
+use crate::policy::TaskPolicy;
+use crate::sandbox::Sandbox;
+
+/// Flags of `wasmq deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The task component (`.wasm`).
+    pub task: PathBuf,
+    /// Name producers enqueue it by.
+    #[arg(long)]
+    pub name: String,
+    /// Queue (overrides the manifest's).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// `task.toml` with the task's policy (see GUIDE.md).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+}
+
+/// Validate against the WIT world, then store content-addressed with its policy.
+pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), CliError> {
+    let bytes =
+        std::fs::read(&args.task).with_context(|| format!("reading {}", args.task.display()))?;
+    let mut policy = match &args.manifest {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            TaskPolicy::from_toml(&text).map_err(anyhow::Error::msg)?
+        }
+        None => TaskPolicy::default(),
+    };
+    if let Some(q) = args.queue {
+        policy.queue = q;
+    }
+    let engine = build_engine(&EngineLimits {
+        instance_slots: 1,
+        ..EngineLimits::default()
+    })
+    .map_err(anyhow::Error::from)?;
+    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?;
+    sandbox.prepare(&bytes)?;
+    let broker = Broker::connect(redis).await?;
+    let task = broker.deploy(tenant, &args.name, &bytes, &policy).await?;
+    println!(
+        "{}",
+        serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue})
+    );
+    Ok(())
+}
+
+/// List deployed tasks, one JSON line each.
+pub async fn tasks(redis: &str, tenant: &str) -> Result<(), CliError> {
+    let broker = Broker::connect(redis).await?;
+    for t in broker.tasks(tenant).await? {
+        let p = &t.policy;
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": t.name, "version": t.hash, "queue": p.queue,
+                "fuel": p.sandbox.fuel, "memory_bytes": p.sandbox.memory_bytes,
+                "timeout": humantime::format_duration(p.sandbox.timeout).to_string(),
+                "max_attempts": p.retry.max_attempts, "store_result": p.store_result,
+            })
+        );
+    }
+    Ok(())
+}

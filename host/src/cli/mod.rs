@@ -1,0 +1,127 @@
+//! The `wasmq` command line: flag definitions (each documented where it is
+//! defined) and dispatch. Commands live one per file.
+//!
+//! Exit codes: 0 on success; 1 with one stderr line `error: CATEGORY: cause`
+//! when a job or component fails (SPEC.md failure categories); 2 for usage
+//! and operational errors (bad flags, unreadable files, Redis unreachable).
+
+mod bench;
+mod bench_redis;
+mod dead;
+mod deploy;
+mod enqueue;
+mod run;
+mod tenant;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::failure::Failure;
+
+/// A serverless-style task host: WebAssembly tasks, Redis queues.
+#[derive(Debug, Parser)]
+#[command(name = "wasmq", version, about)]
+pub struct Cli {
+    /// Redis URL of the broker.
+    #[arg(
+        long,
+        global = true,
+        env = "WASMQ_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis: String,
+    /// Tenant whose tasks, queues and state the command works on.
+    #[arg(long, global = true, env = "WASMQ_TENANT", default_value = "default")]
+    pub tenant: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one job locally in the sandbox, without Redis (embedded mode), and
+    /// print its result JSON.
+    Run(run::RunArgs),
+    /// Validate a component and deploy it under a name with its policy.
+    Deploy(deploy::DeployArgs),
+    /// List deployed tasks.
+    Tasks,
+    /// Enqueue a job; prints its id (with --wait, its result).
+    Enqueue(enqueue::EnqueueArgs),
+    /// A job's stored result, or where it stands.
+    Result(enqueue::ResultArgs),
+    /// A job's state, attempts, errors, timings and usage.
+    Status {
+        /// Job id.
+        id: String,
+    },
+    /// Run a worker until SIGTERM (drains) or a second signal (stops now).
+    Worker(worker::WorkerArgs),
+    /// The dead-letter queue.
+    #[command(subcommand)]
+    Dead(dead::DeadCommand),
+    /// Measure fresh-instance-per-job cost and throughput.
+    Bench(bench::BenchArgs),
+    /// Tenants: the Redis ACL user that confines a tenant's producers.
+    #[command(subcommand)]
+    Tenant(tenant::TenantCommand),
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+pub enum CliError {
+    /// A job or component failed: reported with its category.
+    Job(Failure),
+    /// Anything else: bad input, I/O, Redis.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::Other(e)
+    }
+}
+
+impl From<Failure> for CliError {
+    fn from(f: Failure) -> Self {
+        CliError::Job(f)
+    }
+}
+
+/// Run the parsed command line; the process exit code.
+pub async fn main(cli: Cli) -> ExitCode {
+    // Every tenant-scoped command names keys with it: refuse a name that
+    // could break out of its hash tag before anything touches Redis.
+    if let Err(e) = crate::broker::keys::valid_tenant(&cli.tenant) {
+        eprintln!("error: --tenant: {e}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Run(args) => run::run(&cli.tenant, args).await,
+        Command::Deploy(args) => deploy::deploy(&cli.redis, &cli.tenant, args).await,
+        Command::Tasks => deploy::tasks(&cli.redis, &cli.tenant).await,
+        Command::Enqueue(args) => enqueue::enqueue(&cli.redis, &cli.tenant, args).await,
+        Command::Result(args) => enqueue::result(&cli.redis, &cli.tenant, args).await,
+        Command::Status { id } => enqueue::status(&cli.redis, &cli.tenant, &id).await,
+        Command::Worker(args) => worker::worker(&cli.redis, &cli.tenant, args).await,
+        Command::Dead(command) => dead::dead(&cli.redis, &cli.tenant, command).await,
+        Command::Bench(args) => bench::bench(&cli.redis, args).await,
+        Command::Tenant(command) => tenant::tenant(&cli.redis, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Job(failure)) => {
+            // One line, whatever the message holds.
+            eprintln!("error: {}", failure.to_string().replace('\n', " "));
+            ExitCode::from(1)
+        }
+        Err(CliError::Other(e)) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}

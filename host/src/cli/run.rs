@@ -1,0 +1,165 @@
+//! `wasmq run`: one job, locally, in embedded mode (no Redis).
+//!
+//! The host interfaces are served by the in-memory backend; with `--state
+//! FILE` it is loaded before and saved after the run, so consecutive runs
+//! share step markers, counters and locks the way jobs on a broker do.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use super::CliError;
+use crate::backend::memory::MemoryBackend;
+use crate::component::CompiledCache;
+use crate::engine::{build_engine, EngineLimits};
+use crate::policy::{parse_size, DirGrant, SandboxPolicy};
+use crate::sandbox::{JobInput, Sandbox, Verdict};
+
+/// Flags of `wasmq run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The task component (`.wasm`).
+    pub task: PathBuf,
+    /// The JSON payload.
+    #[arg(default_value = "{}")]
+    pub payload: String,
+    /// Fuel budget (deterministic CPU limit).
+    #[arg(long)]
+    pub fuel: Option<u64>,
+    /// Linear-memory cap, e.g. `64MiB`.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Wall-clock timeout, e.g. `10s`, `500ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Allow outbound HTTP to HOST or HOST:PORT (repeatable).
+    #[arg(long = "allow-http", value_name = "HOST[:PORT]")]
+    pub allow_http: Vec<String>,
+    /// Let allowed host names resolve to loopback or private addresses
+    /// (refused by default; an IP-literal --allow-http entry is enough for
+    /// that one address).
+    #[arg(long = "allow-private-networks")]
+    pub allow_private_networks: bool,
+    /// Grant a directory: HOST_PATH::GUEST_PATH, with `:ro` for read-only (repeatable).
+    #[arg(long = "dir", value_name = "HOST::GUEST[:ro]", value_parser = DirGrant::parse)]
+    pub dirs: Vec<DirGrant>,
+    /// Largest result accepted, e.g. `1MiB`.
+    #[arg(long = "max-result", value_parser = parse_size)]
+    pub max_result: Option<u64>,
+    /// Keep embedded state (steps, counters, locks, key-value) in this file
+    /// across runs.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Print `{"result", "usage", "log", "children"}` instead of the bare result.
+    #[arg(long)]
+    pub meta: bool,
+    /// Job id to report to the task (default: a fresh one).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Idempotency key to report to the task.
+    #[arg(long = "idempotency-key")]
+    pub idempotency_key: Option<String>,
+}
+
+impl RunArgs {
+    fn policy(&self) -> SandboxPolicy {
+        let defaults = SandboxPolicy::default();
+        SandboxPolicy {
+            fuel: self.fuel.unwrap_or(defaults.fuel),
+            memory_bytes: self.memory.unwrap_or(defaults.memory_bytes),
+            timeout: self.timeout.unwrap_or(defaults.timeout),
+            max_result_bytes: self
+                .max_result
+                .map_or(defaults.max_result_bytes, |m| m as usize),
+            allow_http: self.allow_http.clone(),
+            allow_private_networks: self.allow_private_networks,
+            dirs: self.dirs.clone(),
+            ..defaults
+        }
+    }
+}
+
+/// Run the job and print its result.
+pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
+    let bytes =
+        std::fs::read(&args.task).with_context(|| format!("reading {}", args.task.display()))?;
+    let policy = args.policy();
+    let limits = EngineLimits {
+        instance_slots: 1,
+        max_memory_bytes: policy
+            .memory_bytes
+            .max(EngineLimits::default().max_memory_bytes),
+        ..EngineLimits::default()
+    };
+    let engine = build_engine(&limits).map_err(anyhow::Error::from)?;
+    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?;
+    let task = sandbox.prepare(&bytes)?;
+
+    let backend = Arc::new(match &args.state {
+        Some(path) => MemoryBackend::load(path)?,
+        None => MemoryBackend::new(),
+    });
+    let name = args
+        .task
+        .file_stem()
+        .map_or("task".into(), |s| s.to_string_lossy().into_owned());
+    let job = JobInput {
+        id: args
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        task: name,
+        tenant: tenant.to_string(),
+        attempt: 1,
+        max_attempts: 1,
+        idempotency_key: args.idempotency_key.clone(),
+        payload: args.payload.clone(),
+    };
+    let outcome = sandbox.run(&task, &job, &policy, backend.clone()).await;
+    if let Some(path) = &args.state {
+        backend.save(path)?;
+    }
+
+    let (result, error) = match &outcome.verdict {
+        Verdict::Succeeded { result } => (Some(result.clone()), None),
+        Verdict::Retry { message, delay } => {
+            let delay = delay.map_or(String::new(), |d| {
+                format!(" after {}", humantime::format_duration(d))
+            });
+            (
+                None,
+                Some(crate::failure::Failure::new(
+                    crate::failure::Category::TaskError,
+                    format!("task asked to be retried{delay}: {message}"),
+                )),
+            )
+        }
+        Verdict::Failed { failure, .. } => (None, Some(failure.clone())),
+    };
+    if args.meta {
+        let result: Option<serde_json::Value> = result
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(anyhow::Error::from)?;
+        let children: Vec<_> = backend.children().into_iter().map(|(_, c)| c).collect();
+        let meta = json!({
+            "result": result,
+            "error": error,
+            "usage": outcome.usage,
+            "log": outcome.log,
+            "children": children,
+        });
+        println!("{meta}");
+    } else if let Some(result) = &result {
+        println!("{result}");
+    }
+    match error {
+        Some(failure) => Err(CliError::Job(failure)),
+        None => Ok(()),
+    }
+}

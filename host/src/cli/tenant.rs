@@ -1,0 +1,197 @@
+//! `wasmq tenant ...`: managing tenants: `create`, `set-limits`, `show`,
+//! `list` (their caps, see `crate::tenants`), `usage` (what their jobs
+//! consumed) and `acl` (the Redis ACL user that confines a tenant's
+//! producers; see `broker::acl` and docs/security.md).
+
+use clap::{Args, Subcommand};
+
+use super::CliError;
+use crate::broker::acl::{random_password, ProducerAcl};
+use crate::broker::Broker;
+use crate::tenants::{Tenant, TenantLimits};
+
+/// Tenant commands.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Print the Redis ACL user (`wasmq-producer-NAME`) that lets a producer
+    /// enqueue and read results in tenant NAME only; with --apply, install it.
+    Acl(AclArgs),
+    /// Create tenant NAME with these caps (replacing any record).
+    Create(LimitArgs),
+    /// Change some caps of tenant NAME, keeping the others.
+    SetLimits(LimitArgs),
+    /// Print tenant NAME's record.
+    Show {
+        /// Tenant.
+        name: String,
+    },
+    /// List tenants with a record.
+    List,
+    /// What tenant NAME's jobs consumed: runs, fuel, wall time, memory
+    /// byte-seconds (summed by the workers, for billing).
+    Usage {
+        /// Tenant.
+        name: String,
+    },
+}
+
+/// Caps, for `create` and `set-limits`.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Tenant.
+    pub name: String,
+    /// Most fuel per job.
+    #[arg(long = "max-fuel")]
+    pub max_fuel: Option<u64>,
+    /// Largest memory per job, e.g. `256MiB`.
+    #[arg(long = "max-memory", value_parser = crate::policy::parse_size)]
+    pub max_memory: Option<u64>,
+    /// Longest timeout per job, e.g. `60s`.
+    #[arg(long = "max-timeout", value_parser = humantime::parse_duration)]
+    pub max_timeout: Option<std::time::Duration>,
+    /// Largest result, e.g. `1MiB`.
+    #[arg(long = "max-result", value_parser = crate::policy::parse_size)]
+    pub max_result: Option<u64>,
+    /// Largest payload, e.g. `256KiB`.
+    #[arg(long = "max-payload", value_parser = crate::policy::parse_size)]
+    pub max_payload: Option<u64>,
+    /// An outbound HTTP entry tasks may be granted (repeatable); without
+    /// any, hosts are not capped.
+    #[arg(long = "allow-http")]
+    pub allow_http: Vec<String>,
+    /// A host directory tasks may be granted, with what is below it
+    /// (repeatable); without any, directories are not capped.
+    #[arg(long = "allow-dir")]
+    pub allow_dir: Vec<std::path::PathBuf>,
+    /// Tasks may reach private networks.
+    #[arg(long = "allow-private-networks")]
+    pub allow_private_networks: bool,
+    /// Jobs at once per worker.
+    #[arg(long = "max-concurrency")]
+    pub max_concurrency: Option<u32>,
+}
+
+impl LimitArgs {
+    /// Apply the given flags over `limits`.
+    fn apply(&self, limits: &mut TenantLimits) {
+        limits.max_fuel = self.max_fuel.or(limits.max_fuel);
+        limits.max_memory_bytes = self.max_memory.or(limits.max_memory_bytes);
+        limits.max_timeout = self.max_timeout.or(limits.max_timeout);
+        limits.max_result_bytes = self
+            .max_result
+            .map(|b| b as usize)
+            .or(limits.max_result_bytes);
+        limits.max_payload_bytes = self
+            .max_payload
+            .map(|b| b as usize)
+            .or(limits.max_payload_bytes);
+        if !self.allow_http.is_empty() {
+            limits.allow_http = Some(self.allow_http.clone());
+        }
+        if !self.allow_dir.is_empty() {
+            limits.allow_dirs = Some(self.allow_dir.clone());
+        }
+        limits.allow_private_networks |= self.allow_private_networks;
+        limits.max_concurrency = self.max_concurrency.or(limits.max_concurrency);
+    }
+}
+
+/// Flags of `wasmq tenant acl`.
+#[derive(Debug, Args)]
+pub struct AclArgs {
+    /// Tenant the producer is confined to.
+    pub name: String,
+    /// Install the user on the Redis of `--redis` (needs an admin
+    /// connection) instead of only printing it.
+    #[arg(long)]
+    pub apply: bool,
+    /// The producer's password. Without it a random one is generated and
+    /// printed once. Only its SHA-256 goes into the printed ACL rules.
+    #[arg(long, env = "WASMQ_PRODUCER_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+}
+
+/// Run a tenant command.
+pub async fn tenant(redis: &str, command: TenantCommand) -> Result<(), CliError> {
+    match command {
+        TenantCommand::Acl(args) => acl(redis, args).await,
+        TenantCommand::Usage { name } => usage(redis, &name).await,
+        TenantCommand::Create(args) => put(redis, args, false).await,
+        TenantCommand::SetLimits(args) => put(redis, args, true).await,
+        TenantCommand::Show { name } => {
+            let broker = Broker::connect(redis).await?;
+            let record = broker.tenant(&name).await?.ok_or_else(|| {
+                anyhow::anyhow!("no tenant {name:?} (create it with `wasmq tenant create`)")
+            })?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&record).map_err(anyhow::Error::from)?
+            );
+            Ok(())
+        }
+        TenantCommand::List => {
+            let broker = Broker::connect(redis).await?;
+            for name in broker.tenant_names().await? {
+                println!("{name}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Create (or, with `merge`, update) a tenant's record.
+async fn put(redis: &str, args: LimitArgs, merge: bool) -> Result<(), CliError> {
+    crate::broker::keys::valid_tenant(&args.name).map_err(anyhow::Error::msg)?;
+    let broker = Broker::connect(redis).await?;
+    let mut record = match broker.tenant(&args.name).await? {
+        Some(existing) if merge => existing,
+        None if merge => {
+            return Err(anyhow::anyhow!("no tenant {:?} (create it first)", args.name).into())
+        }
+        _ => Tenant {
+            name: args.name.clone(),
+            limits: TenantLimits::default(),
+        },
+    };
+    args.apply(&mut record.limits);
+    broker.put_tenant(&record).await?;
+    println!(
+        "{}",
+        serde_json::to_string(&record).map_err(anyhow::Error::from)?
+    );
+    Ok(())
+}
+
+async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
+    crate::broker::keys::valid_tenant(tenant).map_err(anyhow::Error::msg)?;
+    let broker = Broker::connect(redis).await?;
+    let mut usage = serde_json::Map::new();
+    usage.insert("tenant".into(), tenant.into());
+    for field in ["runs", "fuel", "wall_time_us", "memory_byte_seconds"] {
+        usage.insert(field.into(), 0.into());
+    }
+    for (field, value) in broker.usage(tenant).await? {
+        usage.insert(field, value.into());
+    }
+    println!("{}", serde_json::Value::Object(usage));
+    Ok(())
+}
+
+async fn acl(redis: &str, args: AclArgs) -> Result<(), CliError> {
+    let acl = ProducerAcl::new(&args.name).map_err(anyhow::Error::msg)?;
+    let generated = args.password.is_none();
+    let password = args.password.unwrap_or_else(random_password);
+    print!("{}", acl.script(&password));
+    if generated {
+        println!("# password of {} (shown once): {password}", acl.user);
+    }
+    if args.apply {
+        let broker = Broker::connect(redis).await?;
+        acl.apply(&mut broker.connection(), &password).await?;
+        println!(
+            "# applied: producers connect as redis://{}:PASSWORD@HOST:PORT with --tenant {}",
+            acl.user, acl.tenant
+        );
+    }
+    Ok(())
+}

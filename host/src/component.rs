@@ -1,0 +1,164 @@
+//! Task components: identify them by content, reject what is not a task
+//! component with a message naming the problem, and compile each one once.
+//!
+//! Compiled code is cached on disk under a key made of the component's
+//! sha256 and the engine's compatibility hash (wasmtime version and every
+//! setting that affects code), so a restarted worker deserialises instead of
+//! recompiling, and a worker with other settings never loads stale code.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+use crate::failure::{Category, Failure};
+
+/// The first 8 bytes of a component binary (magic, then layer 1, version 0xd).
+const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+/// The first 8 bytes of a core wasm module (magic, then version 1).
+const CORE_MODULE_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+
+/// Lowercase hex sha256 of `bytes`: a component's version and storage key.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure::new(Category::InvalidComponent, message)
+}
+
+/// Reject files that cannot be a component before handing them to the
+/// compiler, so the error says what the file is rather than a parser error.
+pub fn check_header(bytes: &[u8]) -> Result<(), Failure> {
+    if bytes.len() < 8 || bytes[..4] != COMPONENT_HEADER[..4] {
+        return Err(invalid(
+            "not a WebAssembly file (no \\0asm magic); build the task with \
+             `cargo build --target wasm32-wasip2`",
+        ));
+    }
+    if bytes[..8] == CORE_MODULE_HEADER {
+        return Err(invalid(
+            "this is a core WebAssembly module, not a component; build for \
+             `wasm32-wasip2` (or wrap it with `wasm-tools component new`)",
+        ));
+    }
+    if bytes[..8] != COMPONENT_HEADER {
+        return Err(invalid(format!(
+            "unsupported WebAssembly binary version/layer {:02x?}; expected a component \
+             (version 0x0d, layer 1)",
+            &bytes[4..8]
+        )));
+    }
+    Ok(())
+}
+
+/// The on-disk cache of compiled components.
+#[derive(Debug, Clone)]
+pub struct CompiledCache {
+    /// Where compiled artifacts live; `None` disables the disk cache.
+    dir: Option<PathBuf>,
+}
+
+impl CompiledCache {
+    /// A cache in `dir`, or no disk cache with `None`.
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        CompiledCache { dir }
+    }
+
+    /// The default location: `$WASMQ_CACHE_DIR`, else `$XDG_CACHE_HOME/wasmq`,
+    /// else `~/.cache/wasmq`.
+    pub fn default_dir() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("WASMQ_CACHE_DIR") {
+            return Some(PathBuf::from(dir));
+        }
+        if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(PathBuf::from(dir).join("wasmq"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("wasmq"))
+    }
+
+    /// Compile `bytes` (whose sha256 is `hash`), or load the compiled
+    /// artifact a previous run left on disk.
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        hash: &str,
+    ) -> Result<Component, Failure> {
+        check_header(bytes)?;
+        let Some(path) = self.artifact_path(engine, hash) else {
+            return compile(engine, bytes);
+        };
+        // Read the artifact into memory rather than mmap it: a mapped file
+        // that someone truncates or rewrites in place would crash the worker
+        // with SIGBUS.
+        if let Ok(artifact) = std::fs::read(&path) {
+            // SAFETY: the artifact was written by `precompile_component` of an
+            // engine with the same compatibility hash (it is in the file name)
+            // into our own cache directory; wasmtime also checks the header
+            // and rejects an incompatible file, which we then recompile.
+            match unsafe { Component::deserialize(engine, &artifact) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                    "compiled cache entry unusable; recompiling"),
+            }
+        }
+        let artifact = engine
+            .precompile_component(bytes)
+            .map_err(|e| invalid(format!("component does not compile: {e:#}")))?;
+        if let Err(e) = write_atomically(&path, &artifact) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write compiled cache");
+        }
+        // SAFETY: `artifact` was just produced by this engine.
+        unsafe { Component::deserialize(engine, &artifact) }
+            .map_err(|e| invalid(format!("compiled component does not load: {e:#}")))
+    }
+
+    fn artifact_path(&self, engine: &Engine, hash: &str) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Some(
+            dir.join("compiled")
+                .join(format!("{hash}-{:016x}.cwasm", hasher.finish())),
+        )
+    }
+}
+
+fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, Failure> {
+    Component::new(engine, bytes).map_err(|e| invalid(format!("component does not compile: {e:#}")))
+}
+
+/// Write to a temporary file and rename, so a concurrent reader never sees a
+/// half-written artifact.
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("artifact path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_told_apart() {
+        assert!(check_header(b"hello world")
+            .unwrap_err()
+            .message
+            .contains("not a WebAssembly file"));
+        assert!(check_header(&CORE_MODULE_HEADER)
+            .unwrap_err()
+            .message
+            .contains("core WebAssembly module"));
+        assert!(check_header(&COMPONENT_HEADER).is_ok());
+    }
+}

@@ -1,0 +1,139 @@
+//! The one wasmtime [`Engine`] per process: every knob in one place.
+//!
+//! Owns: the engine configuration (component model, fuel, epochs, the
+//! pooling allocator with copy-on-write memory images) and the epoch ticker
+//! thread that turns wall-clock time into epoch deadlines.
+//!
+//! Invariant: the pool has at least as many instance slots as the worker runs
+//! jobs at once ([`EngineLimits::instance_slots`]), so a job never fails for
+//! want of a slot.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the ticker bumps the epoch. Each tick a running guest reaches
+/// its epoch deadline, yields to the async runtime and has its wall-clock
+/// deadline checked, so this bounds timeout overshoot and how long a guest can
+/// hold a runtime thread: other jobs on that thread wait at most this long.
+/// 1 ms is a thousand cheap checks a second per running guest, and keeps a
+/// tenant's spinning guests from adding more than milliseconds to others' jobs.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Wasm stack per instance: deep enough for real code, small enough that a
+/// runaway recursion traps quickly.
+pub const MAX_WASM_STACK: usize = 1 << 20;
+
+/// Host stack per async call (fiber): the wasm stack plus room for host calls.
+pub const ASYNC_STACK: usize = 2 << 20;
+
+/// Core instances a Rust task component uses: the main module plus the small
+/// shim/fixup modules `wit-component` adds, with headroom.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+/// Bytes per memory, table and fiber stack reset in place rather than
+/// decommitted when a slot is freed: enough for a small task's whole heap
+/// and stack, small enough that 100 warm slots stay under ~300 MiB resident.
+const KEEP_RESIDENT: usize = 1 << 20;
+/// Decommits batched into one flush.
+const DECOMMIT_BATCH: usize = 16;
+
+/// Memories and tables per component in the pool (main module plus shims).
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 4;
+
+/// What the pool is sized for.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Instances that may be alive at once (the worker's total concurrency).
+    pub instance_slots: u32,
+    /// Largest linear memory any task may be granted.
+    pub max_memory_bytes: u64,
+    /// Largest table any task may be granted, in elements.
+    pub max_table_elements: usize,
+    /// Meter fuel. Always on in workers; off only to measure what metering
+    /// costs (`cargo bench`).
+    pub consume_fuel: bool,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits {
+            instance_slots: 64,
+            max_memory_bytes: 1 << 30,
+            max_table_elements: crate::policy::DEFAULT_MAX_TABLE_ELEMENTS,
+            consume_fuel: true,
+        }
+    }
+}
+
+/// Build the engine and start its epoch ticker.
+pub fn build_engine(limits: &EngineLimits) -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    // Deterministic CPU budget: the same job with the same input burns the
+    // same fuel on every run and every machine.
+    config.consume_fuel(limits.consume_fuel);
+    // Wall-clock deadlines and cooperative yields, cheaper than fuel checks
+    // for time (one load+compare per loop header and function entry).
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config.max_wasm_stack(MAX_WASM_STACK);
+    config.async_stack_size(ASYNC_STACK);
+    // Copy-on-write memory images: instantiation maps the initial heap
+    // instead of copying data segments, which keeps fresh-instance-per-job
+    // cheap.
+    config.memory_init_cow(true);
+
+    let slots = limits.instance_slots.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+        // Task components have one linear memory; each memory slot reserves
+        // several GiB of address space, so reserve one per instance rather
+        // than the per-component maximum (10,000 instances fit in the
+        // 128 TiB address space). A component with two memories in a full
+        // pool waits for a slot (its job is retried shortly), never fails.
+        .total_memories(slots)
+        .total_tables(slots * TABLES_PER_COMPONENT)
+        .total_stacks(slots)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .max_memory_size(limits.max_memory_bytes as usize)
+        .table_elements(limits.max_table_elements)
+        // Keep a few freed slots warm so reuse skips page faults.
+        .max_unused_warm_slots(slots.min(100))
+        // A fresh instance per job means the same slots are reset and
+        // reused constantly; resetting the low pages of memories, tables and
+        // fiber stacks in place (only the pages actually touched, found with
+        // PAGEMAP_SCAN where the kernel has it) avoids an madvise, a TLB
+        // shootdown and a page fault per page on every job. Bounded, so a
+        // warm slot holds at most this much resident memory.
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT)
+        .async_stack_keep_resident(KEEP_RESIDENT)
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        // Batch the decommits that remain (bigger memories) into fewer
+        // system calls.
+        .decommit_batch_size(DECOMMIT_BATCH);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+
+    let engine = Engine::new(&config)?;
+    start_epoch_ticker(&engine);
+    Ok(engine)
+}
+
+/// Bump the engine's epoch every [`EPOCH_TICK`]. The thread holds only a weak
+/// handle, so it exits once the engine is dropped.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wasmq-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}

@@ -1,0 +1,25 @@
+//! wasmq: a background-job host that runs every job in a fresh, sandboxed
+//! WebAssembly component instance.
+//!
+//! The crate is laid out one module per concern:
+//! - [`engine`]: the one wasmtime `Engine` per process and its epoch ticker.
+//! - [`component`]: loading, validating and caching compiled task components.
+//! - [`sandbox`]: one job's run in a fresh instance, with limits and capabilities.
+//! - [`backend`]: the host-side state behind the guest's host interfaces
+//!   (key-value, counters, locks, step markers, child jobs).
+//! - [`policy`]: the limits and grants a job runs under.
+//! - [`failure`]: the failure categories users see.
+//! - [`cli`]: the `wasmq` command line.
+
+pub mod backend;
+pub mod broker;
+pub mod cli;
+pub mod component;
+pub mod engine;
+pub mod failure;
+pub mod policy;
+pub mod pools;
+pub mod retry;
+pub mod sandbox;
+pub mod tenants;
+pub mod worker;

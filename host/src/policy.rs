@@ -1,0 +1,286 @@
+//! The limits and grants one job runs under: its sandbox policy.
+//!
+//! Defaults deny everything that reaches outside the guest (no HTTP hosts,
+//! no directories, no environment) and bound everything inside it (fuel,
+//! memory, wall time, result and log size). A task's policy may only tighten
+//! what the worker's engine can support ([`crate::engine::EngineLimits`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default fuel: about a second or two of busy CPU for typical Rust code
+/// (one unit of fuel is roughly one wasm instruction).
+pub const DEFAULT_FUEL: u64 = 2_000_000_000;
+/// Default linear-memory cap per instance: enough for image work on a few
+/// megapixels, small enough that a thousand jobs fit in a worker.
+pub const DEFAULT_MEMORY_BYTES: u64 = 128 << 20;
+/// Default wall-clock timeout: I/O tasks wait on the network, so this is
+/// generous; CPU is bounded separately by fuel.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on a result's JSON size (Celery users learn to keep results
+/// small; a large result belongs in object storage).
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 1 << 20;
+/// Default cap on captured stdout+stderr and log lines per job.
+pub const DEFAULT_MAX_LOG_BYTES: usize = 64 << 10;
+/// Default cap on table elements (function pointers) per table.
+pub const DEFAULT_MAX_TABLE_ELEMENTS: usize = 20_000;
+/// Default cap on one outbound HTTP response body: the SDK reads bodies
+/// into guest memory, so this stays well under [`DEFAULT_MEMORY_BYTES`].
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 << 20;
+/// Default cap on one job's outbound HTTP requests in flight at once:
+/// enough for a task fanning out to a handful of APIs, not enough to turn a
+/// worker into a flood.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 32;
+
+/// A directory the guest may open, granted as a capability handle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirGrant {
+    /// Directory on the host.
+    pub host_path: PathBuf,
+    /// Path the guest sees it at.
+    pub guest_path: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+impl DirGrant {
+    /// Parse `HOST_PATH::GUEST_PATH[:ro]` (the `--dir` flag).
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (host, guest) = spec
+            .split_once("::")
+            .ok_or_else(|| format!("--dir {spec:?}: expected HOST_PATH::GUEST_PATH[:ro]"))?;
+        let (guest, read_only) = match guest.strip_suffix(":ro") {
+            Some(g) => (g, true),
+            None => (guest, false),
+        };
+        if host.is_empty() || guest.is_empty() {
+            return Err(format!("--dir {spec:?}: both paths must be non-empty"));
+        }
+        Ok(DirGrant {
+            host_path: PathBuf::from(host),
+            guest_path: guest.to_string(),
+            read_only,
+        })
+    }
+}
+
+/// Everything that bounds and grants one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxPolicy {
+    /// Fuel (deterministic instruction budget).
+    pub fuel: u64,
+    /// Linear-memory cap in bytes, summed over the instance's memories.
+    pub memory_bytes: u64,
+    /// Wall-clock deadline for the whole run.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Largest result (JSON bytes) accepted.
+    pub max_result_bytes: usize,
+    /// Largest captured log (stdout, stderr, log lines) kept.
+    pub max_log_bytes: usize,
+    /// Largest table, in elements.
+    pub max_table_elements: usize,
+    /// Outbound HTTP allow-list: `host` or `host:port` entries. An entry
+    /// that is an IP literal (`127.0.0.1:8080`, `[::1]:9000`) also grants
+    /// that address when it is loopback or private; see
+    /// `allow_private_networks`.
+    pub allow_http: Vec<String>,
+    /// Let allowed host *names* resolve to loopback, private (RFC 1918,
+    /// fc00::/7), link-local, CGNAT or unspecified addresses. Off by default:
+    /// a name on the allow-list whose DNS points inside the worker's network
+    /// is refused (`denied`), so a task cannot reach internal services
+    /// through a name it controls.
+    pub allow_private_networks: bool,
+    /// Largest outbound HTTP response body, in bytes; a larger one fails the
+    /// request and the job ends `denied`.
+    pub max_response_bytes: u64,
+    /// Most outbound HTTP requests one job may have in flight at once; one
+    /// more fails with `denied`.
+    pub max_concurrent_requests: usize,
+    /// Directories granted to the guest.
+    pub dirs: Vec<DirGrant>,
+}
+
+impl Default for SandboxPolicy {
+    fn default() -> Self {
+        SandboxPolicy {
+            fuel: DEFAULT_FUEL,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            max_table_elements: DEFAULT_MAX_TABLE_ELEMENTS,
+            allow_http: Vec::new(),
+            allow_private_networks: false,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            dirs: Vec::new(),
+        }
+    }
+}
+
+/// Durations in policies are written the way people write them: "30s", "5m".
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parse a size such as `64MiB`, `512k`, `1G` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("size {text:?}: expected a number with an optional unit (KiB, MiB, GiB)")
+    })?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn example_manifests_parse() {
+        for text in [
+            include_str!("../../tasks/thumbnail/task.toml"),
+            include_str!("../../tasks/onboard/task.toml"),
+            include_str!("../../tasks/scrape/task.toml"),
+        ] {
+            TaskPolicy::from_toml(text).unwrap();
+        }
+        let cpu = TaskPolicy::from_toml(include_str!("../../tasks/thumbnail/task.toml")).unwrap();
+        assert_eq!(cpu.pool, crate::pools::PoolKind::Cpu);
+    }
+
+    #[test]
+    fn dir_grants_parse() {
+        let g = DirGrant::parse("/srv/data::/data:ro").unwrap();
+        assert_eq!(g.host_path, PathBuf::from("/srv/data"));
+        assert_eq!(g.guest_path, "/data");
+        assert!(g.read_only);
+        assert!(!DirGrant::parse("/tmp::/tmp").unwrap().read_only);
+        assert!(DirGrant::parse("/tmp").is_err());
+    }
+}
+
+/// Default attempts per job (the first run plus two retries).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default first backoff delay; doubles per attempt (Celery's `retry_backoff`).
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Default cap on one backoff delay (Celery's `retry_backoff_max`).
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// Default time a stored result is kept.
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// When and how a failed job is tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// First backoff delay.
+    #[serde(with = "humantime_serde_compat")]
+    pub backoff_base: Duration,
+    /// Largest backoff delay.
+    #[serde(with = "humantime_serde_compat")]
+    pub backoff_max: Duration,
+    /// Full jitter: wait a uniformly random time up to the backoff, so
+    /// failed jobs do not retry in lockstep.
+    pub jitter: bool,
+    /// Task error kinds that are retried (others fail the job at once).
+    pub auto_retry_kinds: Vec<String>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            jitter: true,
+            auto_retry_kinds: vec!["network".into()],
+        }
+    }
+}
+
+/// A deployed task's whole policy: where it runs, its sandbox, its retries
+/// and what happens to its results. Written as `task.toml` (see the GUIDE).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskPolicy {
+    /// Queue the task's jobs go to.
+    pub queue: String,
+    /// Pool kind that runs it (`io` or `cpu`); a queue serves one kind.
+    pub pool: crate::pools::PoolKind,
+    /// Sandbox limits and grants.
+    pub sandbox: SandboxPolicy,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Store results unless the enqueue says otherwise (Celery's
+    /// `ignore_result`, inverted; off by default).
+    pub store_result: bool,
+    /// How long stored results are kept.
+    #[serde(with = "humantime_serde_compat")]
+    pub result_ttl: Duration,
+    /// Largest payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+/// Default largest payload: payloads carry references, not data.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 512 << 10;
+
+impl Default for TaskPolicy {
+    fn default() -> Self {
+        TaskPolicy {
+            queue: "default".into(),
+            pool: crate::pools::PoolKind::Io,
+            sandbox: SandboxPolicy::default(),
+            retry: RetryPolicy::default(),
+            store_result: false,
+            result_ttl: DEFAULT_RESULT_TTL,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+impl TaskPolicy {
+    /// Parse a `task.toml` manifest; unknown fields are errors that name them.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| format!("task manifest: {e}"))
+    }
+}

@@ -1,0 +1,128 @@
+//! Worker pools: which queues run where, and how wide.
+//!
+//! The seed's advice, built in: I/O-bound tasks (send an email, scrape a
+//! page) and CPU-bound tasks (resize an image) belong in separate queues
+//! served by separately sized pools.
+//!
+//! - `io` pools run many jobs at once (default 1,000) on the worker's main
+//!   async runtime: a job waiting on HTTP, a lock or a timer costs a parked
+//!   future, not a thread. Fuel still caps any CPU burst.
+//! - `cpu` pools run on their own runtime with at most one thread per core
+//!   (default: the number of cores), so fuel-metered number crunching never
+//!   occupies the threads that I/O jobs, lease renewals and timeouts need.
+//!   Guests yield at every epoch tick, so a long CPU job still lets its own
+//!   pool renew leases and enforce deadlines.
+//!
+//! Written `--pool io=QUEUE[,QUEUE...][:CONCURRENCY]` and
+//! `--pool cpu=QUEUE[,QUEUE...][:THREADS]`; a task's policy names its pool
+//! (`pool = "cpu"` in `task.toml`) and deploy refuses to mix pools on a queue.
+
+use serde::{Deserialize, Serialize};
+
+/// Default in-flight jobs of an I/O pool.
+pub const DEFAULT_IO_CONCURRENCY: usize = 1000;
+
+/// The two pool kinds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// Async, highly concurrent, for tasks that wait.
+    #[default]
+    Io,
+    /// One thread per core, for tasks that compute.
+    Cpu,
+}
+
+impl PoolKind {
+    /// `io` or `cpu`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Io => "io",
+            PoolKind::Cpu => "cpu",
+        }
+    }
+}
+
+/// One pool of a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Its kind.
+    pub kind: PoolKind,
+    /// Queues it serves, in rotation.
+    pub queues: Vec<String>,
+    /// Jobs at once (io) or threads (cpu).
+    pub width: usize,
+}
+
+impl PoolSpec {
+    /// Parse `io=a,b:100` or `cpu=images` (width defaults per kind).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, rest) = text
+            .split_once('=')
+            .ok_or_else(|| format!("--pool {text:?}: expected io=QUEUES[:N] or cpu=QUEUES[:N]"))?;
+        let kind = match kind.trim() {
+            "io" => PoolKind::Io,
+            "cpu" => PoolKind::Cpu,
+            other => {
+                return Err(format!(
+                    "--pool {text:?}: unknown pool kind {other:?} (use io or cpu)"
+                ))
+            }
+        };
+        let (queues, width) = match rest.rsplit_once(':') {
+            Some((q, n)) => {
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| format!("--pool {text:?}: {n:?} is not a number"))?;
+                if n == 0 {
+                    return Err(format!("--pool {text:?}: the width must be at least 1"));
+                }
+                (q, n)
+            }
+            None => (rest, default_width(kind)),
+        };
+        let queues: Vec<String> = queues
+            .split(',')
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+            .map(String::from)
+            .collect();
+        if queues.is_empty() {
+            return Err(format!("--pool {text:?}: name at least one queue"));
+        }
+        Ok(PoolSpec {
+            kind,
+            queues,
+            width,
+        })
+    }
+}
+
+/// 1,000 jobs for I/O; one thread per core for CPU.
+pub fn default_width(kind: PoolKind) -> usize {
+    match kind {
+        PoolKind::Io => DEFAULT_IO_CONCURRENCY,
+        PoolKind::Cpu => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_specs_parse() {
+        let io = PoolSpec::parse("io=email,scrape:500").unwrap();
+        assert_eq!((io.kind, io.queues.len(), io.width), (PoolKind::Io, 2, 500));
+        let cpu = PoolSpec::parse("cpu=images").unwrap();
+        assert_eq!(cpu.kind, PoolKind::Cpu);
+        assert!(cpu.width >= 1);
+        assert!(PoolSpec::parse("gpu=x")
+            .unwrap_err()
+            .contains("unknown pool kind"));
+        assert!(PoolSpec::parse("io=:3")
+            .unwrap_err()
+            .contains("at least one queue"));
+        assert!(PoolSpec::parse("io=a:0").is_err());
+    }
+}

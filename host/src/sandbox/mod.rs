@@ -1,0 +1,467 @@
+//! One job's run in a fresh, sandboxed instance.
+//!
+//! Owns: the [`Linker`] with WASI p2, `wasi:http` and the wasmq host
+//! interfaces; the cache of `InstancePre`s (one per task version); and
+//! [`Sandbox::run`], which builds a fresh `Store` for every job with its
+//! fuel, memory cap, wall-clock deadline and grants, calls the task, and
+//! files whatever happened under one verdict with a failure category.
+//!
+//! Nothing is granted by default: no preopened directories, no environment,
+//! no sockets (`wasi:sockets` is linked so components built with std
+//! instantiate, but the context grants no address and no name lookup), HTTP
+//! only to the policy's allow-list. Guest stdout/stderr go to the job's
+//! bounded log.
+
+mod bindings;
+mod host_api;
+mod http;
+mod limiter;
+mod output;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi_http::WasiHttpCtx;
+
+use crate::backend::Backend;
+use crate::component::{content_hash, CompiledCache};
+use crate::failure::{Category, Failure};
+use crate::policy::SandboxPolicy;
+use bindings::wasmq::task::types::{JobContext, TaskError};
+use bindings::{Task, TaskPre};
+use http::{AllowListHooks, Denials};
+use limiter::JobLimiter;
+use output::JobLog;
+use state::{HostState, JobScope};
+
+/// Task error kinds the host gives a meaning to. A task (through the SDK)
+/// reports a payload that does not fit its argument type as `bad-payload`,
+/// and a refused capability as `denied`.
+const KIND_BAD_PAYLOAD: &str = "bad-payload";
+const KIND_DENIED: &str = "denied";
+
+/// How long to wait before retrying a job that found every instance slot
+/// taken (only possible when the pool is sized below the concurrency).
+const POOL_FULL_RETRY: Duration = Duration::from_millis(100);
+
+/// One job as the sandbox sees it.
+#[derive(Debug, Clone)]
+pub struct JobInput {
+    /// Job id.
+    pub id: String,
+    /// Task name.
+    pub task: String,
+    /// Tenant that owns the job.
+    pub tenant: String,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// Attempts the retry policy allows.
+    pub max_attempts: u32,
+    /// Producer's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// JSON payload.
+    pub payload: String,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The task returned this JSON result.
+    Succeeded {
+        /// The result, valid JSON.
+        result: String,
+    },
+    /// The task asked to be run again.
+    Retry {
+        /// Why.
+        message: String,
+        /// Explicit delay; `None` means "use the policy's backoff".
+        delay: Option<Duration>,
+    },
+    /// The run failed.
+    Failed {
+        /// Category and cause.
+        failure: Failure,
+        /// The task's error kind, for `task-error`s raised with a kind (the
+        /// retry policy's auto-retry kinds match on it).
+        kind: Option<String>,
+    },
+}
+
+/// What a run cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Fuel consumed (deterministic for the same code and input).
+    pub fuel: u64,
+    /// Largest linear memory, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Wall time from store creation to the end of the call, in microseconds.
+    pub wall_time_us: u64,
+}
+
+/// The result of [`Sandbox::run`].
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// How it ended.
+    pub verdict: Verdict,
+    /// What it cost.
+    pub usage: Usage,
+    /// Captured stdout, stderr and log lines (bounded).
+    pub log: String,
+    /// Set when a host call found the state store (Redis) unavailable, or a
+    /// step held by another job: a failure of this run may be the host's
+    /// doing, not the task's.
+    pub host_fault: Option<String>,
+}
+
+/// A compiled task version, ready to instantiate.
+#[derive(Clone)]
+pub struct PreparedTask {
+    /// sha256 of the component bytes.
+    pub hash: String,
+    pre: TaskPre<HostState>,
+}
+
+/// Returned by the epoch callback once the wall-clock deadline has passed.
+#[derive(Debug)]
+struct DeadlineExceeded;
+
+impl std::fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("wall-clock deadline exceeded")
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+/// See the module docs.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: CompiledCache,
+    prepared: Mutex<HashMap<String, PreparedTask>>,
+}
+
+impl Sandbox {
+    /// A sandbox on `engine`, caching compiled components in `cache`.
+    pub fn new(engine: Engine, cache: CompiledCache) -> anyhow::Result<Self> {
+        let mut linker = Linker::new(&engine);
+        // WASI p2: clocks, random, cli (stdio, no env), filesystem (no
+        // preopens unless granted), sockets (no address granted), io.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        Task::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+        Ok(Sandbox {
+            engine,
+            linker,
+            cache,
+            prepared: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The engine jobs run on.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Validate and compile a component (or take it from the caches).
+    /// CPU-heavy on a cache miss: call from a blocking thread in async code.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<PreparedTask, Failure> {
+        let hash = content_hash(bytes);
+        if let Some(p) = self.lock_prepared().get(&hash) {
+            return Ok(p.clone());
+        }
+        let component = self.cache.load_or_compile(&self.engine, bytes, &hash)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            Failure::new(
+                Category::InvalidComponent,
+                format!("component needs imports the wasmq host does not provide: {e:#}"),
+            )
+        })?;
+        let pre = TaskPre::new(pre).map_err(|e| {
+            Failure::new(
+                Category::InvalidComponent,
+                format!(
+                    "component does not implement the wasmq:task world \
+                     (export `run: func(job, payload) -> result<string, task-error>`): {e:#}"
+                ),
+            )
+        })?;
+        let prepared = PreparedTask {
+            hash: hash.clone(),
+            pre,
+        };
+        self.lock_prepared().insert(hash, prepared.clone());
+        Ok(prepared)
+    }
+
+    /// A task version already prepared in this process, by hash.
+    pub fn cached(&self, hash: &str) -> Option<PreparedTask> {
+        self.lock_prepared().get(hash).cloned()
+    }
+
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, HashMap<String, PreparedTask>> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run one job in a fresh instance of `task`.
+    pub async fn run(
+        &self,
+        task: &PreparedTask,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        backend: Arc<dyn Backend>,
+    ) -> JobOutcome {
+        let started = Instant::now();
+        let log = JobLog::new(policy.max_log_bytes);
+        let finish = |verdict, usage, host_fault| JobOutcome {
+            verdict,
+            usage,
+            log: log.text(),
+            host_fault,
+        };
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&job.payload) {
+            let failure = Failure::new(
+                Category::BadPayload,
+                format!("payload is not valid JSON: {e}"),
+            );
+            return finish(
+                Verdict::Failed {
+                    failure,
+                    kind: None,
+                },
+                Usage::default(),
+                None,
+            );
+        }
+        let mut store = match self.new_store(job, policy, &log, backend) {
+            Ok(store) => store,
+            Err(failure) => {
+                return finish(
+                    Verdict::Failed {
+                        failure,
+                        kind: None,
+                    },
+                    Usage::default(),
+                    None,
+                )
+            }
+        };
+        let deadline = started + policy.timeout;
+        let ctx = JobContext {
+            id: job.id.clone(),
+            task: job.task.clone(),
+            tenant: job.tenant.clone(),
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            idempotency_key: job.idempotency_key.clone(),
+        };
+        // The epoch callback stops a guest that computes past its deadline;
+        // the timeout around the call stops one that waits past it (on HTTP,
+        // a lock, a sleep), when no wasm runs to reach an epoch check.
+        let call = async {
+            let instance = task.pre.instantiate_async(&mut store).await?;
+            instance.call_run(&mut store, &ctx, &job.payload).await
+        };
+        let result = tokio::time::timeout_at(deadline.into(), call).await;
+
+        let state = store.data();
+        let usage = Usage {
+            fuel: store
+                .get_fuel()
+                .map_or(0, |left| policy.fuel.saturating_sub(left)),
+            peak_memory_bytes: state.limiter.peak_memory_bytes as u64,
+            wall_time_us: started.elapsed().as_micros() as u64,
+        };
+        let verdict = match result {
+            Err(_elapsed) => timed_out(policy),
+            Ok(Err(error)) => classify_error(&error, state, policy),
+            Ok(Ok(Ok(result))) => check_result(result, policy),
+            Ok(Ok(Err(task_error))) => from_task_error(task_error),
+        };
+        let verdict = match (verdict, state.denials.first()) {
+            // A refused capability explains whatever the guest did next.
+            (Verdict::Succeeded { result }, _) => Verdict::Succeeded { result },
+            (_, Some(denied)) => Verdict::Failed {
+                failure: Failure::new(Category::Denied, format!("{denied} was refused")),
+                kind: None,
+            },
+            (verdict, None) => verdict,
+        };
+        let host_fault = state.host_fault.get().cloned();
+        finish(verdict, usage, host_fault)
+    }
+
+    fn new_store(
+        &self,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        log: &JobLog,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Store<HostState>, Failure> {
+        let denied = |m: String| Failure::new(Category::Denied, m);
+        let denials = Denials::default();
+        let http_hooks = AllowListHooks::new(policy, denials.clone()).map_err(denied)?;
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(log.clone()).stderr(log.clone());
+        for dir in &policy.dirs {
+            let perms = if dir.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)
+                .map_err(|e| {
+                    denied(format!(
+                        "granted directory {} could not be opened: {e:#}",
+                        dir.host_path.display()
+                    ))
+                })?;
+        }
+        let state = HostState {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            http_hooks,
+            table: ResourceTable::new(),
+            limiter: JobLimiter::new(policy.memory_bytes, policy.max_table_elements),
+            log: log.clone(),
+            denials,
+            scope: JobScope {
+                tenant: job.tenant.clone(),
+                claimant: job.id.clone(),
+            },
+            backend,
+            children_enqueued: 0,
+            host_fault: std::sync::OnceLock::new(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Fails only on an engine built without fuel (benchmarks).
+        let _ = store.set_fuel(policy.fuel);
+        let deadline = Instant::now() + policy.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(wasmtime::Error::new(DeadlineExceeded))
+            } else {
+                // Yield to the async runtime every tick, so other jobs on
+                // this thread, lease renewals and timeouts keep running.
+                // tokio's own yield_now puts this task at the back of the
+                // run queue; a plain self-wake would put it in the LIFO
+                // slot and run it again at once, starving the tasks queued
+                // behind a spinning guest.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
+        Ok(store)
+    }
+}
+
+fn timed_out(policy: &SandboxPolicy) -> Verdict {
+    Verdict::Failed {
+        failure: Failure::new(
+            Category::Timeout,
+            format!(
+                "job ran past its {} wall-clock timeout",
+                humantime::format_duration(policy.timeout)
+            ),
+        ),
+        kind: None,
+    }
+}
+
+fn failed(category: Category, message: String) -> Verdict {
+    Verdict::Failed {
+        failure: Failure::new(category, message),
+        kind: None,
+    }
+}
+
+/// File an error from instantiation or the call under its category.
+fn classify_error(error: &wasmtime::Error, state: &HostState, policy: &SandboxPolicy) -> Verdict {
+    if error.downcast_ref::<DeadlineExceeded>().is_some() {
+        return timed_out(policy);
+    }
+    if error
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
+        return Verdict::Retry {
+            message: format!("no free instance slot on this worker: {error}"),
+            delay: Some(POOL_FULL_RETRY),
+        };
+    }
+    if let Some(limit) = &state.limiter.limit_hit {
+        return failed(
+            Category::MemoryLimit,
+            format!("{limit}; raise the task's memory limit or use less"),
+        );
+    }
+    let tail = state.log.tail(3);
+    let output = if tail.is_empty() {
+        String::new()
+    } else {
+        format!(" (guest output: {tail})")
+    };
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => failed(
+            Category::FuelExhausted,
+            format!("used all {} units of fuel; raise the task's fuel or do less per job", policy.fuel),
+        ),
+        Some(Trap::Interrupt) => timed_out(policy),
+        Some(Trap::StackOverflow) => failed(Category::Trap, "wasm stack overflow (unbounded recursion?)".into()),
+        // Rust and C guests keep their stack in linear memory; overflowing it
+        // runs off the bottom of memory.
+        Some(Trap::MemoryOutOfBounds) => failed(
+            Category::Trap,
+            format!("guest trapped: out of bounds memory access (a bad pointer, or unbounded recursion overflowing the guest's stack){output}"),
+        ),
+        Some(trap) => failed(Category::Trap, format!("guest trapped: {trap}{output}")),
+        None => failed(Category::Trap, format!("guest failed: {error:#}{output}")),
+    }
+}
+
+fn check_result(result: String, policy: &SandboxPolicy) -> Verdict {
+    if result.len() > policy.max_result_bytes {
+        return failed(
+            Category::OutputTooLarge,
+            format!(
+                "result is {} bytes, over the cap of {} bytes; store large output elsewhere and return a reference",
+                result.len(),
+                policy.max_result_bytes
+            ),
+        );
+    }
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&result) {
+        return failed(
+            Category::TaskError,
+            format!("task returned a result that is not valid JSON: {e}"),
+        );
+    }
+    Verdict::Succeeded { result }
+}
+
+fn from_task_error(error: TaskError) -> Verdict {
+    match error {
+        TaskError::Retry(r) => Verdict::Retry {
+            message: r.message,
+            delay: r.delay_ms.map(Duration::from_millis),
+        },
+        TaskError::Fail(message) => failed(Category::TaskError, message),
+        TaskError::Kind(k) if k.kind == KIND_BAD_PAYLOAD => failed(Category::BadPayload, k.message),
+        TaskError::Kind(k) if k.kind == KIND_DENIED => failed(Category::Denied, k.message),
+        TaskError::Kind(k) => Verdict::Failed {
+            failure: Failure::new(Category::TaskError, format!("{}: {}", k.kind, k.message)),
+            kind: Some(k.kind),
+        },
+    }
+}

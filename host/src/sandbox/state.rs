@@ -1,0 +1,60 @@
+//! The per-job store data: everything one instance may touch, built fresh
+//! for every job and dropped with it.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::http::{AllowListHooks, Denials};
+use super::limiter::JobLimiter;
+use super::output::JobLog;
+use crate::backend::Backend;
+
+/// Who the job is, as far as host calls are concerned.
+#[derive(Debug, Clone)]
+pub struct JobScope {
+    /// Tenant every host call is scoped to.
+    pub tenant: String,
+    /// Who holds this job's step claims: the job id. A redelivery of a job
+    /// whose worker died takes over that job's claims at once, while other
+    /// jobs naming the same step still wait for it.
+    pub claimant: String,
+}
+
+/// The `T` of `Store<T>`: see the module docs.
+pub struct HostState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) http_hooks: AllowListHooks,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: JobLimiter,
+    pub(crate) log: JobLog,
+    pub(crate) denials: Denials,
+    pub(crate) scope: JobScope,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) children_enqueued: u32,
+    /// The first host-side reason the run may not succeed: the state store
+    /// was unavailable, or a step was held by another job.
+    pub(crate) host_fault: std::sync::OnceLock<String>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}

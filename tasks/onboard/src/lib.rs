@@ -1,0 +1,79 @@
+//! `onboard`: the seed case. Sends a user's welcome email exactly once, however
+//! often the job runs.
+//!
+//! The email goes out inside a step marker keyed by the user
+//! (`welcome-email:<user_id>`). If the job is retried, redelivered after a
+//! worker crash, or enqueued twice for the same user, the step is already
+//! done: the mail API is not called again and the recorded output is
+//! returned. A retry policy listing `"network"` in its auto-retry kinds
+//! retries connection failures; a mail API that answers with an error
+//! status fails the job with kind `"mail-api"`.
+
+use serde::{Deserialize, Serialize};
+use wasmq_guest::{http, log, once, Job, TaskError};
+
+/// Payload: `{"user_id": 42, "mail_api": "http://mail.internal/send"}`.
+#[derive(Deserialize)]
+struct Args {
+    user_id: u64,
+    /// URL the welcome email is POSTed to.
+    mail_api: String,
+}
+
+/// What the step records when the email is sent; returned as-is later.
+#[derive(Serialize, Deserialize)]
+struct Sent {
+    /// Status the mail API answered with.
+    status: u16,
+    /// Id of the job that sent the email.
+    by_job: String,
+}
+
+/// Result: `{"user_id": 42, "email": "sent", "already_sent": false, ...}`.
+#[derive(Serialize)]
+struct Out {
+    user_id: u64,
+    email: &'static str,
+    /// True if an earlier run (this job's or another's) sent the email and
+    /// this run skipped it.
+    already_sent: bool,
+    /// Job that actually sent the email.
+    sent_by_job: String,
+    /// The mail API's status for the send.
+    mail_api_status: u16,
+}
+
+#[wasmq_guest::task]
+fn run(job: &Job, args: Args) -> Result<Out, TaskError> {
+    let mut ran_here = false;
+    let sent = once(&format!("welcome-email:{}", args.user_id), || {
+        ran_here = true;
+        let body = serde_json::json!({ "to_user": args.user_id, "template": "welcome" });
+        // `?` maps connection failures and timeouts to kind "network".
+        let resp = http::post_json(&args.mail_api, &body)?;
+        if !resp.is_success() {
+            return Err(TaskError::kind(
+                "mail-api",
+                format!("mail API answered {}: {}", resp.status, resp.text()),
+            ));
+        }
+        log::info(format!("welcome email sent to user {}", args.user_id));
+        Ok(Sent {
+            status: resp.status,
+            by_job: job.id.clone(),
+        })
+    })?;
+    if !ran_here {
+        log::info(format!(
+            "welcome email to user {} was already sent by job {}; skipped",
+            args.user_id, sent.by_job
+        ));
+    }
+    Ok(Out {
+        user_id: args.user_id,
+        email: "sent",
+        already_sent: !ran_here,
+        sent_by_job: sent.by_job,
+        mail_api_status: sent.status,
+    })
+}

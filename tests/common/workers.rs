@@ -1,0 +1,73 @@
+//! Workers for tests: in this process (stoppable, returning their stats) or
+//! as `wasmq worker` processes, and the peak RSS of a process.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wasmq::broker::Broker;
+use wasmq::component::CompiledCache;
+use wasmq::engine::{build_engine, EngineLimits};
+use wasmq::sandbox::Sandbox;
+use wasmq::worker::{Worker, WorkerConfig, WorkerStats};
+
+/// Start a worker for `tenant`'s `default` queue in this process; send on
+/// the returned channel to stop it (it drains), await the handle for stats.
+pub fn start_in_process(
+    broker: &Broker,
+    tenant: &str,
+    concurrency: usize,
+    lease: Duration,
+    id: &str,
+) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
+    let limits = EngineLimits {
+        instance_slots: concurrency as u32,
+        ..EngineLimits::default()
+    };
+    let sandbox =
+        Arc::new(Sandbox::new(build_engine(&limits).unwrap(), CompiledCache::new(None)).unwrap());
+    let config = WorkerConfig {
+        tenants: vec![tenant.into()],
+        queues: vec!["default".into()],
+        concurrency,
+        lease,
+        drain_timeout: Duration::from_secs(10),
+        id: id.into(),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(
+        Worker::new(broker.clone(), sandbox, config).run(async move {
+            let _ = stopped.await;
+        }),
+    );
+    (stop, handle)
+}
+
+/// Spawn `wasmq --redis URL --tenant TENANT worker ARGS...` (output discarded).
+pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> Child {
+    Command::new(super::wasmq_bin())
+        .args(["--redis", redis_url, "--tenant", tenant, "worker"])
+        .args(args)
+        .env(
+            "WASMQ_CACHE_DIR",
+            std::env::temp_dir().join("wasmq-test-cache"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Peak resident set of a process (VmHWM), in KiB; 0 if unreadable.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,207 @@
+//! Test-only guest that misbehaves on request, to prove the sandbox holds.
+//!
+//! Not an example: it exists for the host's integration tests. The payload
+//! `{"mode": "...", ...}` picks the behaviour:
+//!
+//! | mode | does | extra fields |
+//! |---|---|---|
+//! | `spin` | loops forever (fuel / timeout) | |
+//! | `memory-bomb` | allocates and touches 1 MiB blocks forever (memory cap) | |
+//! | `recurse` | recurses without bound (stack overflow trap) | |
+//! | `panic` | panics (trap) | |
+//! | `huge-result` | returns an 8 MiB JSON string (result size cap) | |
+//! | `read-file` | returns the file's contents via `wasmq_guest::fs` (grants) | `path` |
+//! | `read-file-raw` | the same with plain `std::fs` | `path` |
+//! | `http` | GETs the URL, returns `{"status"}` (HTTP allow-list) | `url` |
+//! | `print` | prints lines forever (output caps, timeout) | |
+//! | `enqueue-flood` | enqueues child jobs forever | `task` (default: this task) |
+//! | `kv-get` | returns `{"value"}` under the key, or null | `key` |
+//! | `kv-set` | stores `value` under the key | `key`, `value` |
+//! | `locked-incr` | increments kv `key` under the lock `key`; returns value and fencing token | `key` |
+//! | `counted-sleep` | bumps `counter` once (`incr_once`), then sleeps | `counter`, `ms` |
+//! | `sleep` | `std::thread::sleep` (an async host wait, no fuel) | `ms` |
+//! | `busy-ms` | spins on `Instant` for about that long (burns fuel) | `ms` |
+//! | `echo` | returns the payload | |
+//! | `not-json` | returns a result that is not JSON | |
+//!
+//! An unknown mode or a missing field fails with kind `bad-payload`. Errors
+//! of host calls, files and HTTP go through `?` into the SDK's mapping
+//! (`denied`, `network`, ...), which is what the tests check.
+//!
+//! `not-json` needs to return a raw string, which `#[wasmq_guest::task]`
+//! never does (it always serializes), so this crate implements the export
+//! by hand through the SDK's hidden `__private` API and delegates every other
+//! mode to the SDK's normal dispatch.
+
+// Natively (cargo check of the workspace) nothing uses the export.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use wasmq_guest::__private::{dispatch, Guest, JobContext, WitTaskError};
+use wasmq_guest::{http, kv, Job, TaskError};
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn run(job: JobContext, payload: String) -> Result<String, WitTaskError> {
+        if mode_of(&payload).as_deref() == Some("not-json") {
+            return Ok("this is {not JSON".to_string());
+        }
+        dispatch(job, payload, misbehave)
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+wasmq_guest::bindings::__export_task_world!(Hostile);
+
+fn mode_of(payload: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Head {
+        mode: String,
+    }
+    serde_json::from_str::<Head>(payload).ok().map(|h| h.mode)
+}
+
+/// Reads field `name` of the payload, or fails as a bad payload.
+fn field<T: serde::de::DeserializeOwned>(args: &Value, name: &str) -> Result<T, TaskError> {
+    serde_json::from_value(args.get(name).cloned().unwrap_or(Value::Null))
+        .map_err(|e| TaskError::kind(TaskError::BAD_PAYLOAD, format!("field {name:?}: {e}")))
+}
+
+fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
+    let mode: String = field(&args, "mode")?;
+    match mode.as_str() {
+        "spin" => spin(),
+        "memory-bomb" => memory_bomb(),
+        "recurse" => Ok(json!(recurse(0))),
+        "panic" => panic!("hostile guest panics on purpose"),
+        // 8 MiB of payload plus the two quotes.
+        "huge-result" => Ok(Value::String("x".repeat(8 << 20))),
+        "read-file" => {
+            let path: String = field(&args, "path")?;
+            Ok(Value::String(wasmq_guest::fs::read_to_string(path)?))
+        }
+        "read-file-raw" => {
+            let path: String = field(&args, "path")?;
+            Ok(Value::String(std::fs::read_to_string(path)?))
+        }
+        "http" => {
+            let url: String = field(&args, "url")?;
+            let resp = http::get(&url)?;
+            Ok(json!({ "status": resp.status, "bytes": resp.body.len() }))
+        }
+        "print" => {
+            let mut i: u64 = 0;
+            loop {
+                println!("hostile guest line {i}");
+                i = i.wrapping_add(1);
+            }
+        }
+        "enqueue-flood" => {
+            let task: Option<String> = field(&args, "task")?;
+            let task = task.unwrap_or_else(|| job.task.clone());
+            let mut n: u64 = 0;
+            loop {
+                wasmq_guest::enqueue(&task, &json!({ "mode": "echo", "n": n }))?;
+                n += 1;
+            }
+        }
+        "kv-get" => {
+            let key: String = field(&args, "key")?;
+            let value = kv::get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+            Ok(json!({ "key": key, "value": value }))
+        }
+        "kv-set" => {
+            let key: String = field(&args, "key")?;
+            let value: String = field(&args, "value")?;
+            kv::set(&key, value.as_bytes(), None)?;
+            Ok(json!({ "key": key, "value": value }))
+        }
+        "locked-incr" => {
+            // Read-modify-write of a shared value under the distributed
+            // lock (the seed's memcached lock, done right): returns the value
+            // written and the fencing token it was written under.
+            let key: String = field(&args, "key")?;
+            let Some(lock) = wasmq_guest::Lock::acquire_wait(
+                &key,
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+            )?
+            else {
+                return Err(TaskError::retry("lock is busy"));
+            };
+            let value = kv::get_json::<i64>(&key)?.unwrap_or(0) + 1;
+            kv::set_json(&key, &value, None)?;
+            let token = lock.fencing_token();
+            if !lock.release()? {
+                return Err(TaskError::fail("lost the lock before releasing it"));
+            }
+            Ok(json!({ "value": value, "token": token }))
+        }
+        "counted-sleep" => {
+            // A side effect that must happen once per job, however often the
+            // job is delivered: bump a counter inside a step marker, then
+            // take a while (so a killed worker dies mid-job).
+            let name: String = field(&args, "counter")?;
+            let ms: u64 = field(&args, "ms")?;
+            let value = wasmq_guest::counter::incr_once(&name, 1, &format!("count:{name}"))?;
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(json!({ "counter": value }))
+        }
+        "sleep" => {
+            let ms: u64 = field(&args, "ms")?;
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(json!({ "slept_ms": ms }))
+        }
+        "busy-ms" => {
+            let ms: u64 = field(&args, "ms")?;
+            let until = Instant::now() + Duration::from_millis(ms);
+            let mut iterations: u64 = 0;
+            while Instant::now() < until {
+                iterations = black_box(iterations + 1);
+            }
+            Ok(json!({ "busy_ms": ms, "iterations": iterations }))
+        }
+        "echo" => Ok(args),
+        other => Err(TaskError::kind(
+            TaskError::BAD_PAYLOAD,
+            format!("unknown mode {other:?}"),
+        )),
+    }
+}
+
+/// Loops forever; `black_box` keeps the optimizer from deleting the loop
+/// (an empty infinite loop is otherwise allowed to vanish or become `unreachable`).
+fn spin() -> ! {
+    let mut i: u64 = 0;
+    loop {
+        i = black_box(i.wrapping_add(1));
+    }
+}
+
+/// Allocates 1 MiB blocks forever, writing to every page so they are real.
+fn memory_bomb() -> ! {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut block = vec![0u8; 1 << 20];
+        for i in (0..block.len()).step_by(4096) {
+            block[i] = 1;
+        }
+        blocks.push(black_box(block));
+    }
+}
+
+/// Recurses until the stack runs out. The frame's buffer escapes through
+/// `black_box` and the result is used after the call, so the compiler can
+/// turn this into neither a loop nor a tail call.
+fn recurse(depth: u64) -> u64 {
+    let frame = black_box([depth; 16]);
+    if black_box(depth) == u64::MAX {
+        return 0;
+    }
+    black_box(recurse(depth + 1)).wrapping_add(frame[depth as usize % 16])
+}

@@ -1,0 +1,476 @@
+//! The sandbox against real compiled components: example tasks, hostile
+//! guests, invalid components, deterministic fuel, the compiled-code cache,
+//! and `wasmq run` as a user calls it.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::http::{Reply, TestServer};
+use common::sandbox::{failure, job, run, sandbox, success};
+use common::{guest, guest_bytes, wasmq_bin, TempDir};
+use serde_json::{json, Value};
+use wasmq::backend::memory::MemoryBackend;
+use wasmq::component::CompiledCache;
+use wasmq::engine::{build_engine, EngineLimits};
+use wasmq::failure::Category;
+use wasmq::policy::{DirGrant, SandboxPolicy};
+use wasmq::sandbox::{PreparedTask, Sandbox, Verdict};
+
+/// `wasmq run` with these arguments.
+fn wasmq_run(args: &[&str]) -> Output {
+    let out = Command::new(wasmq_bin())
+        .arg("run")
+        .args(args)
+        .env(
+            "WASMQ_CACHE_DIR",
+            std::env::temp_dir().join("wasmq-test-cache"),
+        )
+        .output()
+        .unwrap();
+    out
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "wasmq run failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn noop_and_thumbnail_run_from_the_cli() {
+    let noop = guest("noop");
+    assert_eq!(stdout_json(&wasmq_run(&[path(&noop)])), json!({"ok": true}));
+
+    let thumb = guest("thumbnail");
+    let payload = r#"{"width":96,"height":64,"seed":7,"thumb":16}"#;
+    let a = stdout_json(&wasmq_run(&[path(&thumb), payload, "--meta"]));
+    let b = stdout_json(&wasmq_run(&[path(&thumb), payload, "--meta"]));
+    assert_eq!(a["result"]["width"], 96);
+    assert_eq!(a["result"]["height"], 64);
+    assert_eq!(a["result"]["thumb"], 16);
+    assert!(a["result"]["checksum"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
+    assert_eq!(a["result"], b["result"], "same input, same output");
+    // Deterministic metering: same job, same fuel, reported in the metadata.
+    let fuel = a["usage"]["fuel"].as_u64().unwrap();
+    assert!(fuel > 100_000, "a real image costs real fuel, got {fuel}");
+    assert_eq!(
+        a["usage"]["fuel"], b["usage"]["fuel"],
+        "fuel must be deterministic"
+    );
+    assert!(a["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_sends_one_email_across_runs_of_one_store() {
+    let mail = TestServer::start(|_, _| Reply::ok("{\"queued\":true}")).await;
+    let state = TempDir::new("onboard");
+    let state_file = state.path().join("state.json");
+    let payload = json!({"user_id": 7, "mail_api": mail.url("/send")}).to_string();
+    let onboard = guest("onboard");
+    for _ in 0..2 {
+        let args = [
+            path(&onboard),
+            &payload,
+            "--allow-http",
+            &mail.authority(),
+            "--state",
+            path(&state_file),
+        ];
+        let out = tokio::task::spawn_blocking({
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            move || wasmq_run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        let result = stdout_json(&out);
+        assert_eq!(result["user_id"], 7);
+    }
+    assert_eq!(
+        mail.count("/send"),
+        1,
+        "the welcome email is sent exactly once"
+    );
+    let body: Value = serde_json::from_slice(&mail.requests()[0].body).unwrap();
+    assert_eq!(body["to_user"], 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_retries_after_a_mail_api_failure_and_sends_once() {
+    // The mail API fails the first request: the step is abandoned, the retry
+    // sends, a third run finds the step done.
+    let mail = TestServer::start(|_, n| {
+        if n == 1 {
+            Reply::status(503)
+        } else {
+            Reply::ok("{}")
+        }
+    })
+    .await;
+    let sb = sandbox();
+    let task = sb.prepare(&guest_bytes("onboard")).unwrap();
+    let policy = SandboxPolicy {
+        allow_http: vec![mail.authority()],
+        ..SandboxPolicy::default()
+    };
+    let backend = Arc::new(MemoryBackend::new());
+    let payload = json!({"user_id": 7, "mail_api": mail.url("/send")}).to_string();
+    let first = sb
+        .run(&task, &job(&payload), &policy, backend.clone())
+        .await;
+    assert!(
+        !matches!(first.verdict, Verdict::Succeeded { .. }),
+        "503 must fail the attempt: {:?}",
+        first.verdict
+    );
+    for _ in 0..2 {
+        success(
+            &sb.run(&task, &job(&payload), &policy, backend.clone())
+                .await,
+        );
+    }
+    assert_eq!(
+        mail.count("/send"),
+        2,
+        "one failed request, then exactly one email"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_counts_each_page_once() {
+    let site = TestServer::start(|req, _| {
+        Reply::ok(format!(
+            "<html><a href='/a'>a</a><a href='/b'>b</a><a href='{}'>self</a></html>",
+            req.path
+        ))
+    })
+    .await;
+    let sb = sandbox();
+    let task = sb.prepare(&guest_bytes("scrape")).unwrap();
+    let policy = SandboxPolicy {
+        allow_http: vec![site.authority()],
+        ..SandboxPolicy::default()
+    };
+    let backend = Arc::new(MemoryBackend::new());
+    let mut last = Value::Null;
+    for page in ["/p1", "/p2", "/p1", "/p3", "/p2"] {
+        let payload = json!({"url": site.url(page)}).to_string();
+        last = success(
+            &sb.run(&task, &job(&payload), &policy, backend.clone())
+                .await,
+        );
+        assert_eq!(last["links"], 3);
+    }
+    assert_eq!(last["pages_scraped"], 3, "duplicates count once: {last}");
+}
+
+/// Each hostile guest ends in its category with a clear message, and the
+/// same sandbox then runs a normal job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_guests_end_in_their_category() {
+    let sb = sandbox();
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    let typed = sb.prepare(&guest_bytes("typed")).unwrap();
+    let noop = sb.prepare(&guest_bytes("noop")).unwrap();
+    let base = SandboxPolicy {
+        timeout: Duration::from_secs(20),
+        ..SandboxPolicy::default()
+    };
+    let closed = TestServer::start(|_, _| Reply::ok("secret")).await;
+
+    let cases: Vec<(&PreparedTask, String, SandboxPolicy, Category, &str)> = vec![
+        (
+            &hostile,
+            json!({"mode": "spin"}).to_string(),
+            SandboxPolicy {
+                fuel: 50_000_000,
+                ..base.clone()
+            },
+            Category::FuelExhausted,
+            "fuel",
+        ),
+        (
+            &hostile,
+            json!({"mode": "spin"}).to_string(),
+            SandboxPolicy {
+                fuel: u64::MAX / 2,
+                timeout: Duration::from_millis(300),
+                ..base.clone()
+            },
+            Category::Timeout,
+            "timeout",
+        ),
+        (
+            &hostile,
+            json!({"mode": "sleep", "ms": 10_000}).to_string(),
+            SandboxPolicy {
+                timeout: Duration::from_millis(300),
+                ..base.clone()
+            },
+            Category::Timeout,
+            "timeout",
+        ),
+        (
+            &hostile,
+            json!({"mode": "memory-bomb"}).to_string(),
+            SandboxPolicy {
+                memory_bytes: 32 << 20,
+                ..base.clone()
+            },
+            Category::MemoryLimit,
+            "over the cap",
+        ),
+        (
+            &hostile,
+            json!({"mode": "recurse"}).to_string(),
+            base.clone(),
+            Category::Trap,
+            "recursion",
+        ),
+        (
+            &hostile,
+            json!({"mode": "panic"}).to_string(),
+            base.clone(),
+            Category::Trap,
+            "panicked",
+        ),
+        (
+            &hostile,
+            json!({"mode": "huge-result"}).to_string(),
+            base.clone(),
+            Category::OutputTooLarge,
+            "over the cap",
+        ),
+        (
+            &hostile,
+            json!({"mode": "read-file", "path": "/etc/passwd"}).to_string(),
+            base.clone(),
+            Category::Denied,
+            "",
+        ),
+        (
+            &hostile,
+            json!({"mode": "http", "url": closed.url("/")}).to_string(),
+            base.clone(),
+            Category::Denied,
+            "not in the task's allow-list",
+        ),
+        (
+            &hostile,
+            json!({"mode": "enqueue-flood"}).to_string(),
+            base.clone(),
+            Category::Denied,
+            "child jobs",
+        ),
+        (
+            &hostile,
+            json!({"mode": "print"}).to_string(),
+            SandboxPolicy {
+                fuel: 200_000_000,
+                ..base.clone()
+            },
+            Category::FuelExhausted,
+            "fuel",
+        ),
+        (
+            &typed,
+            json!({"m": 1}).to_string(),
+            base.clone(),
+            Category::BadPayload,
+            "n",
+        ),
+        (
+            &typed,
+            "{not json".to_string(),
+            base.clone(),
+            Category::BadPayload,
+            "not valid JSON",
+        ),
+    ];
+    for (task, payload, policy, category, needle) in cases {
+        let outcome = run(&sb, task, &payload, &policy).await;
+        let (got, message) = failure(&outcome);
+        assert_eq!(got, category, "{payload}: {message}");
+        assert!(
+            message.contains(needle),
+            "{payload}: message {message:?} should mention {needle:?}"
+        );
+        assert!(
+            outcome.log.len() <= policy.max_log_bytes + 200,
+            "log stays bounded"
+        );
+        // The sandbox survives: a normal job right after succeeds.
+        assert_eq!(
+            success(&run(&sb, &noop, "{}", &base).await),
+            json!({"ok": true})
+        );
+    }
+    assert!(
+        closed.requests().is_empty(),
+        "a denied request never reaches the network"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_directories_and_nothing_else() {
+    let dir = TempDir::new("grant");
+    std::fs::write(dir.path().join("hello.txt"), "hi from the host").unwrap();
+    let sb = sandbox();
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    let policy = SandboxPolicy {
+        dirs: vec![DirGrant {
+            host_path: dir.path().to_path_buf(),
+            guest_path: "/data".into(),
+            read_only: true,
+        }],
+        ..SandboxPolicy::default()
+    };
+    let read = |p: &str| json!({"mode": "read-file", "path": p}).to_string();
+    let ok = success(&run(&sb, &hostile, &read("/data/hello.txt"), &policy).await);
+    assert_eq!(ok, json!("hi from the host"));
+    for escape in [
+        "/data/../../../../etc/passwd",
+        "/etc/passwd",
+        "../etc/passwd",
+        "/data/../data/../etc/passwd",
+    ] {
+        let (category, message) = failure(&run(&sb, &hostile, &read(escape), &policy).await);
+        assert_eq!(category, Category::Denied, "{escape}: {message}");
+        assert!(
+            message.contains("outside the directories granted"),
+            "{message}"
+        );
+    }
+    // With plain std::fs the host's capability handles still hold: the
+    // guest never gets the file, whatever it reports.
+    let raw = |p: &str| json!({"mode": "read-file-raw", "path": p}).to_string();
+    let symlink = dir.path().join("escape");
+    std::os::unix::fs::symlink("/etc/passwd", &symlink).unwrap();
+    for escape in ["/data/../etc/passwd", "/etc/passwd", "/data/escape"] {
+        let outcome = run(&sb, &hostile, &raw(escape), &policy).await;
+        assert!(
+            !matches!(outcome.verdict, Verdict::Succeeded { .. }),
+            "{escape} must not be readable"
+        );
+        assert!(
+            !outcome.log.contains("root:"),
+            "no passwd content leaks into the log"
+        );
+    }
+    let (category, _) = failure(&run(&sb, &hostile, &raw("/data/escape"), &policy).await);
+    assert_eq!(
+        category,
+        Category::Denied,
+        "a symlink out of the grant is refused by the host"
+    );
+}
+
+#[test]
+fn invalid_components_are_named() {
+    let sb = sandbox();
+    let cases: [(&[u8], &str); 3] = [
+        (b"#!/bin/sh\necho not wasm\n", "not a WebAssembly file"),
+        (b"\0asm\x01\0\0\0", "core WebAssembly module"),
+        (
+            &guest_bytes("other-world"),
+            "does not implement the wasmq:task world",
+        ),
+    ];
+    for (bytes, needle) in cases {
+        let err = sb.prepare(bytes).err().expect("must be rejected");
+        assert_eq!(err.category, Category::InvalidComponent);
+        assert!(
+            err.message.contains(needle),
+            "{:?} should mention {needle:?}",
+            err.message
+        );
+    }
+    // The CLI says the same on one stderr line with a non-zero exit.
+    let dir = TempDir::new("invalid");
+    let file = dir.path().join("notes.wasm");
+    std::fs::write(&file, "hello").unwrap();
+    let out = wasmq_run(&[path(&file)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("error: invalid-component: not a WebAssembly file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cli_failures_print_one_line_naming_the_category() {
+    let hostile = guest("hostile");
+    let out = wasmq_run(&[path(&hostile), r#"{"mode":"spin"}"#, "--fuel", "1000000"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: fuel-exhausted: used all 1000000 units of fuel"),
+        "{stderr}"
+    );
+
+    let out = wasmq_run(&[
+        path(&hostile),
+        r#"{"mode":"spin"}"#,
+        "--timeout",
+        "200ms",
+        "--fuel",
+        "100000000000000",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: timeout:"));
+}
+
+#[test]
+fn compiled_components_are_cached_on_disk() {
+    let cache = TempDir::new("cache");
+    let bytes = guest_bytes("noop");
+    let limits = EngineLimits {
+        instance_slots: 2,
+        ..EngineLimits::default()
+    };
+    let first = Sandbox::new(
+        build_engine(&limits).unwrap(),
+        CompiledCache::new(Some(cache.0.clone())),
+    )
+    .unwrap();
+    first.prepare(&bytes).unwrap();
+    let artifacts: Vec<_> = std::fs::read_dir(cache.path().join("compiled"))
+        .unwrap()
+        .collect();
+    assert_eq!(artifacts.len(), 1, "one compiled artifact per component");
+    let artifact = artifacts[0].as_ref().unwrap().path();
+    let written = std::fs::metadata(&artifact).unwrap().modified().unwrap();
+    // A "restarted" process (new engine) loads it instead of recompiling.
+    let second = Sandbox::new(
+        build_engine(&limits).unwrap(),
+        CompiledCache::new(Some(cache.0.clone())),
+    )
+    .unwrap();
+    second.prepare(&bytes).unwrap();
+    assert_eq!(
+        std::fs::metadata(&artifact).unwrap().modified().unwrap(),
+        written
+    );
+    // A corrupt entry is recompiled, not trusted.
+    std::fs::write(&artifact, b"garbage").unwrap();
+    let third = Sandbox::new(
+        build_engine(&limits).unwrap(),
+        CompiledCache::new(Some(cache.0.clone())),
+    )
+    .unwrap();
+    third.prepare(&bytes).unwrap();
+}
