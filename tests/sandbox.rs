@@ -474,3 +474,57 @@ fn compiled_components_are_cached_on_disk() {
     .unwrap();
     third.prepare(&bytes).unwrap();
 }
+
+/// More jobs at once than the pool has slots: the extra ones come back as a
+/// retry that names the host as the cause (a worker retries those without
+/// using an attempt), and the others run normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_is_the_hosts_fault_not_the_tasks() {
+    let sb = Arc::new(
+        Sandbox::new(
+            build_engine(&EngineLimits {
+                instance_slots: 1,
+                ..EngineLimits::default()
+            })
+            .unwrap(),
+            CompiledCache::new(None),
+        )
+        .unwrap(),
+    );
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    let slots = wasmq::engine::pool_slots(1) as usize;
+    let policy = SandboxPolicy::default();
+    let runs: Vec<_> = (0..slots + 4)
+        .map(|_| {
+            let (sb, hostile, policy) = (sb.clone(), hostile.clone(), policy.clone());
+            tokio::spawn(async move {
+                let payload = json!({"mode": "sleep", "ms": 1500}).to_string();
+                sb.run(
+                    &hostile,
+                    &job(&payload),
+                    &policy,
+                    Arc::new(MemoryBackend::new()),
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut ran, mut full) = (0, 0);
+    for run in runs {
+        let outcome = run.await.unwrap();
+        match &outcome.verdict {
+            Verdict::Succeeded { .. } => ran += 1,
+            Verdict::Retry { message, .. } => {
+                assert!(message.contains("no free instance slot"), "{message}");
+                assert!(
+                    outcome.host_fault.is_some(),
+                    "a full pool is the host's fault"
+                );
+                full += 1;
+            }
+            other => panic!("unexpected outcome {other:?}\nlog:\n{}", outcome.log),
+        }
+    }
+    assert!(full >= 1, "{} jobs fit in {slots} slots", slots + 4);
+    assert!(ran >= 1 && ran <= slots, "{ran} jobs ran in {slots} slots");
+}

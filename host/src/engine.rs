@@ -5,8 +5,9 @@
 //! thread that turns wall-clock time into epoch deadlines.
 //!
 //! Invariant: the pool has at least as many instance slots as the worker runs
-//! jobs at once ([`EngineLimits::instance_slots`]), so a job never fails for
-//! want of a slot.
+//! jobs at once ([`EngineLimits::instance_slots`]), plus every slot a finished
+//! job can leave parked in wasmtime's decommit queues ([`pool_slots`]), so a
+//! job never fails for want of a slot.
 
 use std::time::Duration;
 
@@ -66,6 +67,24 @@ impl Default for EngineLimits {
     }
 }
 
+/// Instance slots the pool needs so that `jobs` instances can always be
+/// alive at once.
+///
+/// A freed slot whose memory or stack needs decommitting (whatever lies past
+/// [`KEEP_RESIDENT`]) waits in one of wasmtime's decommit-queue shards until
+/// that shard holds [`DECOMMIT_BATCH`] regions. wasmtime flushes the queues
+/// when an allocation finds the pool full, but a shard another thread is
+/// flushing at that moment looks empty, and the allocation fails. Each shard
+/// parks fewer than a batch of slots, and wasmtime has one shard per core
+/// (at most 16), so that many extra slots (virtual address space only) make
+/// the race harmless.
+pub fn pool_slots(jobs: u32) -> u32 {
+    let shards = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(16) as u32;
+    jobs.max(1) + shards * DECOMMIT_BATCH as u32
+}
+
 /// Build the engine and start its epoch ticker.
 pub fn build_engine(limits: &EngineLimits) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
@@ -83,7 +102,7 @@ pub fn build_engine(limits: &EngineLimits) -> wasmtime::Result<Engine> {
     // cheap.
     config.memory_init_cow(true);
 
-    let slots = limits.instance_slots.max(1);
+    let slots = pool_slots(limits.instance_slots);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(slots)
         .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)

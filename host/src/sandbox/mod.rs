@@ -114,9 +114,9 @@ pub struct JobOutcome {
     pub usage: Usage,
     /// Captured stdout, stderr and log lines (bounded).
     pub log: String,
-    /// Set when a host call found the state store (Redis) unavailable, or a
-    /// step held by another job: a failure of this run may be the host's
-    /// doing, not the task's.
+    /// Set when a host call found the state store (Redis) unavailable, a
+    /// step was held by another job, or no instance slot was free: a failure
+    /// of this run may be the host's doing, not the task's.
     pub host_fault: Option<String>,
 }
 
@@ -395,8 +395,12 @@ fn classify_error(error: &wasmtime::Error, state: &HostState, policy: &SandboxPo
         .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
         .is_some()
     {
+        // The host's shortage, not the task's failure: a worker retries it
+        // without using one of the job's attempts.
+        let message = format!("no free instance slot on this worker: {error}");
+        let _ = state.host_fault.set(message.clone());
         return Verdict::Retry {
-            message: format!("no free instance slot on this worker: {error}"),
+            message,
             delay: Some(POOL_FULL_RETRY),
         };
     }
