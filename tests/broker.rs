@@ -118,6 +118,18 @@ async fn seed_scenario_sends_exactly_one_welcome_email() {
         usage["fuel"] > 0 && usage["wall_time_us"] > 0 && usage["memory_byte_seconds"] > 0,
         "{usage:?}"
     );
+    // Outbound bytes are metered per job and summed per tenant (the exact
+    // counts are checked in tests/http_policy.rs).
+    let job_usage = status.usage.clone().expect("a finished job has usage");
+    let (out, inn) = (
+        job_usage["net_out_bytes"].as_u64().unwrap(),
+        job_usage["net_in_bytes"].as_u64().unwrap(),
+    );
+    assert!(out > 0 && inn > 0, "{job_usage}");
+    assert!(
+        usage["net_out_bytes"] > out && usage["net_in_bytes"] > inn,
+        "the tenant's totals include both runs that sent mail: {usage:?}"
+    );
     stop.send(()).unwrap();
     worker.await.unwrap();
 }

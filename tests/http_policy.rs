@@ -9,6 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ fn allow(entries: &[String]) -> SandboxPolicy {
 /// handler returns for the path, or never answers (`None`).
 struct RawServer {
     addr: SocketAddr,
+    /// Bytes read from all clients so far.
+    received: Arc<AtomicU64>,
 }
 
 impl RawServer {
@@ -57,16 +60,21 @@ impl RawServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(handler);
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let handler = handler.clone();
+                let (handler, counter) = (handler.clone(), counter.clone());
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 4096];
                     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
                         match sock.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                            Ok(n) => {
+                                counter.fetch_add(n as u64, Ordering::Relaxed);
+                                head.extend_from_slice(&buf[..n]);
+                            }
                         }
                     }
                     let head = String::from_utf8_lossy(&head).into_owned();
@@ -83,7 +91,7 @@ impl RawServer {
                 });
             }
         });
-        RawServer { addr }
+        RawServer { addr, received }
     }
 
     fn url(&self, path: &str) -> String {
@@ -266,5 +274,42 @@ async fn a_server_that_never_answers_ends_in_a_timeout_not_a_hang() {
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "the job's deadline must cut a silent server short"
+    );
+}
+
+/// A job's network bytes are metered on the wire, both ways and across
+/// redirect hops: exactly what the server read and wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_network_bytes_are_metered_both_ways() {
+    let body = "b".repeat(5000);
+    let (hop, page) = (redirect("/page").unwrap(), ok(&body).unwrap());
+    let replies = (hop.clone(), page.clone());
+    let server = RawServer::start(move |path| match path {
+        "/start" => Some(replies.0.clone()),
+        _ => Some(replies.1.clone()),
+    })
+    .await;
+    let sb = sandbox();
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    let policy = allow(&[server.addr.to_string()]);
+    let outcome = get(&sb, &hostile, &server.url("/start"), &policy).await;
+    assert_eq!(success(&outcome), json!({"status": 200, "bytes": 5000}));
+    assert_eq!(
+        outcome.usage.net_in_bytes,
+        (hop.len() + page.len()) as u64,
+        "both responses, heads included"
+    );
+    assert_eq!(
+        outcome.usage.net_out_bytes,
+        server.received.load(Ordering::Relaxed),
+        "both requests"
+    );
+    assert!(outcome.usage.net_out_bytes > 0);
+
+    // A job that makes no request has none.
+    let quiet = get(&sb, &hostile, "http://not-allowed.example/", &policy).await;
+    assert_eq!(
+        (quiet.usage.net_out_bytes, quiet.usage.net_in_bytes),
+        (0, 0)
     );
 }

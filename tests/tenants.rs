@@ -26,6 +26,17 @@ fn wasmq(redis: &str, tenant: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `wasmq tenant create NAME FLAGS...`, which must succeed.
+fn create_tenant(redis: &str, name: &str, flags: &[&str]) {
+    let args = [&["tenant", "create", name][..], flags].concat();
+    let created = wasmq(redis, "default", &args);
+    assert!(
+        created.status.success(),
+        "tenant create {name}: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+}
+
 async fn run_one(
     broker: &Broker,
     tenant: &str,
@@ -56,13 +67,10 @@ async fn run_one(
 async fn caps_refuse_greedy_deploys_and_clamp_running_jobs() {
     let redis = RedisServer::start();
     let url = redis.url.clone();
-    let created = wasmq(
+    create_tenant(
         &url,
-        "default",
+        "acme",
         &[
-            "tenant",
-            "create",
-            "acme",
             "--max-fuel",
             "100000000",
             "--max-timeout",
@@ -70,11 +78,6 @@ async fn caps_refuse_greedy_deploys_and_clamp_running_jobs() {
             "--allow-http",
             "api.example:443",
         ],
-    );
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
     );
 
     let dir = TempDir::new("manifest");
@@ -289,20 +292,11 @@ async fn a_noisy_tenant_does_not_starve_a_quiet_one() {
     let broker = Broker::connect(&redis.url).await.unwrap();
     // The noisy tenant may run one job at a time on a worker (at most one
     // core of two); the quiet one is uncapped.
-    let created = wasmq(
+    create_tenant(
         &redis.url,
-        "default",
-        &[
-            "tenant",
-            "create",
-            "noisy",
-            "--max-concurrency",
-            "2",
-            "--max-memory",
-            "32MiB",
-        ],
+        "noisy",
+        &["--max-concurrency", "2", "--max-memory", "32MiB"],
     );
-    assert!(created.status.success());
     let mut hostile = TaskPolicy::default();
     hostile.sandbox.memory_bytes = 32 << 20;
     // Each spinner burns ~15 ms of CPU before its fuel runs out.
@@ -400,5 +394,84 @@ async fn a_noisy_tenant_does_not_starve_a_quiet_one() {
         p99(&beside) <= bound,
         "quiet p99 {:.2} ms beside the noisy tenant, over {bound:.2} ms",
         p99(&beside)
+    );
+}
+
+/// A tenant capped at 3 jobs at once across the cluster, served by two
+/// workers of 8 slots each: at no instant do more than 3 of its jobs run,
+/// both workers take part, and the cap is reached (it binds, not the slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_cap_holds_across_workers() {
+    const CAP: usize = 3;
+    const JOBS: usize = 30;
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    create_tenant(
+        &redis.url,
+        "capped",
+        &["--max-cluster-concurrency", &CAP.to_string()],
+    );
+    broker
+        .deploy(
+            "capped",
+            "hostile",
+            &guest_bytes("hostile"),
+            &TaskPolicy::default(),
+        )
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(10);
+    let (stop_a, worker_a) =
+        common::workers::start_in_process(&broker, "capped", 8, lease, "cap-a");
+    let (stop_b, worker_b) =
+        common::workers::start_in_process(&broker, "capped", 8, lease, "cap-b");
+    let mut ids = Vec::new();
+    for _ in 0..JOBS {
+        let req = EnqueueRequest {
+            tenant: "capped".into(),
+            task: "hostile".into(),
+            payload: json!({"mode": "sleep", "ms": 150}),
+            ..EnqueueRequest::default()
+        };
+        ids.push(broker.enqueue(req).await.unwrap().id);
+    }
+    latencies(&broker, "capped", &ids).await;
+
+    // Both ends of a run are stamped by Redis's clock inside the scripts
+    // that add it to and remove it from the tenant's in-flight set, so the
+    // overlap of these intervals is exactly what the cap constrains.
+    let keys = wasmq::broker::keys::Keys::new("capped");
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HMGET")
+            .arg(keys.job(id))
+            .arg("started_at_us")
+            .arg("finished_at_us");
+    }
+    let spans: Vec<(u64, u64)> = pipe.query_async(&mut broker.connection()).await.unwrap();
+    let mut edges: Vec<(u64, i32)> = spans
+        .iter()
+        .flat_map(|&(start, end)| [(start, 1), (end, -1)])
+        .collect();
+    // At equal times, an end comes before a start.
+    edges.sort();
+    let (mut running, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        running += step;
+        most = most.max(running);
+    }
+    stop_a.send(()).unwrap();
+    stop_b.send(()).unwrap();
+    let (a, b) = (worker_a.await.unwrap(), worker_b.await.unwrap());
+    println!(
+        "cluster cap {CAP}: at most {most} of {JOBS} jobs ran at once; workers ran {} and {}",
+        a.completed, b.completed
+    );
+    assert_eq!(most as usize, CAP, "the cap binds and is never exceeded");
+    assert!(
+        a.completed > 0 && b.completed > 0,
+        "both workers took part ({} and {}); the test proves nothing otherwise",
+        a.completed,
+        b.completed
     );
 }

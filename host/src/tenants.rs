@@ -37,9 +37,11 @@ pub struct TenantLimits {
     pub allow_dirs: Option<Vec<PathBuf>>,
     /// Whether a task may set `allow_private_networks`.
     pub allow_private_networks: bool,
-    /// Jobs of this tenant running at once on one worker (planned: enforced
-    /// cluster-wide).
+    /// Jobs of this tenant running at once on one worker.
     pub max_concurrency: Option<u32>,
+    /// Jobs of this tenant running at once on all workers together
+    /// (enforced in Redis, by the fetch script).
+    pub max_cluster_concurrency: Option<u32>,
 }
 
 /// A tenant: its name and caps.

@@ -26,11 +26,13 @@ use crate::backend::redis::{ChildEnqueuer, RedisBackend};
 use crate::backend::{BackendError, BackendResult, ChildJob};
 use crate::broker::envelope::Envelope;
 use crate::broker::keys::Keys;
-use crate::broker::{now_ms, Broker, Completion, DeployedTask, EnqueueRequest, Fetched, Outcome};
+use crate::broker::{
+    now_ms, Broker, Completion, DeployedTask, EnqueueRequest, Fetched, LeaseTerms, Outcome,
+};
 use crate::failure::{Category, Failure};
 use crate::retry::{decide, Decision};
 use crate::sandbox::{JobInput, PreparedTask, Sandbox, Usage, Verdict};
-use crate::tenants::Tenant;
+use crate::tenants::{Tenant, TenantLimits};
 
 /// How long a worker's claim on a job lasts without renewal. Renewed every
 /// third of it, so two missed renewals in a row are survived.
@@ -220,7 +222,9 @@ impl Worker {
             if want == 0 {
                 break;
             }
-            if let Some(cap) = self.tenant_cap(tenant).await {
+            let caps = self.tenant_caps(tenant).await;
+            if let Some(cap) = caps.max_concurrency {
+                let cap = cap as usize;
                 let busy = self
                     .lock_in_flight()
                     .values()
@@ -238,9 +242,12 @@ impl Worker {
                         tenant,
                         queue,
                         want,
-                        self.config.lease,
-                        &self.config.id,
-                        MAX_DELIVERIES,
+                        LeaseTerms {
+                            worker: &self.config.id,
+                            lease: self.config.lease,
+                            max_deliveries: MAX_DELIVERIES,
+                            cluster_cap: caps.max_cluster_concurrency,
+                        },
                     )
                     .await?,
             );
@@ -249,11 +256,12 @@ impl Worker {
         Ok(out)
     }
 
-    /// The tenant's cap on jobs at once on this worker, if it has one.
-    async fn tenant_cap(&self, tenant: &str) -> Option<usize> {
+    /// The tenant's caps; none when it has no record (or it cannot be read
+    /// now: a fetch must not wait for that).
+    async fn tenant_caps(&self, tenant: &str) -> TenantLimits {
         match self.tenant_record(tenant).await {
-            Ok(Some(record)) => record.limits.max_concurrency.map(|c| c as usize),
-            _ => None,
+            Ok(Some(record)) => record.limits,
+            _ => TenantLimits::default(),
         }
     }
 

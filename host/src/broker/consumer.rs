@@ -60,16 +60,29 @@ pub enum Outcome {
     Release,
 }
 
+/// Who fetches, and on what terms.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTerms<'a> {
+    /// The worker's id (in lease tokens and history).
+    pub worker: &'a str,
+    /// How long a lease lasts unless renewed.
+    pub lease: Duration,
+    /// Deliveries after which a job that never finishes is dead-lettered.
+    pub max_deliveries: u32,
+    /// The tenant's cap on its jobs leased across all workers, if any.
+    pub cluster_cap: Option<u32>,
+}
+
 impl Broker {
-    /// Lease up to `n` jobs of `queue` for `lease`.
+    /// Lease up to `n` jobs of `tenant`'s `queue`; with a cluster cap, never
+    /// so many that more than that many of the tenant's jobs are leased
+    /// across all workers.
     pub async fn fetch(
         &self,
         tenant: &str,
         queue: &str,
         n: usize,
-        lease: Duration,
-        worker: &str,
-        max_deliveries: u32,
+        terms: LeaseTerms<'_>,
     ) -> redis::RedisResult<Vec<Fetched>> {
         let keys = Keys::new(tenant);
         let flat: Vec<redis::Value> = scripts::FETCH
@@ -77,12 +90,14 @@ impl Broker {
             .key(keys.delayed(queue))
             .key(keys.leased(queue))
             .key(keys.dead())
+            .key(keys.inflight())
             .arg(keys.prefix())
             .arg(now_ms())
             .arg(n)
-            .arg(lease.as_millis() as u64)
-            .arg(worker)
-            .arg(max_deliveries)
+            .arg(terms.lease.as_millis() as u64)
+            .arg(terms.worker)
+            .arg(terms.max_deliveries)
+            .arg(terms.cluster_cap.unwrap_or(0))
             .invoke_async(&mut self.connection())
             .await?;
         let mut out = Vec::with_capacity(flat.len() / 4);
@@ -113,6 +128,7 @@ impl Broker {
         }
         let keys = Keys::new(tenant);
         let mut call = scripts::RENEW.key(keys.leased(queue));
+        call.key(keys.inflight());
         call.arg(keys.prefix())
             .arg(now_ms() + lease.as_millis() as u64);
         for (id, token) in jobs {
@@ -163,13 +179,17 @@ impl Broker {
             .iter()
             .map(|u| (u.peak_memory_bytes as u128 * u.wall_time_us as u128 / 1_000_000) as u64)
             .sum();
+        let net_out: u64 = ran.iter().map(|u| u.net_out_bytes).sum();
+        let net_in: u64 = ran.iter().map(|u| u.net_in_bytes).sum();
         call.arg(keys.prefix())
             .arg(now_ms())
             .arg(FINISHED_RETENTION.as_millis() as u64)
             .arg(ran.len())
             .arg(fuel)
             .arg(wall)
-            .arg(byte_seconds);
+            .arg(byte_seconds)
+            .arg(net_out)
+            .arg(net_in);
         for c in completions {
             debug_assert_eq!(c.job.tenant, first.job.tenant, "one tenant per batch");
             let (name, result, ttl, retry_at, error) = match &c.outcome {

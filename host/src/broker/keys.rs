@@ -65,6 +65,11 @@ impl Keys {
     pub fn leased(&self, queue: &str) -> String {
         self.key(&["queue", queue, "leased"])
     }
+    /// ZSET: the tenant's jobs leased by any worker, by lease expiry (ms);
+    /// kept only while the tenant has a cluster-wide concurrency cap.
+    pub fn inflight(&self) -> String {
+        self.key(&["inflight"])
+    }
     /// STRING (integer): the queue's enqueue sequence (FIFO within a priority).
     pub fn seq(&self, queue: &str) -> String {
         self.key(&["queue", queue, "seq"])
@@ -87,7 +92,7 @@ impl Keys {
         self.key(&["history", id])
     }
     /// HASH: the tenant's summed usage (runs, fuel, wall_time_us,
-    /// memory_byte_seconds), for billing.
+    /// memory_byte_seconds, net_out_bytes, net_in_bytes), for billing.
     pub fn usage(&self) -> String {
         self.key(&["usage"])
     }

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 
-pub use consumer::{Completion, Fetched, Outcome};
+pub use consumer::{Completion, Fetched, LeaseTerms, Outcome};
 pub use producer::{DeployedTask, EnqueueRequest, Enqueued, JobStatus, ResultState};
 
 /// Redis-backed broker handle; cheap to clone (one multiplexed connection

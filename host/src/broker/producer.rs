@@ -448,7 +448,7 @@ impl Broker {
     }
 
     /// A tenant's summed usage: runs, fuel, wall time (us), memory
-    /// byte-seconds.
+    /// byte-seconds, network bytes out and in.
     pub async fn usage(
         &self,
         tenant: &str,

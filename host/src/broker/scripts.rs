@@ -44,17 +44,21 @@ return {ARGV[1], 'new'}
     )
 });
 
-/// Fetch up to n jobs. KEYS: ready, delayed, leased, dead.
-/// ARGV: prefix, now_ms, n, lease_ms, worker, max_deliveries.
+/// Fetch up to n jobs. KEYS: ready, delayed, leased, dead, inflight.
+/// ARGV: prefix, now_ms, n, lease_ms, worker, max_deliveries,
+/// cluster_cap (0 = none).
 /// First promotes due delayed jobs and reclaims expired leases (their
 /// workers died), then pops by score and leases each popped job.
+/// With a cluster cap, the tenant's `inflight` set (every job of the tenant
+/// leased by any worker, scored by lease expiry) bounds n, and each leased
+/// job joins it; the entries of dead workers count until their lease ends.
 /// Returns a flat list: id, envelope, attempt, lease token, ...
 /// A popped id without a job record is dropped (logged as 'missing').
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix, now, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local max_deliveries = tonumber(ARGV[6])
+local max_deliveries, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 local function job(id) return prefix .. 'job:' .. id end
 local function history(id, event, detail)
   redis.call('RPUSH', prefix .. 'history:' .. id, cjson.encode({at_ms = now, event = event, detail = detail}))
@@ -84,9 +88,17 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       history(id, 'lease-expired', 'redelivered after its worker stopped renewing the lease')
     end
   end
+  redis.call('ZREM', KEYS[5], id)
+end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  n = math.min(n, cap - redis.call('ZCARD', KEYS[5]))
+  if n <= 0 then return {} end
 end
 local out = {}
 local popped = redis.call('ZPOPMIN', KEYS[1], n)
+local t = redis.call('TIME')
+local now_us = t[1] .. string.format('%06d', t[2])
 for i = 1, #popped, 2 do
   local id = popped[i]
   local envelope = redis.call('HGET', job(id), 'envelope')
@@ -94,8 +106,10 @@ for i = 1, #popped, 2 do
     local deliveries = redis.call('HINCRBY', job(id), 'deliveries', 1)
     local attempt = redis.call('HINCRBY', job(id), 'attempt', 1)
     local token = ARGV[5] .. ':' .. deliveries
-    redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'started_at_ms', now, 'worker', ARGV[5])
+    redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'started_at_ms', now,
+      'started_at_us', now_us, 'worker', ARGV[5])
     redis.call('ZADD', KEYS[3], now + lease, id)
+    if cap > 0 then redis.call('ZADD', KEYS[5], now + lease, id) end
     -- Built by hand: this runs for every job, and cjson costs more than the
     -- commands around it. The worker id is [A-Za-z0-9._-].
     redis.call('RPUSH', prefix .. 'history:' .. id, '{"at_ms":' .. now ..
@@ -111,7 +125,8 @@ return out
     )
 });
 
-/// Extend leases. KEYS: leased. ARGV: prefix, expiry_ms, id1, token1, ...
+/// Extend leases. KEYS: leased, inflight. ARGV: prefix, expiry_ms, id1,
+/// token1, ...
 /// Only jobs whose lease token still matches are extended (a job whose lease
 /// lapsed and was redelivered belongs to its new holder). Returns the count.
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
@@ -122,6 +137,7 @@ for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', ARGV[1] .. 'job:' .. id, 'lease') == token then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id)
+    redis.call('ZADD', KEYS[2], 'XX', ARGV[2], id)
     renewed = renewed + 1
   end
 end
@@ -134,8 +150,9 @@ return renewed
 /// whatever finished since its last call: fewer script invocations, which
 /// cost more than the commands they run).
 /// ARGV: prefix, now_ms, finished_ttl_ms, then the batch's usage totals
-/// (runs, fuel, wall_time_us, memory_byte_seconds) added to the tenant's
-/// `usage` hash, then per job 10 fields: id,
+/// (runs, fuel, wall_time_us, memory_byte_seconds, net_out_bytes,
+/// net_in_bytes) added to the tenant's `usage` hash, then per job 10
+/// fields: id,
 /// queue, token, outcome ('succeeded' | 'retry' | 'host-retry' | 'dead' |
 /// 'release'),
 /// result, result_ttl_ms (0 = do not store), retry_at_ms, error_json,
@@ -157,9 +174,13 @@ if tonumber(ARGV[4]) > 0 then
   redis.call('HINCRBY', usage_key, 'fuel', ARGV[5])
   redis.call('HINCRBY', usage_key, 'wall_time_us', ARGV[6])
   redis.call('HINCRBY', usage_key, 'memory_byte_seconds', ARGV[7])
+  if tonumber(ARGV[8]) > 0 or tonumber(ARGV[9]) > 0 then
+    redis.call('HINCRBY', usage_key, 'net_out_bytes', ARGV[8])
+    redis.call('HINCRBY', usage_key, 'net_in_bytes', ARGV[9])
+  end
 end
 local out = {}
-for i = 8, #ARGV, 10 do
+for i = 10, #ARGV, 10 do
   local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local result, result_ttl, retry_at = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
   local err, usage, idem = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
@@ -170,6 +191,12 @@ for i = 8, #ARGV, 10 do
     table.insert(out, 'stale')
   else
     redis.call('ZREM', q .. 'leased', id)
+    -- A job counted against its tenant's cluster-wide cap frees its place:
+    -- wake a worker that may have been turned away by the cap.
+    if redis.call('ZREM', prefix .. 'inflight', id) == 1 then
+      redis.call('LPUSH', q .. 'signal', '1')
+      redis.call('LTRIM', q .. 'signal', 0, 63)
+    end
     if outcome == 'release' then
       -- Shutdown before the job finished: back to the front of its queue.
       redis.call('HINCRBY', job, 'attempt', -1)

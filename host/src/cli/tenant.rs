@@ -69,6 +69,9 @@ pub struct LimitArgs {
     /// Jobs at once per worker.
     #[arg(long = "max-concurrency")]
     pub max_concurrency: Option<u32>,
+    /// Jobs at once on all workers together.
+    #[arg(long = "max-cluster-concurrency")]
+    pub max_cluster_concurrency: Option<u32>,
 }
 
 impl LimitArgs {
@@ -93,6 +96,9 @@ impl LimitArgs {
         }
         limits.allow_private_networks |= self.allow_private_networks;
         limits.max_concurrency = self.max_concurrency.or(limits.max_concurrency);
+        limits.max_cluster_concurrency = self
+            .max_cluster_concurrency
+            .or(limits.max_cluster_concurrency);
     }
 }
 
@@ -167,7 +173,14 @@ async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
     let broker = Broker::connect(redis).await?;
     let mut usage = serde_json::Map::new();
     usage.insert("tenant".into(), tenant.into());
-    for field in ["runs", "fuel", "wall_time_us", "memory_byte_seconds"] {
+    for field in [
+        "runs",
+        "fuel",
+        "wall_time_us",
+        "memory_byte_seconds",
+        "net_out_bytes",
+        "net_in_bytes",
+    ] {
         usage.insert(field.into(), 0.into());
     }
     for (field, value) in broker.usage(tenant).await? {

@@ -19,9 +19,15 @@
 //!
 //! wasi:http never follows redirects; the guest SDK does, and each hop is a
 //! new request that passes every check again.
+//!
+//! Every connection's bytes, both ways, are counted into the job's
+//! [`Traffic`] for usage metering.
 
 mod addr;
 mod client;
+mod traffic;
+
+pub use traffic::Traffic;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -147,6 +153,7 @@ pub struct AllowListHooks {
     max_response_bytes: u64,
     in_flight: InFlight,
     denials: Denials,
+    traffic: Traffic,
 }
 
 impl AllowListHooks {
@@ -171,7 +178,13 @@ impl AllowListHooks {
             max_response_bytes: policy.max_response_bytes,
             in_flight: InFlight::new(policy.max_concurrent_requests),
             denials,
+            traffic: Traffic::default(),
         })
+    }
+
+    /// The bytes the job's requests have sent and received so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
     }
 
     fn permits(&self, host: &str, port: u16) -> bool {
@@ -222,6 +235,7 @@ impl WasiHttpHooks for AllowListHooks {
         let addresses = self.addresses.clone();
         let denials = self.denials.clone();
         let max_bytes = self.max_response_bytes;
+        let traffic = self.traffic.clone();
         Box::new(async move {
             let dns_timeout = options.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
             let addrs = match addresses.resolve(&host, port, dns_timeout).await {
@@ -243,7 +257,7 @@ impl WasiHttpHooks for AllowListHooks {
                 denials,
                 _slot: slot,
             };
-            client::send(request, dest, options, cap).await
+            client::send(request, dest, options, cap, traffic).await
         })
     }
 }

@@ -103,6 +103,13 @@ pub struct Usage {
     pub peak_memory_bytes: u64,
     /// Wall time from store creation to the end of the call, in microseconds.
     pub wall_time_us: u64,
+    /// Bytes the job's outbound HTTP connections wrote (headers, bodies and
+    /// TLS included).
+    #[serde(default)]
+    pub net_out_bytes: u64,
+    /// Bytes those connections read.
+    #[serde(default)]
+    pub net_in_bytes: u64,
 }
 
 /// The result of [`Sandbox::run`].
@@ -278,6 +285,8 @@ impl Sandbox {
                 .map_or(0, |left| policy.fuel.saturating_sub(left)),
             peak_memory_bytes: state.limiter.peak_memory_bytes as u64,
             wall_time_us: started.elapsed().as_micros() as u64,
+            net_out_bytes: state.http_hooks.traffic().sent(),
+            net_in_bytes: state.http_hooks.traffic().received(),
         };
         let verdict = match result {
             Err(_elapsed) => timed_out(policy),

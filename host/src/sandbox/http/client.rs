@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 
+use super::traffic::{Metered, Traffic};
 use super::{Denials, Slot};
 
 /// The connection's I/O future, which wasmtime drives after the response
@@ -68,12 +69,14 @@ impl BodyCap {
     }
 }
 
-/// Send `req` to `dest` with `options`' timeouts (all set by the caller).
+/// Send `req` to `dest` with `options`' timeouts (all set by the caller),
+/// counting the connection's bytes into `traffic`.
 pub async fn send(
     mut req: http::Request<WasiBody>,
     dest: Destination<'_>,
     options: RequestOptions,
     cap: BodyCap,
+    traffic: Traffic,
 ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
     let connect_timeout = options.connect_timeout.unwrap_or(super::CONNECT_TIMEOUT);
     let first_byte_timeout = options
@@ -92,6 +95,7 @@ pub async fn send(
     let tcp = tokio::time::timeout(connect_timeout, connect(dest.addrs))
         .await
         .map_err(|_| Error::ConnectionTimeout)??;
+    let tcp = Metered::new(tcp, traffic);
     let stream: Box<dyn Stream> = if dest.https {
         let name = rustls::pki_types::ServerName::try_from(dest.host.to_string())?;
         let tls = tokio::time::timeout(connect_timeout, tls_connector().connect(name, tcp))
