@@ -110,6 +110,26 @@ async fn seed_scenario_sends_exactly_one_welcome_email() {
     );
     let status = broker.status(TENANT, &ids[0].id).await.unwrap().unwrap();
     assert_eq!(status.attempts, 2, "the 503 cost one retry: {status:?}");
+    let events: Vec<&str> = status
+        .history
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        events,
+        ["enqueued", "started", "retry", "started", "succeeded"],
+        "{:?}",
+        status.history
+    );
+    let times: Vec<u64> = status
+        .history
+        .iter()
+        .map(|e| e["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {times:?}"
+    );
     // Usage is metered per tenant: three guest runs (two attempts of the
     // first job, one of the keyless one).
     let usage = broker.usage(TENANT).await.unwrap();

@@ -22,4 +22,5 @@ pub mod pools;
 pub mod retry;
 pub mod sandbox;
 pub mod tenants;
+pub mod ttl_cache;
 pub mod worker;

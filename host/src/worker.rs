@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -32,7 +32,8 @@ use crate::broker::{
 use crate::failure::{Category, Failure};
 use crate::retry::{decide, Decision};
 use crate::sandbox::{JobInput, PreparedTask, Sandbox, Usage, Verdict};
-use crate::tenants::{Tenant, TenantLimits};
+use crate::tenants::Tenant;
+use crate::ttl_cache::TtlCache;
 
 /// How long a worker's claim on a job lasts without renewal. Renewed every
 /// third of it, so two missed renewals in a row are survived.
@@ -86,11 +87,11 @@ pub struct Worker {
     broker: Broker,
     sandbox: Arc<Sandbox>,
     config: WorkerConfig,
-    /// Deployed tasks by (tenant, name), and when they were read.
-    tasks: Mutex<HashMap<(String, String), (DeployedTask, Instant)>>,
-    /// Tenant records (caps) by name, and when they were read.
-    tenant_records: Mutex<HashMap<String, (Option<Tenant>, Instant)>>,
-    in_flight: Mutex<HashMap<String, Fetched>>,
+    /// Deployed tasks by (tenant, name).
+    tasks: TtlCache<(String, String), Arc<DeployedTask>>,
+    /// Tenant records (caps) by name; `None` for a tenant without one.
+    tenant_records: TtlCache<String, Option<Arc<Tenant>>>,
+    in_flight: Mutex<HashMap<String, Arc<Fetched>>>,
     completed: std::sync::atomic::AtomicU64,
     /// Outcomes waiting for [`Worker::record_batches`].
     completions: mpsc::UnboundedSender<PendingCompletion>,
@@ -99,7 +100,7 @@ pub struct Worker {
 }
 
 /// An outcome to record and where to send whether it was recorded.
-type PendingCompletion = (Completion, oneshot::Sender<Result<bool, String>>);
+type PendingCompletion = (Arc<Completion>, oneshot::Sender<Result<bool, String>>);
 
 impl Worker {
     /// A worker on `broker` running jobs in `sandbox`.
@@ -109,8 +110,8 @@ impl Worker {
             broker,
             sandbox,
             config,
-            tasks: Mutex::new(HashMap::new()),
-            tenant_records: Mutex::new(HashMap::new()),
+            tasks: TtlCache::new(TASK_CACHE_TTL),
+            tenant_records: TtlCache::new(TASK_CACHE_TTL),
             in_flight: Mutex::new(HashMap::new()),
             completions,
             completion_queue: Mutex::new(Some(completion_queue)),
@@ -180,6 +181,7 @@ impl Worker {
                 continue;
             }
             for job in fetched {
+                let job = Arc::new(job);
                 let permit = slots
                     .clone()
                     .try_acquire_owned()
@@ -222,8 +224,11 @@ impl Worker {
             if want == 0 {
                 break;
             }
-            let caps = self.tenant_caps(tenant).await;
-            if let Some(cap) = caps.max_concurrency {
+            // Without a record (or while it cannot be read) a tenant is
+            // uncapped: a fetch must not wait for that.
+            let record = self.tenant_record(tenant).await.ok().flatten();
+            let caps = record.as_ref().map(|t| &t.limits);
+            if let Some(cap) = caps.and_then(|c| c.max_concurrency) {
                 let cap = cap as usize;
                 let busy = self
                     .lock_in_flight()
@@ -246,7 +251,7 @@ impl Worker {
                             worker: &self.config.id,
                             lease: self.config.lease,
                             max_deliveries: MAX_DELIVERIES,
-                            cluster_cap: caps.max_cluster_concurrency,
+                            cluster_cap: caps.and_then(|c| c.max_cluster_concurrency),
                         },
                     )
                     .await?,
@@ -254,15 +259,6 @@ impl Worker {
         }
         *next_queue = (*next_queue + 1) % pairs.len().max(1);
         Ok(out)
-    }
-
-    /// The tenant's caps; none when it has no record (or it cannot be read
-    /// now: a fetch must not wait for that).
-    async fn tenant_caps(&self, tenant: &str) -> TenantLimits {
-        match self.tenant_record(tenant).await {
-            Ok(Some(record)) => record.limits,
-            _ => TenantLimits::default(),
-        }
     }
 
     /// Block until a producer signals one of our queues, or a short timeout.
@@ -324,7 +320,7 @@ impl Worker {
         if finished.is_ok() {
             return 0;
         }
-        let left: Vec<Fetched> = self.lock_in_flight().drain().map(|(_, j)| j).collect();
+        let left: Vec<Arc<Fetched>> = self.lock_in_flight().drain().map(|(_, j)| j).collect();
         let mut released = 0;
         for job in &left {
             match self
@@ -346,7 +342,7 @@ impl Worker {
     /// One job's life: parse, look up, run, decide, record.
     async fn process(
         self: &Arc<Self>,
-        job: Fetched,
+        job: Arc<Fetched>,
         slot: OwnedSemaphorePermit,
         records: Arc<Semaphore>,
     ) {
@@ -373,8 +369,7 @@ impl Worker {
             .await
             .expect("semaphore is never closed");
         drop(slot);
-        self.record(&job, &outcome, &usage, idem.as_deref(), &task_name)
-            .await;
+        self.record(&job, outcome, usage, idem, task_name).await;
         self.lock_in_flight().remove(&job.id);
         drop(recording);
     }
@@ -492,19 +487,19 @@ impl Worker {
     /// Record an outcome, retrying through Redis outages for a while.
     async fn record(
         &self,
-        job: &Fetched,
-        outcome: &Outcome,
-        usage: &Usage,
-        idem: Option<&str>,
-        task: &str,
+        job: &Arc<Fetched>,
+        outcome: Outcome,
+        usage: Usage,
+        idempotency_key: Option<String>,
+        task: String,
     ) {
-        let completion = Completion {
+        let completion = Arc::new(Completion {
             job: job.clone(),
-            outcome: outcome.clone(),
-            usage: *usage,
-            idempotency_key: idem.map(String::from),
-            task: task.to_string(),
-        };
+            outcome,
+            usage,
+            idempotency_key,
+            task,
+        });
         let mut backoff = Duration::from_millis(50);
         for _ in 0..20 {
             let (reply, answer) = oneshot::channel();
@@ -554,7 +549,9 @@ impl Worker {
                     .push(pending);
             }
             for (_, group) in by_tenant {
-                let (completions, replies): (Vec<Completion>, Vec<_>) = group.into_iter().unzip();
+                let (completions, replies): (Vec<Arc<Completion>>, Vec<_>) =
+                    group.into_iter().unzip();
+                let completions: Vec<&Completion> = completions.iter().map(|c| &**c).collect();
                 match broker.complete_many(&completions).await {
                     Ok(flags) => {
                         for (reply, flag) in replies.into_iter().zip(flags) {
@@ -572,44 +569,28 @@ impl Worker {
     }
 
     /// A tenant's record, from a short-lived cache.
-    async fn tenant_record(&self, tenant: &str) -> anyhow::Result<Option<Tenant>> {
-        if let Some((record, at)) = self
-            .tenant_records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(tenant)
-        {
-            if at.elapsed() < TASK_CACHE_TTL {
-                return Ok(record.clone());
-            }
+    async fn tenant_record(&self, tenant: &str) -> anyhow::Result<Option<Arc<Tenant>>> {
+        if let Some(record) = self.tenant_records.get(tenant) {
+            return Ok(record);
         }
-        let record = self.broker.tenant(tenant).await?;
-        self.tenant_records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.to_string(), (record.clone(), Instant::now()));
+        let record = self.broker.tenant(tenant).await?.map(Arc::new);
+        self.tenant_records.put(tenant.to_string(), record.clone());
         Ok(record)
     }
 
     /// A deployed task of `tenant`, from a short-lived cache.
-    async fn deployed(&self, tenant: &str, name: &str) -> anyhow::Result<Option<DeployedTask>> {
+    async fn deployed(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> anyhow::Result<Option<Arc<DeployedTask>>> {
         let key = (tenant.to_string(), name.to_string());
-        if let Some((task, at)) = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            if at.elapsed() < TASK_CACHE_TTL {
-                return Ok(Some(task.clone()));
-            }
+        if let Some(task) = self.tasks.get(&key) {
+            return Ok(Some(task));
         }
-        let task = self.broker.task(tenant, name).await?;
+        let task = self.broker.task(tenant, name).await?.map(Arc::new);
         if let Some(t) = &task {
-            self.tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key, (t.clone(), Instant::now()));
+            self.tasks.put(key, t.clone());
         }
         Ok(task)
     }
@@ -647,7 +628,7 @@ impl Worker {
             .map_err(|e| unavailable(format!("compiling the component panicked: {e}")))?
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fetched>> {
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Fetched>>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -6,8 +6,10 @@
 //! The user gets exactly the commands those paths send, on exactly the key
 //! kinds they touch, all under the tenant's prefix:
 //!
-//! - read only: `task:*` (the enqueue looks up the task), `result:*`;
-//! - read and write: `job:*`, `history:*`, `idem:*`, `done:*`,
+//! - read only: `task:*` (the enqueue looks up the task), `result:*`,
+//!   `history:*`;
+//! - read and write: `job:*` (the enqueue, and the `notify` mark of
+//!   `result --wait`), `idem:*`, `done:*`,
 //!   `queue:*:ready`, `queue:*:delayed`, `queue:*:signal`, `queue:*:seq`.
 //!
 //! Nothing else: not `component:*`, `tasks` or writes to `task:*` (a
@@ -44,11 +46,10 @@ const READ_COMMANDS: &[&str] = &["hget", "hmget", "hgetall", "get", "lrange", "b
 /// `NOSCRIPT`, `SCRIPT LOAD` then `EVALSHA`; producers in other languages
 /// send `EVAL` (docs/redis-layout.md).
 const SCRIPT_COMMANDS: &[&str] = &["eval", "evalsha", "script|load"];
-/// The commands `ENQUEUE` runs inside Redis; checked against the calling
-/// user, so they must be granted (on the same key patterns).
-const ENQUEUE_COMMANDS: &[&str] = &[
-    "set", "incr", "time", "hset", "rpush", "zadd", "lpush", "ltrim",
-];
+/// The commands `ENQUEUE` and `WATCH_RESULT` run inside Redis; checked
+/// against the calling user, so they must be granted (on the same key
+/// patterns).
+const ENQUEUE_COMMANDS: &[&str] = &["set", "incr", "time", "hset", "zadd", "lpush", "ltrim"];
 /// The by-hand enqueue (MULTI/EXEC, docs/redis-layout.md) for producers
 /// that do not run scripts; the queued commands are checked one by one.
 const TRANSACTION_COMMANDS: &[&str] = &["multi", "exec", "discard"];
@@ -80,10 +81,9 @@ impl ProducerAcl {
         let keys = Keys::new(tenant);
         // Patterns are built by the key builder itself, with `*` for the
         // variable part, so they cannot drift from the keys the code uses.
-        let read_keys = vec![keys.task("*"), keys.result("*")];
+        let read_keys = vec![keys.task("*"), keys.result("*"), keys.history("*")];
         let write_keys = vec![
             keys.job("*"),
-            keys.history("*"),
             keys.idempotency("*", "*"),
             keys.done("*"),
             keys.ready("*"),

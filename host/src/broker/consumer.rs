@@ -1,6 +1,7 @@
 //! The worker side of the broker: fetch with leases, renew leases, record
 //! outcomes. Each call is one script, so one round trip.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::keys::Keys;
@@ -141,7 +142,7 @@ impl Broker {
     /// job was redelivered to someone else, whose outcome counts).
     pub async fn complete(
         &self,
-        job: &Fetched,
+        job: &Arc<Fetched>,
         outcome: &Outcome,
         usage: &Usage,
         idempotency_key: Option<&str>,
@@ -154,12 +155,15 @@ impl Broker {
             idempotency_key: idempotency_key.map(String::from),
             task: task.to_string(),
         };
-        Ok(self.complete_many(std::slice::from_ref(&record)).await?[0])
+        Ok(self.complete_many(&[&record]).await?[0])
     }
 
     /// Record many outcomes of one tenant in one round trip; one flag per
     /// completion, false where the lease was lost.
-    pub async fn complete_many(&self, completions: &[Completion]) -> redis::RedisResult<Vec<bool>> {
+    pub async fn complete_many(
+        &self,
+        completions: &[&Completion],
+    ) -> redis::RedisResult<Vec<bool>> {
         let Some(first) = completions.first() else {
             return Ok(Vec::new());
         };
@@ -247,8 +251,9 @@ impl Broker {
 /// One outcome to record, for [`Broker::complete_many`].
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// The delivery.
-    pub job: Fetched,
+    /// The delivery (shared with the worker's in-flight table: the envelope
+    /// is not copied per job).
+    pub job: Arc<Fetched>,
     /// What happened.
     pub outcome: Outcome,
     /// What it cost.

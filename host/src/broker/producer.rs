@@ -96,8 +96,43 @@ pub struct JobStatus {
     pub started_at_ms: Option<u64>,
     /// When the job finished.
     pub finished_at_ms: Option<u64>,
-    /// Every event: enqueued, started, retry, lease-expired, succeeded, dead.
+    /// Every event, oldest first: enqueued, started, retry, host-retry,
+    /// lease-expired, released, dead-retry, succeeded, dead.
     pub history: Vec<serde_json::Value>,
+}
+
+/// A job's whole history: the events the scripts recorded (what went wrong,
+/// each after the start of the attempt it ended) between the ones the happy
+/// path leaves only as timestamps in the job hash: the enqueue, the start of
+/// the current attempt and the success.
+fn full_history(
+    state: &str,
+    fields: &std::collections::HashMap<String, String>,
+    recorded: Vec<serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+    let mut out = Vec::with_capacity(recorded.len() + 3);
+    if let Some(at) = num("enqueued_at_ms") {
+        out.push(json!({"at_ms": at, "event": "enqueued"}));
+    }
+    out.extend(recorded);
+    if matches!(state, "active" | "succeeded") {
+        if let Some(at) = num("started_at_ms") {
+            let detail = format!(
+                "attempt {} on {}",
+                num("attempt").unwrap_or(0),
+                fields.get("worker").map_or("?", String::as_str)
+            );
+            out.push(json!({"at_ms": at, "event": "started", "detail": detail}));
+        }
+    }
+    if state == "succeeded" {
+        if let Some(at) = num("finished_at_ms") {
+            out.push(json!({"at_ms": at, "event": "succeeded"}));
+        }
+    }
+    out
 }
 
 fn failure(category: Category, message: impl Into<String>) -> anyhow::Error {
@@ -276,7 +311,6 @@ impl Broker {
             .key(keys.delayed(queue))
             .key(keys.signal(queue))
             .key(idem)
-            .key(keys.history(&envelope.id))
             .key(keys.seq(queue))
             .arg(&envelope.id)
             .arg(text)
@@ -333,13 +367,12 @@ impl Broker {
                 };
                 pipe.cmd("EVALSHA")
                     .arg(scripts::ENQUEUE.get_hash())
-                    .arg(7)
+                    .arg(6)
                     .arg(keys.job(&envelope.id))
                     .arg(keys.ready(queue))
                     .arg(keys.delayed(queue))
                     .arg(keys.signal(queue))
                     .arg("")
-                    .arg(keys.history(&envelope.id))
                     .arg(keys.seq(queue))
                     .arg(&envelope.id)
                     .arg(serde_json::to_string(&envelope)?)
@@ -364,6 +397,14 @@ impl Broker {
         wait: Option<Duration>,
     ) -> anyhow::Result<ResultState> {
         let keys = Keys::new(tenant);
+        if wait.is_some() {
+            // Register first, then look: the completion pushes `done:ID`
+            // only for jobs someone registered on (see WATCH_RESULT).
+            let _: Option<String> = scripts::WATCH_RESULT
+                .key(keys.job(id))
+                .invoke_async(&mut self.connection())
+                .await?;
+        }
         let state = self.result_now(&keys, id).await?;
         let Some(wait) = wait.filter(|_| state == ResultState::Pending) else {
             return Ok(state);
@@ -429,9 +470,15 @@ impl Broker {
             .get("envelope")
             .and_then(|e| Envelope::parse(e).ok())
             .map(|e| e.task);
+        let state = fields.get("state").cloned().unwrap_or_default();
+        let recorded = history
+            .iter()
+            .filter_map(|h| serde_json::from_str(h).ok())
+            .collect();
+        let history = full_history(&state, &fields, recorded);
         Ok(Some(JobStatus {
             id: id.to_string(),
-            state: fields.get("state").cloned().unwrap_or_default(),
+            state,
             attempts: num("attempt").unwrap_or(0),
             deliveries: num("deliveries").unwrap_or(0),
             task,
@@ -440,10 +487,7 @@ impl Broker {
             enqueued_at_ms: num("enqueued_at_ms"),
             started_at_ms: num("started_at_ms"),
             finished_at_ms: num("finished_at_ms"),
-            history: history
-                .iter()
-                .filter_map(|h| serde_json::from_str(h).ok())
-                .collect(),
+            history,
         }))
     }
 
@@ -489,7 +533,12 @@ impl Broker {
             .atomic()
             .hset_multiple(
                 keys.job(id),
-                &[("state", "queued"), ("attempt", "0"), ("lease", "")],
+                &[
+                    ("state", "queued"),
+                    ("attempt", "0"),
+                    ("lease", ""),
+                    ("has_history", "1"),
+                ],
             )
             .hdel(keys.job(id), "finished_at_ms")
             .del(keys.done(id))
