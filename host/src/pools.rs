@@ -11,7 +11,10 @@
 //!   (default: the number of cores), so fuel-metered number crunching never
 //!   occupies the threads that I/O jobs, lease renewals and timeouts need.
 //!   Guests yield at every epoch tick, so a long CPU job still lets its own
-//!   pool renew leases and enforce deadlines.
+//!   pool renew leases and enforce deadlines. On Linux their threads run at
+//!   a lower OS priority ([`CPU_THREAD_NICE`]): when both pools want the
+//!   cores, the kernel runs the short I/O-path work (and Redis, on a shared
+//!   machine) first, and CPU jobs take every cycle left over.
 //!
 //! Written `--pool io=QUEUE[,QUEUE...][:CONCURRENCY]` and
 //! `--pool cpu=QUEUE[,QUEUE...][:THREADS]`; a task's policy names its pool
@@ -21,6 +24,29 @@ use serde::{Deserialize, Serialize};
 
 /// Default in-flight jobs of an I/O pool.
 pub const DEFAULT_IO_CONCURRENCY: usize = 1000;
+
+/// The `nice` of CPU-pool threads: 10 gives them about a tenth of the weight
+/// of a normal thread while both are runnable, and all of an idle core.
+pub const CPU_THREAD_NICE: i32 = 10;
+
+/// Lower the calling thread's OS priority to [`CPU_THREAD_NICE`] (run at the
+/// start of every CPU-pool thread). On Linux, priority is per thread; a
+/// failure (a sandbox forbidding it) only costs the I/O pool some latency,
+/// so it is logged, not fatal. Elsewhere it does nothing.
+pub fn lower_cpu_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority has no memory-safety preconditions; `0` names
+        // the calling thread (Linux applies PRIO_PROCESS to a thread id).
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CPU_THREAD_NICE) } != 0;
+        if failed {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "could not lower a CPU-pool thread's priority"
+            );
+        }
+    }
+}
 
 /// The two pool kinds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,5 +150,20 @@ mod tests {
             .unwrap_err()
             .contains("at least one queue"));
         assert!(PoolSpec::parse("io=a:0").is_err());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn cpu_threads_run_at_lower_priority_and_only_they() {
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let before = nice();
+        let in_thread = std::thread::spawn(move || {
+            lower_cpu_thread_priority();
+            nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(in_thread, CPU_THREAD_NICE);
+        assert_eq!(nice(), before, "other threads keep their priority");
     }
 }

@@ -120,6 +120,7 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(pool.width)
                     .thread_name("wasmq-cpu")
+                    .on_thread_start(crate::pools::lower_cpu_thread_priority)
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)?;
