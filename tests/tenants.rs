@@ -423,6 +423,52 @@ async fn a_noisy_tenant_does_not_starve_a_quiet_one() {
     }
 }
 
+/// A platform confines a tenant to cpu pools: a deploy on the io pool is
+/// refused by name, and a pool taken away after a deploy stops the task's
+/// jobs with `denied` instead of running them where they may not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_confined_to_a_pool_stays_there() {
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    create_tenant(&redis.url, "crunch", &["--allow-pool", "cpu"]);
+    let bytes = guest_bytes("hostile");
+    let refused = broker
+        .deploy("crunch", "echo", &bytes, &TaskPolicy::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("pool io is not allowed for tenant \"crunch\" (allowed: cpu)"),
+        "{refused}"
+    );
+    let on_cpu = TaskPolicy {
+        pool: wasmq::pools::PoolKind::Cpu,
+        ..TaskPolicy::default()
+    };
+    broker
+        .deploy("crunch", "echo", &bytes, &on_cpu)
+        .await
+        .unwrap();
+    match run_one(&broker, "crunch", "echo", json!({"mode": "echo"})).await {
+        ResultState::Ready(v) => assert_eq!(v, json!({"mode": "echo"})),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+
+    let moved = wasmq(
+        &redis.url,
+        "default",
+        &["tenant", "set-limits", "crunch", "--allow-pool", "io"],
+    );
+    assert!(moved.status.success());
+    match run_one(&broker, "crunch", "echo", json!({"mode": "echo"})).await {
+        ResultState::Failed(f) => {
+            assert_eq!(f.category, Category::Denied, "{f}");
+            assert!(f.message.contains("pool cpu is not allowed"), "{f}");
+        }
+        other => panic!("expected denied, got {other:?}"),
+    }
+}
+
 /// A tenant capped at 3 jobs at once across the cluster, served by two
 /// workers of 8 slots each: at no instant do more than 3 of its jobs run,
 /// both workers take part, and the cap is reached (it binds, not the slots).

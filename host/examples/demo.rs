@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -268,8 +268,15 @@ async fn serve(
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (status, body) = handler(req.uri().path());
+                    let handler = handler.clone();
                     async move {
+                        // Read the whole request before acting on it, as a
+                        // real API does: answering (and closing) while the
+                        // client still sends its body makes the client see
+                        // a broken request for an email that was sent.
+                        let path = req.uri().path().to_string();
+                        let _ = req.into_body().collect().await;
+                        let (status, body) = handler(&path);
                         Ok::<_, std::convert::Infallible>(
                             Response::builder()
                                 .status(status)

@@ -67,6 +67,15 @@ impl PoolKind {
             PoolKind::Cpu => "cpu",
         }
     }
+
+    /// Parse `io` or `cpu`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "io" => Ok(PoolKind::Io),
+            "cpu" => Ok(PoolKind::Cpu),
+            other => Err(format!("unknown pool kind {other:?} (use io or cpu)")),
+        }
+    }
 }
 
 /// One pool of a worker.
@@ -86,15 +95,7 @@ impl PoolSpec {
         let (kind, rest) = text
             .split_once('=')
             .ok_or_else(|| format!("--pool {text:?}: expected io=QUEUES[:N] or cpu=QUEUES[:N]"))?;
-        let kind = match kind.trim() {
-            "io" => PoolKind::Io,
-            "cpu" => PoolKind::Cpu,
-            other => {
-                return Err(format!(
-                    "--pool {text:?}: unknown pool kind {other:?} (use io or cpu)"
-                ))
-            }
-        };
+        let kind = PoolKind::parse(kind).map_err(|e| format!("--pool {text:?}: {e}"))?;
         let (queues, width) = match rest.rsplit_once(':') {
             Some((q, n)) => {
                 let n: usize = n

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{SandboxPolicy, TaskPolicy};
+use crate::pools::PoolKind;
 
 /// A tenant's caps. `None` means "no cap" for that limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,10 @@ pub struct TenantLimits {
     pub allow_dirs: Option<Vec<PathBuf>>,
     /// Whether a task may set `allow_private_networks`.
     pub allow_private_networks: bool,
+    /// Pools the tenant's tasks may run on; `None`: any. A platform puts
+    /// untrusted or CPU-heavy tenants on `cpu` pools, whose threads the OS
+    /// runs after the io pools' (see `pools`).
+    pub allow_pools: Option<Vec<PoolKind>>,
     /// Jobs of this tenant running at once on one worker.
     pub max_concurrency: Option<u32>,
     /// Jobs of this tenant running at once on all workers together
@@ -120,7 +125,23 @@ impl TenantLimits {
                 "allow_private_networks is not allowed for tenant {tenant:?}"
             ));
         }
+        if let Some(refusal) = self.pool_refusal(tenant, policy.pool) {
+            out.push(refusal);
+        }
         out
+    }
+
+    /// Why a task on `pool` may not run for this tenant, if it may not.
+    pub fn pool_refusal(&self, tenant: &str, pool: PoolKind) -> Option<String> {
+        let allowed = self.allow_pools.as_ref()?;
+        (!allowed.contains(&pool)).then(|| {
+            let names: Vec<&str> = allowed.iter().map(|p| p.as_str()).collect();
+            format!(
+                "pool {} is not allowed for tenant {tenant:?} (allowed: {})",
+                pool.as_str(),
+                names.join(", ")
+            )
+        })
     }
 
     /// `policy` cut down to these caps (what a worker runs a job with).

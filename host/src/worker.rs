@@ -414,6 +414,10 @@ impl Worker {
         // cap takes effect without a redeploy).
         let sandbox_policy = match self.tenant_record(&job.tenant).await {
             Ok(Some(record)) => {
+                // A pool taken away after the deploy stops the task's jobs.
+                if let Some(refusal) = record.limits.pool_refusal(&job.tenant, task.policy.pool) {
+                    return dead(Failure::new(Category::Denied, refusal));
+                }
                 std::borrow::Cow::Owned(record.limits.clamp(task.policy.sandbox.clone()))
             }
             Ok(None) => std::borrow::Cow::Borrowed(&task.policy.sandbox),

@@ -66,6 +66,10 @@ pub struct LimitArgs {
     /// Tasks may reach private networks.
     #[arg(long = "allow-private-networks")]
     pub allow_private_networks: bool,
+    /// A pool kind (io or cpu) tasks may run on (repeatable); without any,
+    /// pools are not capped.
+    #[arg(long = "allow-pool", value_parser = crate::pools::PoolKind::parse)]
+    pub allow_pool: Vec<crate::pools::PoolKind>,
     /// Jobs at once per worker.
     #[arg(long = "max-concurrency")]
     pub max_concurrency: Option<u32>,
@@ -95,6 +99,9 @@ impl LimitArgs {
             limits.allow_dirs = Some(self.allow_dir.clone());
         }
         limits.allow_private_networks |= self.allow_private_networks;
+        if !self.allow_pool.is_empty() {
+            limits.allow_pools = Some(self.allow_pool.clone());
+        }
         limits.max_concurrency = self.max_concurrency.or(limits.max_concurrency);
         limits.max_cluster_concurrency = self
             .max_cluster_concurrency
