@@ -18,10 +18,7 @@ use serde_json::{json, Value};
 use wasmq::broker::envelope::{Envelope, ENVELOPE_VERSION, MAX_PRIORITY};
 use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
-use wasmq::component::CompiledCache;
-use wasmq::engine::{build_engine, EngineLimits};
 use wasmq::policy::{parse_size, DirGrant, TaskPolicy};
-use wasmq::sandbox::Sandbox;
 use wasmq::worker::{Worker, WorkerConfig};
 
 const CASES: u32 = 512;
@@ -489,17 +486,7 @@ async fn a_worker_survives_generated_poison_envelopes() {
         ids.push(id);
     }
 
-    let sandbox = Arc::new(
-        Sandbox::new(
-            build_engine(&EngineLimits {
-                instance_slots: 4,
-                ..EngineLimits::default()
-            })
-            .unwrap(),
-            CompiledCache::new(None),
-        )
-        .unwrap(),
-    );
+    let sandbox = Arc::new(common::sandbox::sandbox_with_slots(4));
     let config = WorkerConfig {
         tenants: vec![TENANT.into()],
         queues: vec!["default".into()],

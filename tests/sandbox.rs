@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::http::{Reply, TestServer};
-use common::sandbox::{failure, job, run, sandbox, success};
+use common::sandbox::{failure, job, run, sandbox, sandbox_with_slots, success};
 use common::{guest, guest_bytes, wasmq_bin, TempDir};
 use serde_json::{json, Value};
 use wasmq::backend::memory::MemoryBackend;
@@ -480,17 +480,7 @@ fn compiled_components_are_cached_on_disk() {
 /// using an attempt), and the others run normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pool_is_the_hosts_fault_not_the_tasks() {
-    let sb = Arc::new(
-        Sandbox::new(
-            build_engine(&EngineLimits {
-                instance_slots: 1,
-                ..EngineLimits::default()
-            })
-            .unwrap(),
-            CompiledCache::new(None),
-        )
-        .unwrap(),
-    );
+    let sb = Arc::new(sandbox_with_slots(1));
     let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
     let slots = wasmq::engine::pool_slots(1) as usize;
     let policy = SandboxPolicy::default();

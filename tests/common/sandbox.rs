@@ -13,8 +13,13 @@ use wasmq::sandbox::{JobInput, JobOutcome, PreparedTask, Sandbox, Verdict};
 
 /// A sandbox with a few instance slots and no disk cache.
 pub fn sandbox() -> Sandbox {
+    sandbox_with_slots(8)
+}
+
+/// A sandbox sized for `jobs` instances at once, with no disk cache.
+pub fn sandbox_with_slots(jobs: u32) -> Sandbox {
     let limits = EngineLimits {
-        instance_slots: 8,
+        instance_slots: jobs,
         ..EngineLimits::default()
     };
     Sandbox::new(build_engine(&limits).unwrap(), CompiledCache::new(None)).unwrap()
