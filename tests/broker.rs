@@ -42,6 +42,27 @@ fn request(task: &str, payload: serde_json::Value) -> EnqueueRequest {
     }
 }
 
+/// A private redis-server and a broker on it with `task` (a guest of the
+/// same name) deployed under the default policy.
+async fn broker_with(task: &str) -> (RedisServer, Broker) {
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    broker
+        .deploy(TENANT, task, &guest_bytes(task), &TaskPolicy::default())
+        .await
+        .unwrap();
+    (redis, broker)
+}
+
+/// The names of a job's history events, oldest first.
+fn event_names(status: &wasmq::broker::JobStatus) -> Vec<&str> {
+    status
+        .history
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("?"))
+        .collect()
+}
+
 async fn wait_result(broker: &Broker, id: &str) -> ResultState {
     broker
         .result(TENANT, id, Some(Duration::from_secs(30)))
@@ -110,11 +131,7 @@ async fn seed_scenario_sends_exactly_one_welcome_email() {
     );
     let status = broker.status(TENANT, &ids[0].id).await.unwrap().unwrap();
     assert_eq!(status.attempts, 2, "the 503 cost one retry: {status:?}");
-    let events: Vec<&str> = status
-        .history
-        .iter()
-        .map(|e| e["event"].as_str().unwrap_or("?"))
-        .collect();
+    let events = event_names(&status);
     assert_eq!(
         events,
         ["enqueued", "started", "retry", "started", "succeeded"],
@@ -250,12 +267,7 @@ async fn retries_follow_the_backoff_then_dead_letter_and_dead_retry_runs_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
-    let redis = RedisServer::start();
-    let broker = Broker::connect(&redis.url).await.unwrap();
-    broker
-        .deploy(TENANT, "noop", &guest_bytes("noop"), &TaskPolicy::default())
-        .await
-        .unwrap();
+    let (redis, broker) = broker_with("noop").await;
     let keys = Keys::new(TENANT);
     let mut conn = redis.connect().await;
     // Pushed straight into Redis: garbage, a future version, an unknown task.
@@ -306,6 +318,70 @@ async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
     assert_eq!(broker.dead_list(TENANT, 10).await.unwrap().len(), 3);
     stop.send(()).unwrap();
     worker.await.unwrap();
+}
+
+/// A job whose worker dies on every delivery (here: a "worker" that fetches
+/// and never renews) is dead-lettered after MAX_DELIVERIES deliveries with a
+/// reason, its history shows every lapsed attempt, and a `result --wait`
+/// caller is woken by it rather than by its own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_kills_every_worker_is_dead_lettered_as_poison() {
+    use wasmq::broker::LeaseTerms;
+    use wasmq::worker::MAX_DELIVERIES;
+    let (_redis, broker) = broker_with("noop").await;
+    let id = broker.enqueue(request("noop", json!({}))).await.unwrap().id;
+    let terms = LeaseTerms {
+        worker: "doomed",
+        lease: Duration::from_millis(1),
+        max_deliveries: MAX_DELIVERIES,
+        cluster_cap: None,
+    };
+    for delivery in 1..=MAX_DELIVERIES {
+        let got = broker.fetch(TENANT, "default", 10, terms).await.unwrap();
+        assert_eq!(got.len(), 1, "delivery {delivery}");
+        // The worker "dies": its 1 ms lease lapses unrenewed.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiter = tokio::spawn({
+        let (broker, id) = (broker.clone(), id.clone());
+        async move {
+            let started = Instant::now();
+            let state = broker
+                .result(TENANT, &id, Some(Duration::from_secs(20)))
+                .await
+                .unwrap();
+            (state, started.elapsed())
+        }
+    });
+    // Let the waiter register before the fetch that gives up on the job.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = broker.fetch(TENANT, "default", 10, terms).await.unwrap();
+    assert!(got.is_empty(), "the poison job is not delivered again");
+    let (state, waited) = waiter.await.unwrap();
+    match state {
+        ResultState::Failed(f) => assert!(
+            f.message.contains(&format!(
+                "delivered {MAX_DELIVERIES} times and never finished"
+            )),
+            "{f}"
+        ),
+        other => panic!("expected the poison verdict, got {other:?}"),
+    }
+    assert!(waited < Duration::from_secs(5), "woken after {waited:?}");
+    let dead = broker.dead_list(TENANT, 10).await.unwrap();
+    assert_eq!(dead.iter().map(|(d, _)| d).collect::<Vec<_>>(), [&id]);
+    let status = broker.status(TENANT, &id).await.unwrap().unwrap();
+    let events = event_names(&status);
+    let lapsed = events.iter().filter(|e| **e == "lease-expired").count();
+    assert_eq!(
+        (events.first(), events.last(), lapsed),
+        (
+            Some(&"enqueued"),
+            Some(&"dead"),
+            MAX_DELIVERIES as usize - 1
+        ),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,6 +99,7 @@ impl Broker {
             .arg(terms.worker)
             .arg(terms.max_deliveries)
             .arg(terms.cluster_cap.unwrap_or(0))
+            .arg(FINISHED_RETENTION.as_millis() as u64)
             .invoke_async(&mut self.connection())
             .await?;
         let mut out = Vec::with_capacity(flat.len() / 4);

@@ -77,7 +77,7 @@ return {ARGV[1], 'new'}
 
 /// Fetch up to n jobs. KEYS: ready, delayed, leased, dead, inflight.
 /// ARGV: prefix, now_ms, n, lease_ms, worker, max_deliveries,
-/// cluster_cap (0 = none).
+/// cluster_cap (0 = none), finished_ttl_ms.
 /// First promotes due delayed jobs and reclaims expired leases (their
 /// workers died), then pops by score and leases each popped job.
 /// With a cluster cap, the tenant's `inflight` set (every job of the tenant
@@ -102,7 +102,8 @@ end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
-  local f = redis.call('HMGET', job(id), 'score', 'deliveries', 'started_at_ms', 'attempt', 'worker')
+  local f = redis.call('HMGET', job(id), 'score', 'deliveries', 'started_at_ms', 'attempt',
+    'worker', 'notify')
   if f[1] then
     local h = prefix .. 'history:' .. id
     started(job(id), h, f[3], f[4], f[5])
@@ -113,6 +114,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       redis.call('HSET', job(id), 'state', 'dead', 'last_error', err, 'lease', '')
       redis.call('ZADD', KEYS[4], now, id)
       history(job(id), h, now, 'dead', err)
+      if f[6] == '1' then
+        local done = prefix .. 'done:' .. id
+        redis.call('RPUSH', done, 'dead')
+        redis.call('PEXPIRE', done, ARGV[8])
+      end
     else
       redis.call('ZADD', KEYS[1], f[1], id)
       redis.call('HSET', job(id), 'state', 'queued', 'lease', '')
