@@ -292,6 +292,10 @@ enum NoisyPlacement {
     /// the OS scheduler (CPU-pool threads run at nice 10) protects the quiet
     /// tenant's io pool.
     CpuPool,
+    /// The same cpu pool in a worker process of its own (the noisy tenant
+    /// only), beside the quiet tenant's worker: no memory-management lock
+    /// or TLB shootdown of the noisy jobs reaches the quiet worker.
+    CpuWorker,
 }
 
 /// Tenant A floods a worker shared with tenant B with 200 spinning jobs
@@ -313,14 +317,22 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
     hostile.sandbox.memory_bytes = 32 << 20;
     // Each spinner burns ~15 ms of CPU before its fuel runs out.
     hostile.sandbox.fuel = 200_000_000;
-    let pools: &[&str] = match placement {
-        NoisyPlacement::SharedIoQueue => &["--pool", "io=default:32"],
-        NoisyPlacement::CpuPool => {
-            hostile.queue = "heavy".into();
-            hostile.pool = wasmq::pools::PoolKind::Cpu;
-            &["--pool", "io=default:32", "--pool", "cpu=heavy:2"]
-        }
+    let io = ["--pool", "io=default:32"];
+    let cpu = ["--pool", "cpu=heavy:2"];
+    let both = ["--tenants", "noisy,quiet"];
+    // One argument list per worker process.
+    let workers: Vec<Vec<&str>> = match placement {
+        NoisyPlacement::SharedIoQueue => vec![[&both[..], &io].concat()],
+        NoisyPlacement::CpuPool => vec![[&both[..], &io, &cpu].concat()],
+        NoisyPlacement::CpuWorker => vec![
+            [&["--tenants", "quiet"][..], &io].concat(),
+            [&["--tenants", "noisy"][..], &cpu].concat(),
+        ],
     };
+    if !matches!(placement, NoisyPlacement::SharedIoQueue) {
+        hostile.queue = "heavy".into();
+        hostile.pool = wasmq::pools::PoolKind::Cpu;
+    }
     broker
         .deploy("noisy", "hostile", &guest_bytes("hostile"), &hostile)
         .await
@@ -335,17 +347,22 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
         .await
         .unwrap();
 
-    let mut worker = Command::new(wasmq_bin())
-        .args(["--redis", &redis.url, "worker", "--tenants", "noisy,quiet"])
-        .args(pools)
-        .env(
-            "WASMQ_CACHE_DIR",
-            std::env::temp_dir().join("wasmq-test-cache"),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut workers: Vec<std::process::Child> = workers
+        .iter()
+        .map(|args| {
+            Command::new(wasmq_bin())
+                .args(["--redis", &redis.url, "worker"])
+                .args(args)
+                .env(
+                    "WASMQ_CACHE_DIR",
+                    std::env::temp_dir().join("wasmq-test-cache"),
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
 
     let alone = latencies(
         &broker,
@@ -386,7 +403,11 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
             other => panic!("noisy job ended {other:?}"),
         }
     }
-    let rss_kib = common::workers::peak_rss_kib(worker.id());
+    let rss_kib = workers
+        .iter()
+        .map(|w| common::workers::peak_rss_kib(w.id()))
+        .max()
+        .unwrap_or(0);
     println!(
         "{placement:?}: quiet tenant p50/p99 {:.2}/{:.2} ms alone, {:.2}/{:.2} ms beside the noisy tenant ({:.1}x); worker peak RSS {} MiB",
         alone[alone.len() / 2],
@@ -396,8 +417,10 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
         p99(&beside) / p99(&alone),
         rss_kib / 1024
     );
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    for worker in &mut workers {
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+    }
     (p99(&alone), p99(&beside), rss_kib)
 }
 
@@ -411,6 +434,7 @@ async fn a_noisy_tenant_does_not_starve_a_quiet_one() {
         // from turning scheduling noise into a failure.
         (NoisyPlacement::SharedIoQueue, 50.0),
         (NoisyPlacement::CpuPool, 20.0),
+        (NoisyPlacement::CpuWorker, 20.0),
     ] {
         let (alone, beside, rss_kib) = noisy_beside_quiet(placement).await;
         assert!(rss_kib < 1 << 20, "worker RSS stays bounded: {rss_kib} KiB");
