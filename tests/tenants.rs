@@ -37,6 +37,14 @@ fn create_tenant(redis: &str, name: &str, flags: &[&str]) {
     );
 }
 
+/// Deploy guest `guest` as `tenant`'s task `name` with the default policy.
+async fn deploy_default(broker: &Broker, tenant: &str, name: &str, guest: &str) {
+    broker
+        .deploy(tenant, name, &guest_bytes(guest), &TaskPolicy::default())
+        .await
+        .unwrap();
+}
+
 async fn run_one(
     broker: &Broker,
     tenant: &str,
@@ -169,15 +177,7 @@ async fn a_guest_cannot_reach_another_tenants_state() {
     let redis = RedisServer::start();
     let broker = Broker::connect(&redis.url).await.unwrap();
     for tenant in ["alpha", "beta"] {
-        broker
-            .deploy(
-                tenant,
-                "kv",
-                &guest_bytes("hostile"),
-                &TaskPolicy::default(),
-            )
-            .await
-            .unwrap();
+        deploy_default(&broker, tenant, "kv", "hostile").await;
     }
     let set = run_one(
         &broker,
@@ -337,15 +337,7 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
         .deploy("noisy", "hostile", &guest_bytes("hostile"), &hostile)
         .await
         .unwrap();
-    broker
-        .deploy(
-            "quiet",
-            "noop",
-            &guest_bytes("noop"),
-            &TaskPolicy::default(),
-        )
-        .await
-        .unwrap();
+    deploy_default(&broker, "quiet", "noop", "noop").await;
 
     let mut workers: Vec<std::process::Child> = workers
         .iter()
@@ -507,15 +499,7 @@ async fn a_cluster_wide_cap_holds_across_workers() {
         "capped",
         &["--max-cluster-concurrency", &CAP.to_string()],
     );
-    broker
-        .deploy(
-            "capped",
-            "hostile",
-            &guest_bytes("hostile"),
-            &TaskPolicy::default(),
-        )
-        .await
-        .unwrap();
+    deploy_default(&broker, "capped", "hostile", "hostile").await;
     let lease = Duration::from_secs(10);
     let (stop_a, worker_a) =
         common::workers::start_in_process(&broker, "capped", 8, lease, "cap-a");

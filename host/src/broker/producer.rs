@@ -101,6 +101,11 @@ pub struct JobStatus {
     pub history: Vec<serde_json::Value>,
 }
 
+/// A numeric field of a job hash read with HGETALL.
+fn field_u64(fields: &std::collections::HashMap<String, String>, key: &str) -> Option<u64> {
+    fields.get(key).and_then(|v| v.parse().ok())
+}
+
 /// A job's whole history: the events the scripts recorded (what went wrong,
 /// each after the start of the attempt it ended) between the ones the happy
 /// path leaves only as timestamps in the job hash: the enqueue, the start of
@@ -111,7 +116,7 @@ fn full_history(
     recorded: Vec<serde_json::Value>,
 ) -> Vec<serde_json::Value> {
     use serde_json::json;
-    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+    let num = |k: &str| field_u64(fields, k);
     let mut out = Vec::with_capacity(recorded.len() + 3);
     if let Some(at) = num("enqueued_at_ms") {
         out.push(json!({"at_ms": at, "event": "enqueued"}));
@@ -459,7 +464,7 @@ impl Broker {
             return Ok(None);
         }
         let history: Vec<String> = conn.lrange(keys.history(id), 0, -1).await?;
-        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+        let num = |k: &str| field_u64(&fields, k);
         let json = |k: &str| {
             fields
                 .get(k)

@@ -28,6 +28,14 @@ impl Traffic {
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+
+    /// Add what a write reports as written; pass the result on.
+    fn count_sent(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = polled {
+            self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 /// A stream that adds what passes through it to a [`Traffic`].
@@ -68,10 +76,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = polled {
-            this.traffic.sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        polled
+        this.traffic.count_sent(polled)
     }
 
     fn poll_write_vectored(
@@ -81,10 +86,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            this.traffic.sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        polled
+        this.traffic.count_sent(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
