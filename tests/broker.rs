@@ -152,7 +152,10 @@ async fn seed_scenario_sends_exactly_one_welcome_email() {
     let usage = broker.usage(TENANT).await.unwrap();
     assert_eq!(usage.get("runs"), Some(&3), "{usage:?}");
     assert!(
-        usage["fuel"] > 0 && usage["wall_time_us"] > 0 && usage["memory_byte_seconds"] > 0,
+        usage["fuel"] > 0
+            && usage["wall_time_us"] >= usage["run_time_us"]
+            && usage["run_time_us"] > 0
+            && usage["memory_byte_seconds"] > 0,
         "{usage:?}"
     );
     // Outbound bytes are metered per job and summed per tenant (the exact

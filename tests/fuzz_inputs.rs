@@ -19,6 +19,7 @@ use wasmq::broker::envelope::{Envelope, ENVELOPE_VERSION, MAX_PRIORITY};
 use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
 use wasmq::policy::{parse_size, DirGrant, TaskPolicy};
+use wasmq::sandbox::ComputeLanes;
 use wasmq::worker::{Worker, WorkerConfig};
 
 const CASES: u32 = 512;
@@ -494,6 +495,7 @@ async fn a_worker_survives_generated_poison_envelopes() {
         lease: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
         id: "fuzz-worker".into(),
+        compute_lanes: Some(ComputeLanes::for_current_runtime()),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(

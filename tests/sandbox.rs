@@ -17,7 +17,7 @@ use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
 use wasmq::failure::Category;
 use wasmq::policy::{DirGrant, SandboxPolicy};
-use wasmq::sandbox::{PreparedTask, Sandbox, Verdict};
+use wasmq::sandbox::{ComputeLanes, PreparedTask, Sandbox, Verdict, COMPUTE_BURST};
 
 /// `wasmq run` with these arguments.
 fn wasmq_run(args: &[&str]) -> Output {
@@ -517,4 +517,51 @@ async fn a_full_pool_is_the_hosts_fault_not_the_tasks() {
     }
     assert!(full >= 1, "{} jobs fit in {slots} slots", slots + 4);
     assert!(ran >= 1 && ran <= slots, "{ran} jobs ran in {slots} slots");
+}
+
+/// An io pool's compute lane, in a real sandbox: two spinning guests on a
+/// 3-thread runtime with one lane take turns past their 2 ms bursts, so
+/// together they take at least the sum of their running times (side by
+/// side, without the lane, they would take about half of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn spinning_guests_take_turns_on_a_compute_lane() {
+    let sb = Arc::new(sandbox());
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    // About 150 ms of spinning each.
+    let policy = SandboxPolicy {
+        fuel: 2_000_000_000,
+        timeout: Duration::from_secs(60),
+        ..SandboxPolicy::default()
+    };
+    let lanes = ComputeLanes::new(1, COMPUTE_BURST);
+    let started = std::time::Instant::now();
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let (sb, task, policy, lanes) =
+                (sb.clone(), hostile.clone(), policy.clone(), lanes.clone());
+            tokio::spawn(async move {
+                let payload = json!({"mode": "spin"}).to_string();
+                let backend = Arc::new(MemoryBackend::new());
+                sb.run_paced(&task, &job(&payload), &policy, backend, Some(lanes))
+                    .await
+            })
+        })
+        .collect();
+    let mut ran = Duration::ZERO;
+    for spinner in spinners {
+        let outcome = spinner.await.unwrap();
+        assert_eq!(failure(&outcome).0, Category::FuelExhausted);
+        assert!(outcome.usage.run_time_us <= outcome.usage.wall_time_us);
+        ran += Duration::from_micros(outcome.usage.run_time_us);
+    }
+    let wall = started.elapsed();
+    // Only the bursts, and the moment after a job wakes before its next
+    // tick, run off the lane.
+    let off_lane = COMPUTE_BURST * 2 + Duration::from_millis(10);
+    assert!(
+        wall + off_lane >= ran,
+        "the spinners ran {ran:?} in {wall:?}: side by side, not in turns"
+    );
+    assert!(ran >= Duration::from_millis(100), "they spun: {ran:?}");
+    assert_eq!(lanes.available(), 1, "the lane was given back");
 }

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::redis::RedisServer;
+use common::workers::KillOnDrop;
 use common::{guest, guest_bytes, wasmq_bin, TempDir};
 use serde_json::json;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
@@ -289,7 +290,7 @@ enum NoisyPlacement {
     /// worker's 32 slots) and the 1 ms epoch yield protect the quiet tenant.
     SharedIoQueue,
     /// On a cpu pool of 2 threads, as a platform routes CPU-heavy tenants:
-    /// the OS scheduler (CPU-pool threads run at nice 10) protects the quiet
+    /// the OS scheduler (CPU-pool threads run under SCHED_IDLE) protects the quiet
     /// tenant's io pool.
     CpuPool,
     /// The same cpu pool in a worker process of its own (the noisy tenant
@@ -339,22 +340,36 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
         .unwrap();
     deploy_default(&broker, "quiet", "noop", "noop").await;
 
-    let mut workers: Vec<std::process::Child> = workers
+    // `--tenants` overrides the `--tenant` spawn_process passes.
+    let workers: Vec<KillOnDrop> = workers
         .iter()
-        .map(|args| {
-            Command::new(wasmq_bin())
-                .args(["--redis", &redis.url, "worker"])
-                .args(args)
-                .env(
-                    "WASMQ_CACHE_DIR",
-                    std::env::temp_dir().join("wasmq-test-cache"),
-                )
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+        .map(|args| KillOnDrop(common::workers::spawn_process(&redis.url, "quiet", args)))
         .collect();
+
+    // Warm up: the workers start, compile both tasks and connect before
+    // anything is measured (a cold start once made "alone" slower than
+    // "beside").
+    latencies(
+        &broker,
+        "quiet",
+        &paced(&broker, "quiet", "noop", 50, 1000).await,
+    )
+    .await;
+    let warm_up = EnqueueRequest {
+        tenant: "noisy".into(),
+        task: "hostile".into(),
+        payload: json!({"mode": "echo"}),
+        ..EnqueueRequest::default()
+    };
+    let warm_up = broker.enqueue(warm_up).await.unwrap().id;
+    let warmed = broker
+        .result("noisy", &warm_up, Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(warmed, ResultState::Ready(_) | ResultState::Ignored),
+        "{warmed:?}"
+    );
 
     let alone = latencies(
         &broker,
@@ -397,7 +412,7 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
     }
     let rss_kib = workers
         .iter()
-        .map(|w| common::workers::peak_rss_kib(w.id()))
+        .map(|w| common::workers::peak_rss_kib(w.0.id()))
         .max()
         .unwrap_or(0);
     println!(
@@ -409,14 +424,11 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
         p99(&beside) / p99(&alone),
         rss_kib / 1024
     );
-    for worker in &mut workers {
-        worker.kill().unwrap();
-        worker.wait().unwrap();
-    }
+    drop(workers);
     (p99(&alone), p99(&beside), rss_kib)
 }
 
-/// The noisy tenant in both placements, one after the other (run at once,
+/// The noisy tenant in each placement, one after the other (run at once,
 /// they would measure each other).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_noisy_tenant_does_not_starve_a_quiet_one() {

@@ -21,7 +21,7 @@ use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
 use wasmq::policy::TaskPolicy;
 use wasmq::pools::PoolKind;
-use wasmq::sandbox::Sandbox;
+use wasmq::sandbox::{ComputeLanes, Sandbox};
 use wasmq::worker::{Worker, WorkerConfig};
 
 const GUESTS: &str = "target/guests/wasm32-wasip2/release";
@@ -92,13 +92,14 @@ async fn main() -> anyhow::Result<()> {
         build_engine(&EngineLimits::default())?,
         CompiledCache::new(CompiledCache::default_dir()),
     )?);
-    let pool = |queue: &str, concurrency: usize, id: &str| WorkerConfig {
+    let pool = |queue: &str, concurrency: usize, id: &str, lanes| WorkerConfig {
         tenants: vec![tenant.into()],
         queues: vec![queue.into()],
         concurrency,
         lease: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(10),
         id: id.into(),
+        compute_lanes: lanes,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -108,7 +109,12 @@ async fn main() -> anyhow::Result<()> {
         Worker::new(
             broker.clone(),
             sandbox.clone(),
-            pool("default", 16, "demo-io"),
+            pool(
+                "default",
+                16,
+                "demo-io",
+                Some(ComputeLanes::for_current_runtime()),
+            ),
         )
         .run(until_stopped(stopped.clone())),
     );
@@ -117,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cpu = cpu_runtime.spawn(
-        Worker::new(broker.clone(), sandbox, pool("images", 1, "demo-cpu"))
+        Worker::new(broker.clone(), sandbox, pool("images", 1, "demo-cpu", None))
             .run(until_stopped(stopped)),
     );
 

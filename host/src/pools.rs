@@ -12,9 +12,13 @@
 //!   occupies the threads that I/O jobs, lease renewals and timeouts need.
 //!   Guests yield at every epoch tick, so a long CPU job still lets its own
 //!   pool renew leases and enforce deadlines. On Linux their threads run at
-//!   a lower OS priority ([`CPU_THREAD_NICE`]): when both pools want the
-//!   cores, the kernel runs the short I/O-path work (and Redis, on a shared
-//!   machine) first, and CPU jobs take every cycle left over.
+//!   a lower OS priority ([`CpuPriority`], `SCHED_IDLE` by default): when
+//!   both pools want the cores, the kernel runs the short I/O-path work (and
+//!   Redis, on a shared machine) first, and CPU jobs take every cycle left
+//!   over.
+//! - A guest that computes on an io pool anyway is paced past a short burst
+//!   (see [`crate::sandbox::ComputeLanes`]): such guests take turns on all
+//!   but one of the runtime's threads.
 //!
 //! Written `--pool io=QUEUE[,QUEUE...][:CONCURRENCY]` and
 //! `--pool cpu=QUEUE[,QUEUE...][:THREADS]`; a task's policy names its pool
@@ -25,25 +29,56 @@ use serde::{Deserialize, Serialize};
 /// Default in-flight jobs of an I/O pool.
 pub const DEFAULT_IO_CONCURRENCY: usize = 1000;
 
-/// The `nice` of CPU-pool threads: 10 gives them about a tenth of the weight
-/// of a normal thread while both are runnable, and all of an idle core.
+/// How CPU-pool threads are scheduled against the rest of the machine
+/// (`wasmq worker --cpu-priority`). Linux only; elsewhere every choice
+/// means `normal`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuPriority {
+    /// `SCHED_IDLE`: a CPU job runs only on cycles nothing else wants, and
+    /// any other thread that wakes up (an io-pool job, a lease renewal,
+    /// Redis) takes the core from it at once. The io pool's latency then
+    /// does not depend on the CPU pool's load; a machine kept busy by other
+    /// work can starve CPU jobs into their timeouts.
+    #[default]
+    Idle,
+    /// `nice 10`: about a tenth of a normal thread's share while both want
+    /// a core. A waking thread may wait for the CPU job's time slice (about
+    /// a millisecond) to end first.
+    Low,
+    /// Same as any other thread.
+    Normal,
+}
+
+/// `nice` of CPU-pool threads under [`CpuPriority::Low`].
 pub const CPU_THREAD_NICE: i32 = 10;
 
-/// Lower the calling thread's OS priority to [`CPU_THREAD_NICE`] (run at the
-/// start of every CPU-pool thread). On Linux, priority is per thread; a
-/// failure (a sandbox forbidding it) only costs the I/O pool some latency,
-/// so it is logged, not fatal. Elsewhere it does nothing.
-pub fn lower_cpu_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: setpriority has no memory-safety preconditions; `0` names
-        // the calling thread (Linux applies PRIO_PROCESS to a thread id).
-        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CPU_THREAD_NICE) } != 0;
-        if failed {
-            tracing::warn!(
-                error = %std::io::Error::last_os_error(),
-                "could not lower a CPU-pool thread's priority"
-            );
+impl CpuPriority {
+    /// Apply this priority to the calling thread (run at the start of every
+    /// CPU-pool thread). On Linux, scheduling policy and nice are per
+    /// thread. A failure (a container forbidding it) only costs the io pool
+    /// some latency, so it is logged, not fatal.
+    pub fn apply_to_current_thread(self) {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: neither call has memory-safety preconditions beyond a
+            // valid `sched_param`; `0` names the calling thread.
+            let failed = match self {
+                CpuPriority::Idle => {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 }
+                }
+                CpuPriority::Low => unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, CPU_THREAD_NICE) != 0
+                },
+                CpuPriority::Normal => false,
+            };
+            if failed {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    priority = ?self,
+                    "could not lower a CPU-pool thread's priority"
+                );
+            }
         }
     }
 }
@@ -155,16 +190,29 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn cpu_threads_run_at_lower_priority_and_only_they() {
+    fn cpu_threads_run_at_their_priority_and_only_they() {
+        // SAFETY: plain queries about the calling thread.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
         let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-        let before = nice();
-        let in_thread = std::thread::spawn(move || {
-            lower_cpu_thread_priority();
-            nice()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(in_thread, CPU_THREAD_NICE);
-        assert_eq!(nice(), before, "other threads keep their priority");
+        let (policy_before, nice_before) = (policy(), nice());
+        let in_thread = |priority: CpuPriority| {
+            std::thread::spawn(move || {
+                priority.apply_to_current_thread();
+                (policy(), nice())
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(in_thread(CpuPriority::Idle).0, libc::SCHED_IDLE);
+        assert_eq!(
+            in_thread(CpuPriority::Low),
+            (libc::SCHED_OTHER, CPU_THREAD_NICE)
+        );
+        assert_eq!(in_thread(CpuPriority::Normal), (policy_before, nice_before));
+        assert_eq!(
+            (policy(), nice()),
+            (policy_before, nice_before),
+            "other threads keep their priority"
+        );
     }
 }

@@ -31,7 +31,7 @@ use crate::broker::{
 };
 use crate::failure::{Category, Failure};
 use crate::retry::{decide, Decision};
-use crate::sandbox::{JobInput, PreparedTask, Sandbox, Usage, Verdict};
+use crate::sandbox::{ComputeLanes, JobInput, PreparedTask, Sandbox, Usage, Verdict};
 use crate::tenants::Tenant;
 use crate::ttl_cache::TtlCache;
 
@@ -71,6 +71,10 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// This worker's id (appears in leases and history).
     pub id: String,
+    /// An io pool's compute lanes, shared by every io pool on its runtime:
+    /// its jobs compute past their burst only on a lane. `None` for a cpu
+    /// pool, whose threads are there to compute.
+    pub compute_lanes: Option<Arc<ComputeLanes>>,
 }
 
 /// What a worker did, returned when it stops.
@@ -445,7 +449,13 @@ impl Worker {
         let backend = Arc::new(RedisBackend::new(self.broker.connection()).with_enqueuer(enqueuer));
         let outcome = self
             .sandbox
-            .run(&prepared, &input, &sandbox_policy, backend)
+            .run_paced(
+                &prepared,
+                &input,
+                &sandbox_policy,
+                backend,
+                self.config.compute_lanes.clone(),
+            )
             .await;
         if !outcome.log.is_empty() {
             tracing::debug!(job = %job.id, log = %outcome.log, "job log");

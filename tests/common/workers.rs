@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use wasmq::broker::Broker;
 use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
-use wasmq::sandbox::Sandbox;
+use wasmq::sandbox::{ComputeLanes, Sandbox};
 use wasmq::worker::{Worker, WorkerConfig, WorkerStats};
 
 /// Start a worker for `tenant`'s `default` queue in this process; send on
@@ -35,6 +35,7 @@ pub fn start_in_process(
         lease,
         drain_timeout: Duration::from_secs(10),
         id: id.into(),
+        compute_lanes: Some(ComputeLanes::for_current_runtime()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(
@@ -58,6 +59,17 @@ pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A worker process that is killed and reaped when dropped, so a failing
+/// test does not leave it retrying a Redis that is gone.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Peak resident set of a process (VmHWM), in KiB; 0 if unreadable.

@@ -179,6 +179,7 @@ impl Broker {
             .collect();
         let fuel: u64 = ran.iter().map(|u| u.fuel).sum();
         let wall: u64 = ran.iter().map(|u| u.wall_time_us).sum();
+        let run_time: u64 = ran.iter().map(|u| u.run_time_us).sum();
         // Memory held over time, the way a platform bills it.
         let byte_seconds: u64 = ran
             .iter()
@@ -194,7 +195,8 @@ impl Broker {
             .arg(wall)
             .arg(byte_seconds)
             .arg(net_out)
-            .arg(net_in);
+            .arg(net_in)
+            .arg(run_time);
         for c in completions {
             debug_assert_eq!(c.job.tenant, first.job.tenant, "one tenant per batch");
             let (name, result, ttl, retry_at, error) = match &c.outcome {

@@ -91,7 +91,7 @@ impl Keys {
     pub fn history(&self, id: &str) -> String {
         self.key(&["history", id])
     }
-    /// HASH: the tenant's summed usage (runs, fuel, wall_time_us,
+    /// HASH: the tenant's summed usage (runs, fuel, wall_time_us, run_time_us,
     /// memory_byte_seconds, net_out_bytes, net_in_bytes), for billing.
     pub fn usage(&self) -> String {
         self.key(&["usage"])

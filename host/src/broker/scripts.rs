@@ -195,7 +195,8 @@ return renewed
 /// cost more than the commands they run).
 /// ARGV: prefix, now_ms, finished_ttl_ms, then the batch's usage totals
 /// (runs, fuel, wall_time_us, memory_byte_seconds, net_out_bytes,
-/// net_in_bytes) added to the tenant's `usage` hash, then per job 10
+/// net_in_bytes, run_time_us) added to the tenant's `usage` hash, then per
+/// job 10
 /// fields: id, queue, token, outcome ('succeeded' | 'retry' | 'host-retry'
 /// | 'dead' | 'release'), result, result_ttl_ms (0 = do not store),
 /// retry_at_ms, error_json, usage_json, idempotency key name or ''.
@@ -216,13 +217,14 @@ if tonumber(ARGV[4]) > 0 then
   redis.call('HINCRBY', usage_key, 'fuel', ARGV[5])
   redis.call('HINCRBY', usage_key, 'wall_time_us', ARGV[6])
   redis.call('HINCRBY', usage_key, 'memory_byte_seconds', ARGV[7])
+  redis.call('HINCRBY', usage_key, 'run_time_us', ARGV[10])
   if tonumber(ARGV[8]) > 0 or tonumber(ARGV[9]) > 0 then
     redis.call('HINCRBY', usage_key, 'net_out_bytes', ARGV[8])
     redis.call('HINCRBY', usage_key, 'net_in_bytes', ARGV[9])
   end
 end
 local out, unleased = {}, {}
-for i = 10, #ARGV, 10 do
+for i = 11, #ARGV, 10 do
   local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local result, result_ttl, retry_at = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
   local err, usage, idem = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]

@@ -24,6 +24,7 @@ use crate::broker::{Broker, EnqueueRequest};
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
 use crate::policy::TaskPolicy;
+use crate::sandbox::ComputeLanes;
 use crate::sandbox::Sandbox;
 use crate::worker::{Worker, WorkerConfig};
 
@@ -57,6 +58,7 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
         lease: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(30),
         id: format!("bench-{}", std::process::id()),
+        compute_lanes: Some(ComputeLanes::for_current_runtime()),
     };
 
     // Phase 1: drain a full queue.

@@ -184,6 +184,7 @@ async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
         "runs",
         "fuel",
         "wall_time_us",
+        "run_time_us",
         "memory_byte_seconds",
         "net_out_bytes",
         "net_in_bytes",

@@ -12,8 +12,8 @@ use crate::broker::keys::valid_tenant;
 use crate::broker::Broker;
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
-use crate::pools::{PoolKind, PoolSpec};
-use crate::sandbox::Sandbox;
+use crate::pools::{CpuPriority, PoolKind, PoolSpec};
+use crate::sandbox::{ComputeLanes, Sandbox};
 use crate::worker::{Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};
 
 /// Flags of `wasmq worker`.
@@ -41,6 +41,11 @@ pub struct WorkerArgs {
     /// Lease length; renewed every third of it while a job runs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub lease: Duration,
+    /// How cpu-pool threads yield to the rest of the machine (Linux): `idle`
+    /// (SCHED_IDLE: only cycles nothing else wants), `low` (nice 10) or
+    /// `normal`.
+    #[arg(long = "cpu-priority", value_enum, default_value_t = CpuPriority::Idle)]
+    pub cpu_priority: CpuPriority,
     /// How long SIGTERM waits for running jobs before handing them back.
     #[arg(long = "drain-timeout", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
@@ -92,6 +97,9 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     let (stop, stopping) = watch::channel(false);
     let base_id = format!("{}-{}", hostname(), std::process::id());
 
+    // Every io pool runs on this runtime: they share its compute lanes.
+    let io_lanes = ComputeLanes::for_current_runtime();
+    let priority = args.cpu_priority;
     let mut running = Vec::new();
     let mut cpu_runtimes = Vec::new();
     for (i, pool) in pools.iter().enumerate() {
@@ -102,6 +110,10 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
             lease,
             drain_timeout: args.drain_timeout,
             id: format!("{base_id}-{}{i}", pool.kind.as_str()),
+            compute_lanes: match pool.kind {
+                PoolKind::Io => Some(io_lanes.clone()),
+                PoolKind::Cpu => None,
+            },
         };
         eprintln!(
             "wasmq worker {}: {} pool of {} serving {:?} of tenants {tenants:?}",
@@ -120,7 +132,7 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(pool.width)
                     .thread_name("wasmq-cpu")
-                    .on_thread_start(crate::pools::lower_cpu_thread_priority)
+                    .on_thread_start(move || priority.apply_to_current_thread())
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)?;

@@ -17,6 +17,7 @@ mod host_api;
 mod http;
 mod limiter;
 mod output;
+mod pacing;
 mod state;
 
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ use bindings::{Task, TaskPre};
 use http::{AllowListHooks, Denials};
 use limiter::JobLimiter;
 use output::JobLog;
+use pacing::JobPace;
+pub use pacing::{ComputeLanes, COMPUTE_BURST};
 use state::{HostState, JobScope};
 
 /// Task error kinds the host gives a meaning to. A task (through the SDK)
@@ -103,6 +106,12 @@ pub struct Usage {
     pub peak_memory_bytes: u64,
     /// Wall time from store creation to the end of the call, in microseconds.
     pub wall_time_us: u64,
+    /// Time the run spent on a thread (the guest and the host's synchronous
+    /// work for it), in microseconds: wall time minus its waits on HTTP,
+    /// locks, sleeps or a compute lane. What a CPU-heavy job costs; under
+    /// contention it also counts time the OS gave other threads.
+    #[serde(default)]
+    pub run_time_us: u64,
     /// Bytes the job's outbound HTTP connections wrote (headers, bodies and
     /// TLS included).
     #[serde(default)]
@@ -217,13 +226,28 @@ impl Sandbox {
         self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run one job in a fresh instance of `task`.
+    /// Run one job in a fresh instance of `task`, unpaced (a cpu pool, or
+    /// a job that has the runtime to itself).
     pub async fn run(
         &self,
         task: &PreparedTask,
         job: &JobInput,
         policy: &SandboxPolicy,
         backend: Arc<dyn Backend>,
+    ) -> JobOutcome {
+        self.run_paced(task, job, policy, backend, None).await
+    }
+
+    /// Run one job in a fresh instance of `task`; with `lanes`, past its
+    /// compute burst the guest computes only on one of them (io pools: see
+    /// [`ComputeLanes`]).
+    pub async fn run_paced(
+        &self,
+        task: &PreparedTask,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        backend: Arc<dyn Backend>,
+        lanes: Option<Arc<ComputeLanes>>,
     ) -> JobOutcome {
         let started = Instant::now();
         let log = JobLog::new(policy.max_log_bytes);
@@ -247,7 +271,8 @@ impl Sandbox {
                 None,
             );
         }
-        let mut store = match self.new_store(job, policy, &log, backend) {
+        let pace = JobPace::new(lanes);
+        let mut store = match self.new_store(job, policy, &log, backend, &pace) {
             Ok(store) => store,
             Err(failure) => {
                 return finish(
@@ -276,7 +301,7 @@ impl Sandbox {
             let instance = task.pre.instantiate_async(&mut store).await?;
             instance.call_run(&mut store, &ctx, &job.payload).await
         };
-        let result = tokio::time::timeout_at(deadline.into(), call).await;
+        let result = tokio::time::timeout_at(deadline.into(), pace.metered(call)).await;
 
         let state = store.data();
         let usage = Usage {
@@ -285,6 +310,7 @@ impl Sandbox {
                 .map_or(0, |left| policy.fuel.saturating_sub(left)),
             peak_memory_bytes: state.limiter.peak_memory_bytes as u64,
             wall_time_us: started.elapsed().as_micros() as u64,
+            run_time_us: pace.ran().as_micros() as u64,
             net_out_bytes: state.http_hooks.traffic().sent(),
             net_in_bytes: state.http_hooks.traffic().received(),
         };
@@ -313,6 +339,7 @@ impl Sandbox {
         policy: &SandboxPolicy,
         log: &JobLog,
         backend: Arc<dyn Backend>,
+        pace: &JobPace,
     ) -> Result<Store<HostState>, Failure> {
         let denied = |m: String| Failure::new(Category::Denied, m);
         let denials = Denials::default();
@@ -355,20 +382,15 @@ impl Sandbox {
         let _ = store.set_fuel(policy.fuel);
         let deadline = Instant::now() + policy.timeout;
         store.set_epoch_deadline(1);
+        let pace = pace.clone();
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
             } else {
                 // Yield to the async runtime every tick, so other jobs on
-                // this thread, lease renewals and timeouts keep running.
-                // tokio's own yield_now puts this task at the back of the
-                // run queue; a plain self-wake would put it in the LIFO
-                // slot and run it again at once, starving the tasks queued
-                // behind a spinning guest.
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+                // this thread, lease renewals and timeouts keep running
+                // (and, on an io pool, wait for a compute lane).
+                Ok(UpdateDeadline::YieldCustom(1, pace.at_tick()))
             }
         });
         Ok(store)
