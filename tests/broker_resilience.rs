@@ -24,7 +24,8 @@ use wasmq::broker::{now_ms, Broker, EnqueueRequest, ResultState};
 use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
 use wasmq::policy::TaskPolicy;
-use wasmq::sandbox::{ComputeLanes, Sandbox};
+use wasmq::pools::CpuPriority;
+use wasmq::sandbox::{ComputeThreads, Sandbox};
 use wasmq::worker::{Worker, WorkerConfig, WorkerStats};
 
 const TENANT: &str = "acme";
@@ -639,7 +640,7 @@ async fn a_stopping_worker_never_fetches_again() {
             lease: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             id: format!("stopping-{round}"),
-            compute_lanes: Some(ComputeLanes::for_current_runtime()),
+            compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
         };
         let stats = Worker::new(broker.clone(), sandbox.clone(), config)
             .run(std::future::ready(()))

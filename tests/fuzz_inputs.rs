@@ -19,7 +19,8 @@ use wasmq::broker::envelope::{Envelope, ENVELOPE_VERSION, MAX_PRIORITY};
 use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
 use wasmq::policy::{parse_size, DirGrant, TaskPolicy};
-use wasmq::sandbox::ComputeLanes;
+use wasmq::pools::CpuPriority;
+use wasmq::sandbox::ComputeThreads;
 use wasmq::worker::{Worker, WorkerConfig};
 
 const CASES: u32 = 512;
@@ -495,7 +496,7 @@ async fn a_worker_survives_generated_poison_envelopes() {
         lease: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
         id: "fuzz-worker".into(),
-        compute_lanes: Some(ComputeLanes::for_current_runtime()),
+        compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(

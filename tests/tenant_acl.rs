@@ -16,7 +16,8 @@ use wasmq::broker::{Broker, EnqueueRequest, ResultState};
 use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
 use wasmq::policy::TaskPolicy;
-use wasmq::sandbox::{ComputeLanes, Sandbox};
+use wasmq::pools::CpuPriority;
+use wasmq::sandbox::{ComputeThreads, Sandbox};
 use wasmq::worker::{Worker, WorkerConfig};
 
 fn request(tenant: &str) -> EnqueueRequest {
@@ -100,7 +101,7 @@ fn start_worker(
         lease: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
         id: format!("test-{}", uuid::Uuid::new_v4().simple()),
-        compute_lanes: Some(ComputeLanes::for_current_runtime()),
+        compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(broker.clone(), sandbox, config);

@@ -286,8 +286,9 @@ fn p99(xs: &[f64]) -> f64 {
 #[derive(Debug, Clone, Copy)]
 enum NoisyPlacement {
     /// In the io pool, on the queue the quiet tenant uses too: a tenant that
-    /// declares spinning work as I/O. Only its concurrency cap (2 of the
-    /// worker's 32 slots) and the 1 ms epoch yield protect the quiet tenant.
+    /// declares spinning work as I/O. Its concurrency cap (2 of the worker's
+    /// 32 slots) and the compute threads its jobs move to after 1 ms of
+    /// computing protect the quiet tenant.
     SharedIoQueue,
     /// On a cpu pool of 2 threads, as a platform routes CPU-heavy tenants:
     /// the OS scheduler (CPU-pool threads run under SCHED_IDLE) protects the quiet

@@ -20,8 +20,8 @@ use wasmq::broker::{Broker, EnqueueRequest, ResultState};
 use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
 use wasmq::policy::TaskPolicy;
-use wasmq::pools::PoolKind;
-use wasmq::sandbox::{ComputeLanes, Sandbox};
+use wasmq::pools::{CpuPriority, PoolKind};
+use wasmq::sandbox::{ComputeThreads, Sandbox};
 use wasmq::worker::{Worker, WorkerConfig};
 
 const GUESTS: &str = "target/guests/wasm32-wasip2/release";
@@ -92,14 +92,14 @@ async fn main() -> anyhow::Result<()> {
         build_engine(&EngineLimits::default())?,
         CompiledCache::new(CompiledCache::default_dir()),
     )?);
-    let pool = |queue: &str, concurrency: usize, id: &str, lanes| WorkerConfig {
+    let pool = |queue: &str, concurrency: usize, id: &str, compute| WorkerConfig {
         tenants: vec![tenant.into()],
         queues: vec![queue.into()],
         concurrency,
         lease: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(10),
         id: id.into(),
-        compute_lanes: lanes,
+        compute,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
                 "default",
                 16,
                 "demo-io",
-                Some(ComputeLanes::for_current_runtime()),
+                Some(ComputeThreads::for_machine(CpuPriority::default())?),
             ),
         )
         .run(until_stopped(stopped.clone())),

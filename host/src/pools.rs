@@ -16,9 +16,9 @@
 //!   both pools want the cores, the kernel runs the short I/O-path work (and
 //!   Redis, on a shared machine) first, and CPU jobs take every cycle left
 //!   over.
-//! - A guest that computes on an io pool anyway is paced past a short burst
-//!   (see [`crate::sandbox::ComputeLanes`]): such guests take turns on all
-//!   but one of the runtime's threads.
+//! - A guest that computes on an io pool anyway finishes its run, past a
+//!   short burst, on the worker's compute threads, at this same priority
+//!   (see [`crate::sandbox::ComputeThreads`]).
 //!
 //! Written `--pool io=QUEUE[,QUEUE...][:CONCURRENCY]` and
 //! `--pool cpu=QUEUE[,QUEUE...][:THREADS]`; a task's policy names its pool
@@ -29,8 +29,9 @@ use serde::{Deserialize, Serialize};
 /// Default in-flight jobs of an I/O pool.
 pub const DEFAULT_IO_CONCURRENCY: usize = 1000;
 
-/// How CPU-pool threads are scheduled against the rest of the machine
-/// (`wasmq worker --cpu-priority`). Linux only; elsewhere every choice
+/// How CPU-pool threads, and the compute threads that compute-bound io jobs
+/// move to, are scheduled against the rest of the machine (`wasmq worker
+/// --cpu-priority`). Linux only; elsewhere every choice
 /// means `normal`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuPriority {

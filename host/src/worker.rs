@@ -31,7 +31,7 @@ use crate::broker::{
 };
 use crate::failure::{Category, Failure};
 use crate::retry::{decide, Decision};
-use crate::sandbox::{ComputeLanes, JobInput, PreparedTask, Sandbox, Usage, Verdict};
+use crate::sandbox::{ComputeThreads, JobInput, PreparedTask, Sandbox, Usage, Verdict};
 use crate::tenants::Tenant;
 use crate::ttl_cache::TtlCache;
 
@@ -71,10 +71,10 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// This worker's id (appears in leases and history).
     pub id: String,
-    /// An io pool's compute lanes, shared by every io pool on its runtime:
-    /// its jobs compute past their burst only on a lane. `None` for a cpu
-    /// pool, whose threads are there to compute.
-    pub compute_lanes: Option<Arc<ComputeLanes>>,
+    /// For an io pool: the threads its jobs move to once they compute past
+    /// their burst (shared by every io pool of the process). `None` for a
+    /// cpu pool, whose threads are there to compute.
+    pub compute: Option<Arc<ComputeThreads>>,
 }
 
 /// What a worker did, returned when it stops.
@@ -454,7 +454,7 @@ impl Worker {
                 &input,
                 &sandbox_policy,
                 backend,
-                self.config.compute_lanes.clone(),
+                self.config.compute.as_deref(),
             )
             .await;
         if !outcome.log.is_empty() {

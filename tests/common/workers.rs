@@ -10,7 +10,8 @@ use tokio::task::JoinHandle;
 use wasmq::broker::Broker;
 use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
-use wasmq::sandbox::{ComputeLanes, Sandbox};
+use wasmq::pools::CpuPriority;
+use wasmq::sandbox::{ComputeThreads, Sandbox};
 use wasmq::worker::{Worker, WorkerConfig, WorkerStats};
 
 /// Start a worker for `tenant`'s `default` queue in this process; send on
@@ -35,7 +36,7 @@ pub fn start_in_process(
         lease,
         drain_timeout: Duration::from_secs(10),
         id: id.into(),
-        compute_lanes: Some(ComputeLanes::for_current_runtime()),
+        compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(

@@ -24,7 +24,8 @@ use crate::broker::{Broker, EnqueueRequest};
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
 use crate::policy::TaskPolicy;
-use crate::sandbox::ComputeLanes;
+use crate::pools::CpuPriority;
+use crate::sandbox::ComputeThreads;
 use crate::sandbox::Sandbox;
 use crate::worker::{Worker, WorkerConfig};
 
@@ -58,7 +59,9 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
         lease: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(30),
         id: format!("bench-{}", std::process::id()),
-        compute_lanes: Some(ComputeLanes::for_current_runtime()),
+        compute: Some(
+            ComputeThreads::for_machine(CpuPriority::default()).map_err(anyhow::Error::from)?,
+        ),
     };
 
     // Phase 1: drain a full queue.

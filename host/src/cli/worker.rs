@@ -13,7 +13,7 @@ use crate::broker::Broker;
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
-use crate::sandbox::{ComputeLanes, Sandbox};
+use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::worker::{Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};
 
 /// Flags of `wasmq worker`.
@@ -41,7 +41,8 @@ pub struct WorkerArgs {
     /// Lease length; renewed every third of it while a job runs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub lease: Duration,
-    /// How cpu-pool threads yield to the rest of the machine (Linux): `idle`
+    /// How cpu-pool threads (and the compute threads io jobs that compute
+    /// move to) yield to the rest of the machine (Linux): `idle`
     /// (SCHED_IDLE: only cycles nothing else wants), `low` (nice 10) or
     /// `normal`.
     #[arg(long = "cpu-priority", value_enum, default_value_t = CpuPriority::Idle)]
@@ -97,9 +98,9 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     let (stop, stopping) = watch::channel(false);
     let base_id = format!("{}-{}", hostname(), std::process::id());
 
-    // Every io pool runs on this runtime: they share its compute lanes.
-    let io_lanes = ComputeLanes::for_current_runtime();
     let priority = args.cpu_priority;
+    // Where io jobs that compute go: shared by every io pool.
+    let compute = ComputeThreads::for_machine(priority).map_err(anyhow::Error::from)?;
     let mut running = Vec::new();
     let mut cpu_runtimes = Vec::new();
     for (i, pool) in pools.iter().enumerate() {
@@ -110,8 +111,8 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
             lease,
             drain_timeout: args.drain_timeout,
             id: format!("{base_id}-{}{i}", pool.kind.as_str()),
-            compute_lanes: match pool.kind {
-                PoolKind::Io => Some(io_lanes.clone()),
+            compute: match pool.kind {
+                PoolKind::Io => Some(compute.clone()),
                 PoolKind::Cpu => None,
             },
         };

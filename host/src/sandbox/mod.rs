@@ -39,8 +39,8 @@ use bindings::{Task, TaskPre};
 use http::{AllowListHooks, Denials};
 use limiter::JobLimiter;
 use output::JobLog;
-use pacing::JobPace;
-pub use pacing::{ComputeLanes, COMPUTE_BURST};
+pub use pacing::{ComputeThreads, COMPUTE_BURST};
+use pacing::{OwnedRun, RunClock};
 use state::{HostState, JobScope};
 
 /// Task error kinds the host gives a meaning to. A task (through the SDK)
@@ -108,7 +108,7 @@ pub struct Usage {
     pub wall_time_us: u64,
     /// Time the run spent on a thread (the guest and the host's synchronous
     /// work for it), in microseconds: wall time minus its waits on HTTP,
-    /// locks, sleeps or a compute lane. What a CPU-heavy job costs; under
+    /// locks or sleeps. What a CPU-heavy job costs; under
     /// contention it also counts time the OS gave other threads.
     #[serde(default)]
     pub run_time_us: u64,
@@ -238,16 +238,16 @@ impl Sandbox {
         self.run_paced(task, job, policy, backend, None).await
     }
 
-    /// Run one job in a fresh instance of `task`; with `lanes`, past its
-    /// compute burst the guest computes only on one of them (io pools: see
-    /// [`ComputeLanes`]).
+    /// Run one job in a fresh instance of `task`; with `compute`, a run
+    /// that computes past its burst finishes on those threads (io pools:
+    /// see [`ComputeThreads`]).
     pub async fn run_paced(
         &self,
         task: &PreparedTask,
         job: &JobInput,
         policy: &SandboxPolicy,
         backend: Arc<dyn Backend>,
-        lanes: Option<Arc<ComputeLanes>>,
+        compute: Option<&ComputeThreads>,
     ) -> JobOutcome {
         let started = Instant::now();
         let log = JobLog::new(policy.max_log_bytes);
@@ -271,8 +271,8 @@ impl Sandbox {
                 None,
             );
         }
-        let pace = JobPace::new(lanes);
-        let mut store = match self.new_store(job, policy, &log, backend, &pace) {
+        let clock = RunClock::default();
+        let mut store = match self.new_store(job, policy, &log, backend, &clock) {
             Ok(store) => store,
             Err(failure) => {
                 return finish(
@@ -297,11 +297,28 @@ impl Sandbox {
         // The epoch callback stops a guest that computes past its deadline;
         // the timeout around the call stops one that waits past it (on HTTP,
         // a lock, a sleep), when no wasm runs to reach an epoch check.
-        let call = async {
-            let instance = task.pre.instantiate_async(&mut store).await?;
-            instance.call_run(&mut store, &ctx, &job.payload).await
+        // Owned, so that it can move to the compute threads mid-run.
+        let (pre, payload, run_clock) = (task.pre.clone(), job.payload.clone(), clock.clone());
+        let run: OwnedRun<_> = Box::pin(async move {
+            let call = async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance.call_run(&mut store, &ctx, &payload).await
+            };
+            let result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)).await;
+            (result, store)
+        });
+        let (result, store) = match pacing::run_paced(run, &clock, compute).await {
+            Ok(finished) => finished,
+            // Only while the worker shuts down (or on a host bug): the run
+            // is lost, not failed; try again without using an attempt.
+            Err(lost) => {
+                let verdict = Verdict::Retry {
+                    message: lost.clone(),
+                    delay: None,
+                };
+                return finish(verdict, Usage::default(), Some(lost));
+            }
         };
-        let result = tokio::time::timeout_at(deadline.into(), pace.metered(call)).await;
 
         let state = store.data();
         let usage = Usage {
@@ -310,7 +327,7 @@ impl Sandbox {
                 .map_or(0, |left| policy.fuel.saturating_sub(left)),
             peak_memory_bytes: state.limiter.peak_memory_bytes as u64,
             wall_time_us: started.elapsed().as_micros() as u64,
-            run_time_us: pace.ran().as_micros() as u64,
+            run_time_us: clock.ran().as_micros() as u64,
             net_out_bytes: state.http_hooks.traffic().sent(),
             net_in_bytes: state.http_hooks.traffic().received(),
         };
@@ -339,7 +356,7 @@ impl Sandbox {
         policy: &SandboxPolicy,
         log: &JobLog,
         backend: Arc<dyn Backend>,
-        pace: &JobPace,
+        clock: &RunClock,
     ) -> Result<Store<HostState>, Failure> {
         let denied = |m: String| Failure::new(Category::Denied, m);
         let denials = Denials::default();
@@ -382,15 +399,22 @@ impl Sandbox {
         let _ = store.set_fuel(policy.fuel);
         let deadline = Instant::now() + policy.timeout;
         store.set_epoch_deadline(1);
-        let pace = pace.clone();
+        let clock = clock.clone();
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
             } else {
+                clock.tick();
                 // Yield to the async runtime every tick, so other jobs on
                 // this thread, lease renewals and timeouts keep running
-                // (and, on an io pool, wait for a compute lane).
-                Ok(UpdateDeadline::YieldCustom(1, pace.at_tick()))
+                // (and an io job past its burst can move; see `pacing`).
+                // tokio's own yield_now puts this task at the back of the
+                // run queue; a plain self-wake would put it in the LIFO
+                // slot and run it again at once.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
         Ok(store)

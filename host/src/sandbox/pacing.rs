@@ -1,4 +1,4 @@
-//! Pacing compute-bound guests on an io pool's runtime.
+//! Moving compute-bound guests off an io pool's runtime.
 //!
 //! An io pool runs up to thousands of jobs on a few runtime threads,
 //! because its jobs mostly wait. A guest that computes instead (a CPU task
@@ -6,145 +6,179 @@
 //! yields at every epoch tick, but is scheduled again straight away: two of
 //! them on a two-thread runtime keep both threads busy, and every waiting
 //! job's next step, every lease renewal and every Redis reply queues behind
-//! a full tick of someone's computation.
+//! a full tick of someone's computation, at the same OS priority.
 //!
 //! So each io job gets a compute burst ([`COMPUTE_BURST`] of time spent
-//! running, summed over the job). Past it, the job runs only while it holds
-//! one of the runtime's compute lanes: it takes one after each epoch-tick
-//! yield and gives it back whenever it stops running, at the next tick or
-//! when it waits in a host call, so a lane is never held across a wait.
-//! Lanes are one fewer than the runtime's threads (at least one), and the
-//! semaphore behind them is FIFO: compute-bound jobs take turns, and a
-//! thread stays free for the jobs that wait. CPU pools do not pace; their
-//! threads are there to compute.
+//! computing, summed over the job: the polls that ended at an epoch tick,
+//! because the guest was still running when the tick came; polls that end
+//! in a wait, such as host-side TLS or parsing before an HTTP wait, do not
+//! count). A job that spends it finishes its run on
+//! the worker's compute threads ([`ComputeThreads`]): a runtime of its own,
+//! one thread fewer than the machine has cores, at the CPU pools' priority
+//! (`SCHED_IDLE` by default). The io runtime keeps its threads for the jobs
+//! that wait, and the kernel hands the cores to them first. CPU pools do not
+//! move anything; they already run at that priority.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use crate::pools::CpuPriority;
 
-/// Running time an io job may spend before it needs a compute lane. Far
-/// above what an io job spends between waits (a no-op job runs for about
-/// 7 µs), well below a spinning guest's first tens of milliseconds.
-pub const COMPUTE_BURST: Duration = Duration::from_millis(2);
+/// Computing time an io job may spend before it moves to the compute
+/// threads. Far above what an io job spends between waits (a no-op job runs
+/// for about 7 µs), and a small part of a spinning guest's first tick.
+pub const COMPUTE_BURST: Duration = Duration::from_millis(1);
 
-/// The compute lanes of one runtime, shared by every io pool on it.
-#[derive(Debug)]
-pub struct ComputeLanes {
-    lanes: Arc<Semaphore>,
+/// The runtime that compute-bound io jobs finish on, shared by every io
+/// pool of a worker process.
+pub struct ComputeThreads {
+    /// `Some` until dropped (then shut down without blocking, which a drop
+    /// inside async code needs).
+    runtime: Option<tokio::runtime::Runtime>,
     burst: Duration,
 }
 
-impl ComputeLanes {
-    /// Lanes for a runtime of `threads` worker threads: one fewer than its
-    /// threads, at least one; jobs pace after [`COMPUTE_BURST`].
-    pub fn for_runtime(threads: usize) -> Arc<Self> {
-        Self::new(threads.saturating_sub(1).max(1), COMPUTE_BURST)
-    }
-
-    /// Lanes for the tokio runtime this is called on (its worker threads).
-    ///
-    /// # Panics
-    /// Outside a tokio runtime.
-    pub fn for_current_runtime() -> Arc<Self> {
-        Self::for_runtime(tokio::runtime::Handle::current().metrics().num_workers())
-    }
-
-    /// `lanes` lanes; jobs pace after `burst` of running time.
-    pub fn new(lanes: usize, burst: Duration) -> Arc<Self> {
-        Arc::new(ComputeLanes {
-            lanes: Arc::new(Semaphore::new(lanes.max(1))),
-            burst,
-        })
-    }
-
-    /// Lanes free right now.
-    pub fn available(&self) -> usize {
-        self.lanes.available_permits()
+impl std::fmt::Debug for ComputeThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputeThreads")
+            .field("threads", &self.threads())
+            .field("burst", &self.burst)
+            .finish()
     }
 }
 
-/// One job's pacing: shared by the wrapper around its run (which counts
-/// running time and gives the lane back after each poll) and its epoch
-/// callback (which decides how the job yields).
+impl ComputeThreads {
+    /// One thread fewer than the machine's cores (at least one), at
+    /// `priority`; jobs move after [`COMPUTE_BURST`].
+    pub fn for_machine(priority: CpuPriority) -> std::io::Result<Arc<Self>> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::start(cores.saturating_sub(1).max(1), priority, COMPUTE_BURST)
+    }
+
+    /// `threads` threads at `priority`; jobs move after `burst` of running.
+    pub fn start(
+        threads: usize,
+        priority: CpuPriority,
+        burst: Duration,
+    ) -> std::io::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("wasmq-compute")
+            .on_thread_start(move || priority.apply_to_current_thread())
+            .enable_all()
+            .build()?;
+        Ok(Arc::new(ComputeThreads {
+            runtime: Some(runtime),
+            burst,
+        }))
+    }
+
+    /// Its worker threads.
+    pub fn threads(&self) -> usize {
+        self.handle().metrics().num_workers()
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.runtime
+            .as_ref()
+            .expect("present until dropped")
+            .handle()
+    }
+}
+
+impl Drop for ComputeThreads {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A job's run, owned, so that it can move between runtimes.
+pub(super) type OwnedRun<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// One job's running and computing time, counted poll by poll.
 #[derive(Clone, Default)]
-pub(super) struct JobPace(Arc<Mutex<PaceState>>);
+pub(super) struct RunClock(Arc<Mutex<Times>>);
 
 #[derive(Default)]
-struct PaceState {
-    /// `None`: never paced (cpu pools, `wasmq run`, benchmarks).
-    lanes: Option<Arc<ComputeLanes>>,
-    /// Time spent in the run's polls so far.
+struct Times {
+    /// Time in every poll.
     ran: Duration,
-    /// The lane held during the current poll, if any.
-    lane: Option<OwnedSemaphorePermit>,
+    /// Time in the polls that ended at an epoch tick.
+    computed: Duration,
+    /// The current poll is ending at an epoch tick.
+    ticked: bool,
 }
 
-impl JobPace {
-    /// Pacing on `lanes`, or none.
-    pub(super) fn new(lanes: Option<Arc<ComputeLanes>>) -> Self {
-        JobPace(Arc::new(Mutex::new(PaceState {
-            lanes,
-            ..PaceState::default()
-        })))
-    }
-
-    fn state(&self) -> MutexGuard<'_, PaceState> {
+impl RunClock {
+    fn lock(&self) -> MutexGuard<'_, Times> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run `run`, timing each poll and giving back the lane when it ends.
+    /// Time spent in the run's polls so far.
+    pub(super) fn ran(&self) -> Duration {
+        self.lock().ran
+    }
+
+    /// Time spent in polls that ended at an epoch tick so far.
+    pub(super) fn computed(&self) -> Duration {
+        self.lock().computed
+    }
+
+    /// Called by the epoch callback: the guest was running when a tick
+    /// came, so this poll was computing.
+    pub(super) fn tick(&self) {
+        self.lock().ticked = true;
+    }
+
+    /// `run`, timing each of its polls.
     pub(super) async fn metered<F: Future>(&self, run: F) -> F::Output {
         let mut run = std::pin::pin!(run);
         std::future::poll_fn(|cx| {
             let started = Instant::now();
             let polled = run.as_mut().poll(cx);
-            let mut state = self.state();
-            state.ran += started.elapsed();
-            state.lane = None;
+            let took = started.elapsed();
+            let mut times = self.lock();
+            times.ran += took;
+            if std::mem::take(&mut times.ticked) {
+                times.computed += took;
+            }
             polled
         })
         .await
     }
+}
 
-    /// What the guest awaits at an epoch tick: tokio's `yield_now` (the job
-    /// goes to the back of the run queue; a plain self-wake would put it in
-    /// the LIFO slot and run it again at once), then, once its burst is
-    /// spent, a compute lane.
-    pub(super) fn at_tick(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let lanes = {
-            let state = self.state();
-            match &state.lanes {
-                Some(lanes) if state.ran >= lanes.burst => Some(lanes.lanes.clone()),
-                _ => None,
-            }
-        };
-        let Some(lanes) = lanes else {
-            return Box::pin(tokio::task::yield_now());
-        };
-        let pace = self.clone();
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            let lane = lanes
-                .acquire_owned()
-                .await
-                .expect("compute lanes are never closed");
-            pace.state().lane = Some(lane);
-        })
-    }
-
-    /// Time spent in the run's polls so far.
-    pub(super) fn ran(&self) -> Duration {
-        self.state().ran
-    }
-
-    /// Whether the job has spent its burst (it needs a lane to run on).
-    #[cfg(test)]
-    fn paced(&self) -> bool {
-        let state = self.state();
-        state.lanes.as_ref().is_some_and(|l| state.ran >= l.burst)
+/// Drive `run` here until it finishes or its computing time (on `clock`)
+/// passes the burst of `threads`; then finish it on those threads. Without
+/// `threads` it simply runs here. `Err` when the compute threads dropped
+/// the run (they are shutting down, or the run panicked there).
+pub(super) async fn run_paced<T: Send + 'static>(
+    mut run: OwnedRun<T>,
+    clock: &RunClock,
+    threads: Option<&ComputeThreads>,
+) -> Result<T, String> {
+    let Some(threads) = threads else {
+        return Ok(run.await);
+    };
+    let finished_here = std::future::poll_fn(|cx| {
+        if clock.computed() >= threads.burst {
+            return Poll::Ready(None);
+        }
+        run.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    match finished_here {
+        Some(out) => Ok(out),
+        None => threads
+            .handle()
+            .spawn(run)
+            .await
+            .map_err(|e| format!("the compute threads dropped the job: {e}")),
     }
 }
 
@@ -152,95 +186,78 @@ impl JobPace {
 mod tests {
     use super::*;
 
-    /// Jobs inside a slice of computation now, and the most at once.
-    #[derive(Default)]
-    struct Overlap {
-        now: usize,
-        peak: usize,
-    }
-
-    /// A job that computes in slices between ticks, as the epoch callback
-    /// drives it: run `slice`, then await `at_tick`. Slices after the first
-    /// tick (with a zero burst, the paced ones) count in `overlap`.
-    async fn compute(pace: JobPace, slices: usize, slice: Duration, overlap: Arc<Mutex<Overlap>>) {
-        pace.metered(async {
-            for i in 0..slices {
-                if i > 0 {
-                    let mut o = overlap.lock().unwrap();
-                    o.now += 1;
-                    o.peak = o.peak.max(o.now);
-                }
-                std::thread::sleep(slice);
-                if i > 0 {
-                    overlap.lock().unwrap().now -= 1;
-                }
-                pace.at_tick().await;
-            }
+    /// A run that works in `slices` slices of `slice`, each ending at an
+    /// epoch tick (as a computing guest does) or in a wait, and returns the
+    /// names of the threads it ran on.
+    fn working(
+        clock: RunClock,
+        slices: usize,
+        slice: Duration,
+        at_tick: bool,
+    ) -> OwnedRun<Vec<String>> {
+        Box::pin(async move {
+            clock
+                .metered(async {
+                    let mut seen = Vec::new();
+                    for _ in 0..slices {
+                        let name = std::thread::current().name().unwrap_or("").to_string();
+                        if !seen.contains(&name) {
+                            seen.push(name);
+                        }
+                        std::thread::sleep(slice);
+                        if at_tick {
+                            clock.tick();
+                            tokio::task::yield_now().await;
+                        } else {
+                            tokio::time::sleep(Duration::from_micros(100)).await;
+                        }
+                    }
+                    seen
+                })
+                .await
         })
-        .await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
-    async fn past_the_burst_compute_bound_jobs_take_turns_on_the_lanes() {
-        let lanes = ComputeLanes::new(2, Duration::ZERO);
-        let overlap = Arc::new(Mutex::new(Overlap::default()));
-        let paces: Vec<JobPace> = (0..3).map(|_| JobPace::new(Some(lanes.clone()))).collect();
-        let jobs: Vec<_> = paces
-            .iter()
-            .map(|p| {
-                let slice = Duration::from_millis(1);
-                tokio::spawn(compute(p.clone(), 40, slice, overlap.clone()))
-            })
-            .collect();
-        for job in jobs {
-            job.await.unwrap();
-        }
-        assert!(paces.iter().all(JobPace::paced));
-        // Three jobs on three threads, two lanes: two compute side by side,
-        // never three.
-        assert_eq!(overlap.lock().unwrap().peak, 2);
-        assert_eq!(lanes.available(), 2, "every lane was given back");
-    }
-
-    #[test]
-    fn a_runtime_keeps_one_thread_out_of_the_lanes() {
-        assert_eq!(ComputeLanes::for_runtime(1).available(), 1);
-        assert_eq!(ComputeLanes::for_runtime(2).available(), 1);
-        assert_eq!(ComputeLanes::for_runtime(8).available(), 7);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_paced_job_does_not_hold_its_lane_while_it_waits() {
-        let lanes = ComputeLanes::new(1, Duration::ZERO);
-        let pace = JobPace::new(Some(lanes.clone()));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let job = tokio::spawn({
-            let pace = pace.clone();
-            async move {
-                pace.metered(async {
-                    // Past the (zero) burst: the tick takes the lane...
-                    pace.at_tick().await;
-                    // ...and a wait in a host call gives it back.
-                    rx.await.unwrap();
-                })
-                .await
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(lanes.available(), 1, "the waiting job holds no lane");
-        tx.send(()).unwrap();
-        job.await.unwrap();
-        assert_eq!(lanes.available(), 1);
+    async fn a_run_past_its_burst_finishes_on_the_compute_threads() {
+        let threads =
+            ComputeThreads::start(1, CpuPriority::Normal, Duration::from_millis(3)).unwrap();
+        let clock = RunClock::default();
+        let run = working(clock.clone(), 10, Duration::from_millis(1), true);
+        let seen = run_paced(run, &clock, Some(&threads)).await.unwrap();
+        assert_ne!(seen[0], "wasmq-compute", "it started here");
+        assert_eq!(seen.last().unwrap(), "wasmq-compute", "{seen:?}");
+        assert!(clock.computed() >= Duration::from_millis(10));
     }
 
-    #[tokio::test]
-    async fn without_lanes_a_job_is_never_paced() {
-        let pace = JobPace::new(None);
-        pace.metered(async {
-            std::thread::sleep(Duration::from_millis(5));
-            pace.at_tick().await;
-        })
-        .await;
-        assert!(!pace.paced());
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_or_waiting_runs_never_move() {
+        let threads = ComputeThreads::start(1, CpuPriority::Normal, COMPUTE_BURST).unwrap();
+        let stays = |seen: &Vec<String>| seen.iter().all(|t| t != "wasmq-compute");
+        // Computing for less than the burst.
+        let clock = RunClock::default();
+        let run = working(clock.clone(), 3, Duration::ZERO, true);
+        assert!(stays(
+            &run_paced(run, &clock, Some(&threads)).await.unwrap()
+        ));
+        // Working for 10 ms, in slices that each end in a wait.
+        let clock = RunClock::default();
+        let run = working(clock.clone(), 10, Duration::from_millis(1), false);
+        assert!(stays(
+            &run_paced(run, &clock, Some(&threads)).await.unwrap()
+        ));
+        assert!(clock.ran() >= Duration::from_millis(10));
+        assert_eq!(clock.computed(), Duration::ZERO);
+        // Computing for 5 ms without compute threads.
+        let clock = RunClock::default();
+        let run = working(clock.clone(), 5, Duration::from_millis(1), true);
+        assert!(stays(&run_paced(run, &clock, None).await.unwrap()));
+    }
+
+    #[test]
+    fn a_machine_keeps_one_core_out_of_the_compute_threads() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = ComputeThreads::for_machine(CpuPriority::Normal).unwrap();
+        assert_eq!(threads.threads(), cores.saturating_sub(1).max(1));
     }
 }
