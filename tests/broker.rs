@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::guest_bytes;
 use common::http::{Reply, TestServer};
 use common::redis::RedisServer;
+use common::workers::KillOnDrop;
 use serde_json::json;
 use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
@@ -431,7 +431,7 @@ async fn countdown_jobs_wait_even_past_the_lease_and_long_jobs_run_once() {
     worker.await.unwrap();
 }
 
-fn spawn_worker_process(redis_url: &str, concurrency: usize) -> Child {
+fn spawn_worker_process(redis_url: &str, concurrency: usize) -> KillOnDrop {
     common::workers::spawn_process(
         redis_url,
         TENANT,

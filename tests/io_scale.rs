@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::guest_bytes;
 use common::http::{Reply, TestServer};
 use common::redis::RedisServer;
-use common::{guest_bytes, wasmq_bin};
 use serde_json::json;
 use wasmq::broker::keys::Keys;
 use wasmq::broker::Broker;
@@ -41,24 +40,8 @@ async fn ten_thousand_io_jobs_in_flight_in_one_worker() {
         .await
         .unwrap();
 
-    let mut worker = Command::new(wasmq_bin())
-        .args([
-            "--redis",
-            &redis.url,
-            "--tenant",
-            TENANT,
-            "worker",
-            "--pool",
-            &format!("io=default:{JOBS}"),
-        ])
-        .env(
-            "WASMQ_CACHE_DIR",
-            std::env::temp_dir().join("wasmq-test-cache"),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let pool = format!("io=default:{JOBS}");
+    let mut worker = common::workers::spawn_process(&redis.url, TENANT, &["--pool", &pool]);
     let started = Instant::now();
     let keys = Keys::new(TENANT);
     let deadline = started + Duration::from_secs(120);

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::guest_bytes;
 use common::redis::RedisServer;
-use common::{guest_bytes, wasmq_bin};
+use common::workers::KillOnDrop;
 use serde_json::json;
 use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest};
@@ -131,26 +131,11 @@ async fn cpu_pool_saturates_its_threads_while_io_jobs_keep_flowing() {
         "{err}"
     );
 
-    let mut worker = Command::new(wasmq_bin())
-        .args([
-            "--redis",
-            &redis.url,
-            "--tenant",
-            TENANT,
-            "worker",
-            "--pool",
-            "io=net:100",
-            "--pool",
-            "cpu=crunch:2",
-        ])
-        .env(
-            "WASMQ_CACHE_DIR",
-            std::env::temp_dir().join("wasmq-test-cache"),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut worker = common::workers::spawn_process(
+        &redis.url,
+        TENANT,
+        &["--pool", "io=net:100", "--pool", "cpu=crunch:2"],
+    );
 
     // Warm up (compile once), then I/O jobs alone.
     finish_all(
@@ -204,7 +189,7 @@ async fn cpu_pool_saturates_its_threads_while_io_jobs_keep_flowing() {
     assert_eq!(loaded.len(), 40);
 }
 
-fn spawn_worker(redis_url: &str, args: &[&str]) -> std::process::Child {
+fn spawn_worker(redis_url: &str, args: &[&str]) -> KillOnDrop {
     let mut all = vec!["--lease", "3s"];
     all.extend_from_slice(args);
     common::workers::spawn_process(redis_url, TENANT, &all)

@@ -344,7 +344,7 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
     // `--tenants` overrides the `--tenant` spawn_process passes.
     let workers: Vec<KillOnDrop> = workers
         .iter()
-        .map(|args| KillOnDrop(common::workers::spawn_process(&redis.url, "quiet", args)))
+        .map(|args| common::workers::spawn_process(&redis.url, "quiet", args))
         .collect();
 
     // Warm up: the workers start, compile both tasks and connect before
@@ -413,7 +413,7 @@ async fn noisy_beside_quiet(placement: NoisyPlacement) -> (f64, f64, u64) {
     }
     let rss_kib = workers
         .iter()
-        .map(|w| common::workers::peak_rss_kib(w.0.id()))
+        .map(|w| common::workers::peak_rss_kib(w.id()))
         .max()
         .unwrap_or(0);
     println!(

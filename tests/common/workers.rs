@@ -47,9 +47,10 @@ pub fn start_in_process(
     (stop, handle)
 }
 
-/// Spawn `wasmq --redis URL --tenant TENANT worker ARGS...` (output discarded).
-pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> Child {
-    Command::new(super::wasmq_bin())
+/// Spawn `wasmq --redis URL --tenant TENANT worker ARGS...` (output
+/// discarded), killed when dropped.
+pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> KillOnDrop {
+    let child = Command::new(super::wasmq_bin())
         .args(["--redis", redis_url, "--tenant", tenant, "worker"])
         .args(args)
         .env(
@@ -59,7 +60,8 @@ pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    KillOnDrop(child)
 }
 
 /// A worker process that is killed and reaped when dropped, so a failing
@@ -70,6 +72,19 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
     }
 }
 
