@@ -12,9 +12,9 @@ use common::http::{Reply, TestServer};
 use common::redis::RedisServer;
 use common::workers::KillOnDrop;
 use serde_json::json;
-use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
 use wasmq::failure::Category;
+use wasmq::keys::Keys;
 use wasmq::policy::{RetryPolicy, TaskPolicy};
 
 const TENANT: &str = "acme";

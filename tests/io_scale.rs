@@ -11,8 +11,8 @@ use common::guest_bytes;
 use common::http::{Reply, TestServer};
 use common::redis::RedisServer;
 use serde_json::json;
-use wasmq::broker::keys::Keys;
 use wasmq::broker::Broker;
+use wasmq::keys::Keys;
 use wasmq::policy::TaskPolicy;
 
 const TENANT: &str = "scale";

@@ -11,8 +11,8 @@ use common::guest_bytes;
 use common::redis::RedisServer;
 use common::workers::KillOnDrop;
 use serde_json::json;
-use wasmq::broker::keys::Keys;
 use wasmq::broker::{Broker, EnqueueRequest};
+use wasmq::keys::Keys;
 use wasmq::policy::TaskPolicy;
 use wasmq::pools::PoolKind;
 

@@ -227,7 +227,7 @@ async fn a_guest_cannot_reach_another_tenants_state() {
 
 /// e2e latencies (ms, Redis server clock) of `ids`, once all succeeded.
 async fn latencies(broker: &Broker, tenant: &str, ids: &[String]) -> Vec<f64> {
-    let keys = wasmq::broker::keys::Keys::new(tenant);
+    let keys = wasmq::keys::Keys::new(tenant);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let mut pipe = redis::pipe();
@@ -533,7 +533,7 @@ async fn a_cluster_wide_cap_holds_across_workers() {
     // Both ends of a run are stamped by Redis's clock inside the scripts
     // that add it to and remove it from the tenant's in-flight set, so the
     // overlap of these intervals is exactly what the cap constrains.
-    let keys = wasmq::broker::keys::Keys::new("capped");
+    let keys = wasmq::keys::Keys::new("capped");
     let mut pipe = redis::pipe();
     for id in &ids {
         pipe.cmd("HMGET")

@@ -9,6 +9,8 @@
 //!   (key-value, counters, locks, step markers, child jobs).
 //! - [`policy`]: the limits and grants a job runs under.
 //! - [`failure`]: the failure categories users see.
+//! - [`keys`]: every Redis key name, built in one place.
+//! - [`usage`]: what a run cost.
 //! - [`cli`]: the `wasmq` command line.
 
 pub mod backend;
@@ -17,10 +19,12 @@ pub mod cli;
 pub mod component;
 pub mod engine;
 pub mod failure;
+pub mod keys;
 pub mod policy;
 pub mod pools;
 pub mod retry;
 pub mod sandbox;
 pub mod tenants;
 pub mod ttl_cache;
+pub mod usage;
 pub mod worker;

@@ -52,7 +52,7 @@ pub struct TenantLimits {
 /// A tenant: its name and caps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
-    /// Name (validated by `broker::keys::valid_tenant`).
+    /// Name (validated by `keys::valid_tenant`).
     pub name: String,
     /// Caps.
     pub limits: TenantLimits,

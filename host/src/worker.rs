@@ -25,15 +25,16 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::backend::redis::{ChildEnqueuer, RedisBackend};
 use crate::backend::{BackendError, BackendResult, ChildJob};
 use crate::broker::envelope::Envelope;
-use crate::broker::keys::Keys;
 use crate::broker::{
     now_ms, Broker, Completion, DeployedTask, EnqueueRequest, Fetched, LeaseTerms, Outcome,
 };
 use crate::failure::{Category, Failure};
+use crate::keys::Keys;
 use crate::retry::{decide, Decision};
-use crate::sandbox::{ComputeThreads, JobInput, PreparedTask, Sandbox, Usage, Verdict};
+use crate::sandbox::{ComputeThreads, JobInput, PreparedTask, Sandbox, Verdict};
 use crate::tenants::Tenant;
 use crate::ttl_cache::TtlCache;
+use crate::usage::Usage;
 
 /// How long a worker's claim on a job lasts without renewal. Renewed every
 /// third of it, so two missed renewals in a row are survived.

@@ -20,7 +20,7 @@ use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 
 use super::{Backend, BackendError, BackendResult, ChildJob, StepState};
-use crate::broker::keys::Keys;
+use crate::keys::Keys;
 
 /// Puts a child job on a tenant's queue; implemented by the broker, which
 /// owns the job format and the queue keys.

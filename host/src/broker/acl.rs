@@ -33,7 +33,7 @@
 use redis::aio::ConnectionLike;
 use sha2::{Digest, Sha256};
 
-use super::keys::{valid_tenant, Keys};
+use crate::keys::{valid_tenant, Keys};
 
 /// Prefix of producer user names; the tenant name follows.
 pub const PRODUCER_USER_PREFIX: &str = "wasmq-producer-";

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::keys::Keys;
 use super::{now_ms, scripts, Broker};
 use crate::failure::Failure;
-use crate::sandbox::Usage;
+use crate::keys::Keys;
+use crate::usage::Usage;
 
 /// How long a finished job's record and history are kept.
 pub const FINISHED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);

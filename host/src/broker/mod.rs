@@ -1,4 +1,5 @@
-//! The broker: jobs in Redis (see docs/redis-layout.md for every key).
+//! The broker: jobs in Redis (see docs/redis-layout.md for every key;
+//! their names come from [`crate::keys`]).
 //!
 //! Owns the job life cycle in Redis and nothing else: enqueue (with
 //! idempotency and delays), fetch with leases, lease renewal, recording an
@@ -8,7 +9,6 @@
 pub mod acl;
 mod consumer;
 pub mod envelope;
-pub mod keys;
 mod producer;
 mod scripts;
 

@@ -8,9 +8,9 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{Envelope, ENVELOPE_VERSION, MAX_PRIORITY};
-use super::keys::{valid_tenant, Keys};
 use super::{now_ms, scripts, Broker};
 use crate::failure::{Category, Failure};
+use crate::keys::{valid_tenant, Keys};
 use crate::policy::TaskPolicy;
 
 /// A deployed task version.
@@ -205,7 +205,7 @@ impl Broker {
                 "spec",
                 serde_json::to_string(record)?,
             )
-            .sadd(super::keys::TENANTS, &record.name)
+            .sadd(crate::keys::TENANTS, &record.name)
             .query_async::<()>(&mut self.connection())
             .await?;
         Ok(())
@@ -223,7 +223,7 @@ impl Broker {
 
     /// Names of tenants with a record.
     pub async fn tenant_names(&self) -> anyhow::Result<Vec<String>> {
-        let mut names: Vec<String> = self.connection().smembers(super::keys::TENANTS).await?;
+        let mut names: Vec<String> = self.connection().smembers(crate::keys::TENANTS).await?;
         names.sort();
         Ok(names)
     }

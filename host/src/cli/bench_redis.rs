@@ -19,10 +19,10 @@ use serde_json::json;
 
 use super::bench::BenchArgs;
 use super::CliError;
-use crate::broker::keys::Keys;
 use crate::broker::{Broker, EnqueueRequest};
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
+use crate::keys::Keys;
 use crate::policy::TaskPolicy;
 use crate::pools::CpuPriority;
 use crate::sandbox::ComputeThreads;

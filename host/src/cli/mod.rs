@@ -96,7 +96,7 @@ impl From<Failure> for CliError {
 pub async fn main(cli: Cli) -> ExitCode {
     // Every tenant-scoped command names keys with it: refuse a name that
     // could break out of its hash tag before anything touches Redis.
-    if let Err(e) = crate::broker::keys::valid_tenant(&cli.tenant) {
+    if let Err(e) = crate::keys::valid_tenant(&cli.tenant) {
         eprintln!("error: --tenant: {e}");
         return ExitCode::from(2);
     }

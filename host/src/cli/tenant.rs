@@ -154,7 +154,7 @@ pub async fn tenant(redis: &str, command: TenantCommand) -> Result<(), CliError>
 
 /// Create (or, with `merge`, update) a tenant's record.
 async fn put(redis: &str, args: LimitArgs, merge: bool) -> Result<(), CliError> {
-    crate::broker::keys::valid_tenant(&args.name).map_err(anyhow::Error::msg)?;
+    crate::keys::valid_tenant(&args.name).map_err(anyhow::Error::msg)?;
     let broker = Broker::connect(redis).await?;
     let mut record = match broker.tenant(&args.name).await? {
         Some(existing) if merge => existing,
@@ -176,7 +176,7 @@ async fn put(redis: &str, args: LimitArgs, merge: bool) -> Result<(), CliError> 
 }
 
 async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
-    crate::broker::keys::valid_tenant(tenant).map_err(anyhow::Error::msg)?;
+    crate::keys::valid_tenant(tenant).map_err(anyhow::Error::msg)?;
     let broker = Broker::connect(redis).await?;
     let mut usage = serde_json::Map::new();
     usage.insert("tenant".into(), tenant.into());

@@ -8,10 +8,10 @@ use clap::Args;
 use tokio::sync::watch;
 
 use super::CliError;
-use crate::broker::keys::valid_tenant;
 use crate::broker::Broker;
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
+use crate::keys::valid_tenant;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::worker::{Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};

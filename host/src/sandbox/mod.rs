@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
@@ -34,6 +33,7 @@ use crate::backend::Backend;
 use crate::component::{content_hash, CompiledCache};
 use crate::failure::{Category, Failure};
 use crate::policy::SandboxPolicy;
+pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
 use bindings::{Task, TaskPre};
 use http::{AllowListHooks, Denials};
@@ -95,30 +95,6 @@ pub enum Verdict {
         /// retry policy's auto-retry kinds match on it).
         kind: Option<String>,
     },
-}
-
-/// What a run cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Usage {
-    /// Fuel consumed (deterministic for the same code and input).
-    pub fuel: u64,
-    /// Largest linear memory, in bytes.
-    pub peak_memory_bytes: u64,
-    /// Wall time from store creation to the end of the call, in microseconds.
-    pub wall_time_us: u64,
-    /// Time the run spent on a thread (the guest and the host's synchronous
-    /// work for it), in microseconds: wall time minus its waits on HTTP,
-    /// locks or sleeps. What a CPU-heavy job costs; under
-    /// contention it also counts time the OS gave other threads.
-    #[serde(default)]
-    pub run_time_us: u64,
-    /// Bytes the job's outbound HTTP connections wrote (headers, bodies and
-    /// TLS included).
-    #[serde(default)]
-    pub net_out_bytes: u64,
-    /// Bytes those connections read.
-    #[serde(default)]
-    pub net_in_bytes: u64,
 }
 
 /// The result of [`Sandbox::run`].
