@@ -17,12 +17,9 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use serde_json::json;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
-use wasmq::component::CompiledCache;
-use wasmq::engine::{build_engine, EngineLimits};
+use wasmq::launcher::{self, LaunchConfig};
 use wasmq::policy::TaskPolicy;
-use wasmq::pools::{CpuPriority, PoolKind};
-use wasmq::sandbox::{ComputeThreads, Sandbox};
-use wasmq::worker::{Worker, WorkerConfig};
+use wasmq::pools::{PoolKind, PoolSpec};
 
 const GUESTS: &str = "target/guests/wasm32-wasip2/release";
 
@@ -85,47 +82,21 @@ async fn main() -> anyhow::Result<()> {
     spin.sandbox.fuel = 100_000_000;
     deploy("hostile", spin).await?;
 
-    // Worker pools in this process, as `wasmq worker --pool io=default:16
-    // --pool cpu=images:1` runs them: the io pool on this runtime, the cpu
-    // pool on a runtime of its own.
-    let sandbox = Arc::new(Sandbox::new(
-        build_engine(&EngineLimits::default())?,
-        CompiledCache::new(CompiledCache::default_dir()),
-    )?);
-    let pool = |queue: &str, concurrency: usize, id: &str, compute| WorkerConfig {
-        tenants: vec![tenant.into()],
-        queues: vec![queue.into()],
-        concurrency,
-        lease: Duration::from_secs(30),
-        drain_timeout: Duration::from_secs(10),
-        id: id.into(),
-        compute,
-    };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let io = tokio::spawn(
-        Worker::new(
-            broker.clone(),
-            sandbox.clone(),
-            pool(
-                "default",
-                16,
-                "demo-io",
-                Some(ComputeThreads::for_machine(CpuPriority::default())?),
-            ),
-        )
-        .run(until_stopped(stopped.clone())),
-    );
-    let cpu_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let cpu = cpu_runtime.spawn(
-        Worker::new(broker.clone(), sandbox, pool("images", 1, "demo-cpu", None))
-            .run(until_stopped(stopped)),
-    );
+    // Worker pools in this process, through the same launcher as `wasmq
+    // worker --pool io=default:16 --pool cpu=images:1`: the io pool on this
+    // runtime, the cpu pool on a runtime of its own.
+    let mut config = LaunchConfig::new(&redis_url, tenant, &["default"], 16);
+    config.pools.push(PoolSpec {
+        kind: PoolKind::Cpu,
+        queues: vec!["images".into()],
+        width: 1,
+    });
+    config.drain_timeout = Duration::from_secs(10);
+    config.id = "demo".into();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let workers = tokio::spawn(launcher::run(config, async move {
+        let _ = stopped.await;
+    }));
 
     let mut jobs: Vec<(&str, serde_json::Value, Option<&str>)> = vec![
         ("noop", json!({}), None),
@@ -193,10 +164,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let _ = stop.send(true);
-    io.await?;
-    cpu.await?;
-    cpu_runtime.shutdown_background();
+    let _ = stop.send(());
+    workers.await??;
     println!(
         "summary: {} jobs through Redis at {redis_url}, {ok} succeeded, {failed} failed, {} welcome email(s) sent for user 7 ({} mail API calls), {:.0} ms",
         jobs.len(),

@@ -11,6 +11,12 @@
 //! - [`failure`]: the failure categories users see.
 //! - [`keys`]: every Redis key name, built in one place.
 //! - [`usage`]: what a run cost.
+//! - [`broker`]: jobs in Redis: enqueue, fetch with leases, outcomes,
+//!   deploys, status, the dead-letter queue.
+//! - [`worker`]: one pool's parts: fetch, lease, processor, recorder,
+//!   catalog, manager.
+//! - [`launcher`]: a worker process's pools, runtimes and shutdown
+//!   (`run(config, shutdown)`).
 //! - [`cli`]: the `wasmq` command line.
 
 pub mod backend;
@@ -20,6 +26,7 @@ pub mod component;
 pub mod engine;
 pub mod failure;
 pub mod keys;
+pub mod launcher;
 pub mod policy;
 pub mod pools;
 pub mod retry;

@@ -10,8 +10,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,wasmq::launcher=info")
+            }),
         )
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

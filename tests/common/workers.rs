@@ -2,20 +2,18 @@
 //! as `wasmq worker` processes, and the peak RSS of a process.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wasmq::broker::Broker;
-use wasmq::component::CompiledCache;
-use wasmq::engine::{build_engine, EngineLimits};
-use wasmq::pools::CpuPriority;
-use wasmq::sandbox::{ComputeThreads, Sandbox};
-use wasmq::worker::{Worker, WorkerConfig, WorkerStats};
+use wasmq::launcher::{self, LaunchConfig};
+use wasmq::worker::WorkerStats;
 
-/// Start a worker for `tenant`'s `default` queue in this process; send on
-/// the returned channel to stop it (it drains), await the handle for stats.
+/// Start a worker process's pools in this process through the library
+/// launcher, as `wasmq worker --concurrency N` would: one io pool serving
+/// `tenant`'s `default` queue, with id `{id}-io0`. Send on the returned
+/// channel to stop it (it drains); await the handle for its stats.
 pub fn start_in_process(
     broker: &Broker,
     tenant: &str,
@@ -23,27 +21,19 @@ pub fn start_in_process(
     lease: Duration,
     id: &str,
 ) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
-    let limits = EngineLimits {
-        instance_slots: concurrency as u32,
-        ..EngineLimits::default()
-    };
-    let sandbox =
-        Arc::new(Sandbox::new(build_engine(&limits).unwrap(), CompiledCache::new(None)).unwrap());
-    let config = WorkerConfig {
-        tenants: vec![tenant.into()],
-        queues: vec!["default".into()],
-        concurrency,
-        lease,
-        drain_timeout: Duration::from_secs(10),
-        id: id.into(),
-        compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
-    };
+    let mut config = LaunchConfig::new(broker.url(), tenant, &["default"], concurrency);
+    config.lease = lease;
+    config.drain_timeout = Duration::from_secs(10);
+    config.cache_dir = None;
+    config.id = id.into();
     let (stop, stopped) = oneshot::channel::<()>();
-    let handle = tokio::spawn(
-        Worker::new(broker.clone(), sandbox, config).run(async move {
+    let handle = tokio::spawn(async move {
+        launcher::run(config, async move {
             let _ = stopped.await;
-        }),
-    );
+        })
+        .await
+        .expect("the worker starts")
+    });
     (stop, handle)
 }
 

@@ -7,17 +7,22 @@
 //! change is one Lua script ([`scripts`]); running jobs is the worker's job.
 
 pub mod acl;
+mod admin;
+mod children;
 mod consumer;
 pub mod envelope;
 mod producer;
+mod registry;
 mod scripts;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 
+pub use admin::JobStatus;
 pub use consumer::{Completion, Fetched, LeaseTerms, Outcome};
-pub use producer::{DeployedTask, EnqueueRequest, Enqueued, JobStatus, ResultState};
+pub use producer::{EnqueueRequest, Enqueued, ResultState};
+pub use registry::DeployedTask;
 
 /// Redis-backed broker handle; cheap to clone (one multiplexed connection
 /// that reconnects by itself).
@@ -25,6 +30,8 @@ pub use producer::{DeployedTask, EnqueueRequest, Enqueued, JobStatus, ResultStat
 pub struct Broker {
     conn: ConnectionManager,
     client: redis::Client,
+    /// The URL it was connected with.
+    url: std::sync::Arc<str>,
 }
 
 impl Broker {
@@ -39,7 +46,16 @@ impl Broker {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .with_context(|| format!("connecting to Redis at {url}"))?;
-        Ok(Broker { conn, client })
+        Ok(Broker {
+            conn,
+            client,
+            url: url.into(),
+        })
+    }
+
+    /// The URL it was connected with.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// The shared connection (also serves the host interfaces).

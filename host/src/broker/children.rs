@@ -1,0 +1,34 @@
+//! Child jobs a guest enqueues: the broker is the [`ChildEnqueuer`] the
+//! Redis backend hands them to, since the broker owns the job format and
+//! the queue keys. The backend defines the trait; this is its only
+//! implementation.
+
+use async_trait::async_trait;
+
+use super::{now_ms, Broker, EnqueueRequest};
+use crate::backend::redis::ChildEnqueuer;
+use crate::backend::{BackendError, BackendResult, ChildJob};
+use crate::failure::Failure;
+
+#[async_trait]
+impl ChildEnqueuer for Broker {
+    async fn enqueue_child(&self, tenant: &str, child: ChildJob) -> BackendResult<String> {
+        let payload = serde_json::from_str(&child.payload)
+            .map_err(|e| BackendError::Invalid(format!("child payload: {e}")))?;
+        let request = EnqueueRequest {
+            tenant: tenant.to_string(),
+            task: child.task,
+            payload,
+            not_before_ms: child.countdown.map(|d| now_ms() + d.as_millis() as u64),
+            idempotency_key: child.idempotency_key,
+            ..EnqueueRequest::default()
+        };
+        match self.enqueue(request).await {
+            Ok(e) => Ok(e.id),
+            Err(e) => match e.downcast_ref::<Failure>() {
+                Some(f) => Err(BackendError::Invalid(f.to_string())),
+                None => Err(BackendError::Unavailable(format!("{e:#}"))),
+            },
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Starting and stopping a worker process's pools: [`run`] builds the
+//! engine, the sandbox, the Redis connection and one [`Worker`] per pool
+//! (io pools on the caller's runtime, each cpu pool on a runtime of its own
+//! at a low OS priority), runs them until `shutdown` resolves, then drains
+//! them and returns what they did.
+//!
+//! The CLI parses flags into a [`LaunchConfig`] and passes
+//! [`shutdown_signal`]; tests and embedding programs pass any future, as
+//! mini-redis passes its shutdown future to its server.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::component::CompiledCache;
+use crate::engine::{build_engine, EngineLimits};
+use crate::keys::valid_tenant;
+use crate::pools::{CpuPriority, PoolKind, PoolSpec};
+use crate::sandbox::{ComputeThreads, Sandbox};
+use crate::worker::{Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};
+
+/// How a worker process runs.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// Redis URL of the broker.
+    pub redis_url: String,
+    /// Tenants whose queues every pool serves, in rotation.
+    pub tenants: Vec<String>,
+    /// The pools (at least one).
+    pub pools: Vec<PoolSpec>,
+    /// Lease length; renewed every third of it while a job runs.
+    pub lease: Duration,
+    /// How long shutdown waits for running jobs before handing them back.
+    pub drain_timeout: Duration,
+    /// OS priority of cpu-pool threads and of the compute threads that
+    /// compute-bound io jobs move to.
+    pub cpu_priority: CpuPriority,
+    /// On-disk cache of compiled components (`None`: no disk cache).
+    pub cache_dir: Option<PathBuf>,
+    /// This process's id in leases and history; each pool appends its
+    /// kind and index.
+    pub id: String,
+}
+
+impl LaunchConfig {
+    /// One io pool of `concurrency` serving `queues` of `tenant`, with the
+    /// defaults of `wasmq worker`.
+    pub fn new(redis_url: &str, tenant: &str, queues: &[&str], concurrency: usize) -> Self {
+        LaunchConfig {
+            redis_url: redis_url.to_string(),
+            tenants: vec![tenant.to_string()],
+            pools: vec![PoolSpec {
+                kind: PoolKind::Io,
+                queues: queues.iter().map(|q| q.to_string()).collect(),
+                width: concurrency.max(1),
+            }],
+            lease: DEFAULT_LEASE,
+            drain_timeout: Duration::from_secs(30),
+            cpu_priority: CpuPriority::default(),
+            cache_dir: CompiledCache::default_dir(),
+            id: format!("{}-{}", hostname(), std::process::id()),
+        }
+    }
+}
+
+/// Run the pools of `config` until `shutdown` resolves, then drain them;
+/// their summed stats.
+pub async fn run(
+    config: LaunchConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<WorkerStats> {
+    anyhow::ensure!(!config.pools.is_empty(), "a worker needs at least one pool");
+    anyhow::ensure!(
+        !config.tenants.is_empty(),
+        "a worker serves at least one tenant"
+    );
+    for t in &config.tenants {
+        valid_tenant(t).map_err(anyhow::Error::msg)?;
+    }
+    // One engine for all pools: its instance slots cover every pool's
+    // width, so no job ever waits for (or fails for want of) a slot.
+    let slots: usize = config.pools.iter().map(|p| p.width).sum();
+    let limits = EngineLimits {
+        instance_slots: slots as u32,
+        ..EngineLimits::default()
+    };
+    let engine = build_engine(&limits)?;
+    let sandbox = Arc::new(Sandbox::new(
+        engine,
+        CompiledCache::new(config.cache_dir.clone()),
+    )?);
+    let broker = Broker::connect(&config.redis_url).await?;
+    let lease = if config.lease.is_zero() {
+        DEFAULT_LEASE
+    } else {
+        config.lease
+    };
+    let (stop, stopping) = watch::channel(false);
+    let priority = config.cpu_priority;
+    // Where io jobs that compute go: shared by every io pool.
+    let compute = ComputeThreads::for_machine(priority)?;
+    let mut running = Vec::new();
+    let mut cpu_runtimes = Vec::new();
+    for (i, pool) in config.pools.iter().enumerate() {
+        let pool_config = WorkerConfig {
+            tenants: config.tenants.clone(),
+            queues: pool.queues.clone(),
+            concurrency: pool.width,
+            lease,
+            drain_timeout: config.drain_timeout,
+            id: format!("{}-{}{i}", config.id, pool.kind.as_str()),
+            compute: match pool.kind {
+                PoolKind::Io => Some(compute.clone()),
+                PoolKind::Cpu => None,
+            },
+        };
+        tracing::info!(
+            "wasmq worker {}: {} pool of {} serving {:?} of tenants {:?}",
+            pool_config.id,
+            pool.kind.as_str(),
+            pool.width,
+            pool.queues,
+            config.tenants
+        );
+        let worker = Worker::new(broker.clone(), sandbox.clone(), pool_config);
+        let shutdown = stopped(stopping.clone());
+        let handle = match pool.kind {
+            PoolKind::Io => tokio::spawn(worker.run(shutdown)),
+            PoolKind::Cpu => {
+                // Its own threads, one per unit of width: CPU-bound guests
+                // never occupy the runtime the io pools and timers run on.
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(pool.width)
+                    .thread_name("wasmq-cpu")
+                    .on_thread_start(move || priority.apply_to_current_thread())
+                    .enable_all()
+                    .build()?;
+                let handle = runtime.spawn(worker.run(shutdown));
+                cpu_runtimes.push(runtime);
+                handle
+            }
+        };
+        running.push(handle);
+    }
+
+    shutdown.await;
+    let _ = stop.send(true);
+    let mut total = WorkerStats::default();
+    for handle in running {
+        let stats = handle.await?;
+        total.completed += stats.completed;
+        total.released += stats.released;
+    }
+    for runtime in cpu_runtimes {
+        runtime.shutdown_background();
+    }
+    Ok(total)
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT (drain); a second one exits the
+/// process at once (leases make that safe: its jobs are redelivered).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    eprintln!("wasmq worker draining (send the signal again to stop now)");
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("wasmq worker stopping now; unfinished jobs return after their lease");
+        std::process::exit(130);
+    });
+}
+
+/// This machine's name, for worker ids.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "worker".into(), |h| h.trim().to_string())
+}

@@ -1,0 +1,219 @@
+//! One pool's loop: wait for free slots, fetch that many jobs, hand each to
+//! a processor, record its outcome; on shutdown, stop fetching, let
+//! running jobs finish within the drain timeout, then hand the rest back to
+//! their queues.
+//!
+//! Redis outages are survived: a failed fetch backs off and tries again
+//! (the connection manager reconnects).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, Fetched, Outcome};
+use crate::sandbox::{ComputeThreads, Sandbox};
+use crate::usage::Usage;
+
+use super::catalog::Catalog;
+use super::fetch::{Fetcher, FETCH_BATCH};
+use super::lease::Leases;
+use super::processor::Processor;
+use super::recorder::Recorder;
+
+/// Longest a busy worker waits for more free slots before fetching.
+const FETCH_GATHER: Duration = Duration::from_millis(1);
+
+/// How a pool runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Tenants whose queues it serves (their queues of these names), in
+    /// rotation.
+    pub tenants: Vec<String>,
+    /// Queues, in rotation.
+    pub queues: Vec<String>,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// How long shutdown waits for running jobs.
+    pub drain_timeout: Duration,
+    /// This worker's id (appears in leases and history).
+    pub id: String,
+    /// For an io pool: the threads its jobs move to once they compute past
+    /// their burst (shared by every io pool of the process). `None` for a
+    /// cpu pool, whose threads are there to compute.
+    pub compute: Option<Arc<ComputeThreads>>,
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Jobs whose outcome was recorded.
+    pub completed: u64,
+    /// Jobs handed back at shutdown.
+    pub released: u64,
+}
+
+/// One pool: see the module docs.
+pub struct Worker {
+    broker: Broker,
+    config: WorkerConfig,
+    catalog: Arc<Catalog>,
+    leases: Arc<Leases>,
+    processor: Processor,
+    recorder: Arc<Recorder>,
+    /// The recorder's batching task, stopped with the pool.
+    recording: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// A pool on `broker` running jobs in `sandbox`.
+    pub fn new(broker: Broker, sandbox: Arc<Sandbox>, config: WorkerConfig) -> Arc<Self> {
+        let catalog = Arc::new(Catalog::new(broker.clone(), sandbox));
+        let processor = Processor::new(broker.clone(), catalog.clone(), config.compute.clone());
+        let (recorder, recording) = Recorder::start(broker.clone());
+        Arc::new(Worker {
+            broker,
+            config,
+            catalog,
+            leases: Arc::new(Leases::default()),
+            processor,
+            recorder,
+            recording,
+        })
+    }
+
+    /// Jobs whose outcome this worker has recorded so far.
+    pub fn completed(&self) -> u64 {
+        self.recorder.recorded()
+    }
+
+    /// Run until `shutdown` resolves, then drain.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> WorkerStats {
+        let concurrency = self.config.concurrency.max(1);
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let records = Arc::new(Semaphore::new(concurrency));
+        let renewer = tokio::spawn(
+            self.leases
+                .clone()
+                .renew_forever(self.broker.clone(), self.config.lease),
+        );
+        let mut fetcher = Fetcher::new(self.broker.clone(), &self.config);
+        let mut running = JoinSet::new();
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            while running.try_join_next().is_some() {}
+            // Wait for a free slot (or shutdown). `biased`: shutdown is
+            // checked first; unbiased, select! picks a ready branch at
+            // random, so a worker with free slots fetched another batch
+            // after SIGTERM about half the time.
+            let free = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                permit = slots.clone().acquire_owned() => {
+                    drop(permit.expect("semaphore is never closed"));
+                    slots.available_permits()
+                }
+            };
+            // Under load, a slot frees every few microseconds; fetching one
+            // job per round trip would spend Redis on script overhead. When
+            // jobs are running, give more slots up to FETCH_GATHER to free
+            // so the next fetch is a batch. An idle worker fetches at once.
+            let watermark = (concurrency / 4).clamp(1, FETCH_BATCH);
+            let free = if free < watermark && free < concurrency {
+                let gathered =
+                    tokio::time::timeout(FETCH_GATHER, slots.acquire_many(watermark as u32)).await;
+                drop(gathered);
+                slots.available_permits()
+            } else {
+                free
+            };
+            let fetched = match fetcher.fetch(free, &self.leases, &self.catalog).await {
+                Ok(jobs) => {
+                    backoff = Duration::from_millis(50);
+                    jobs
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "fetching jobs failed; retrying");
+                    tokio::select! { _ = &mut shutdown => break, _ = tokio::time::sleep(backoff) => {} }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if fetched.is_empty() {
+                tokio::select! { _ = &mut shutdown => break, _ = fetcher.wait_for_work() => {} }
+                continue;
+            }
+            for job in fetched {
+                let job = Arc::new(job);
+                let permit = slots
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("fetched no more jobs than free slots");
+                self.leases.hold(job.clone());
+                let (worker, records) = (self.clone(), records.clone());
+                running.spawn(async move { worker.process(job, permit, records).await });
+            }
+        }
+        let released = self.drain(&mut running).await;
+        renewer.abort();
+        self.recording.abort();
+        WorkerStats {
+            completed: self.recorder.recorded(),
+            released,
+        }
+    }
+
+    /// One job: run it, then record its outcome.
+    async fn process(
+        &self,
+        job: Arc<Fetched>,
+        slot: OwnedSemaphorePermit,
+        records: Arc<Semaphore>,
+    ) {
+        let completion = self.processor.process(job.clone()).await;
+        // The sandbox is done: free its slot for the next job while the
+        // outcome is recorded, holding a recording permit instead (which
+        // bounds outcomes waiting for Redis).
+        let recording = records
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        drop(slot);
+        self.recorder.record(completion).await;
+        self.leases.drop_job(&job.id);
+        drop(recording);
+    }
+
+    /// Wait for running jobs up to the drain timeout; release the rest.
+    async fn drain(&self, running: &mut JoinSet<()>) -> u64 {
+        let finished = tokio::time::timeout(self.config.drain_timeout, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_ok() {
+            return 0;
+        }
+        running.detach_all();
+        let mut released = 0;
+        for job in self.leases.take_all() {
+            match self
+                .broker
+                .complete(&job, &Outcome::Release, &Usage::default(), None, "")
+                .await
+            {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                // Its lease will lapse and it will be redelivered.
+                Err(e) => {
+                    tracing::warn!(error = %e, job = %job.id, "could not release job; its lease will expire")
+                }
+            }
+        }
+        released
+    }
+}

@@ -1,0 +1,118 @@
+//! Outcomes recorded in batches: whatever has finished since the last
+//! round trip goes in the next one. Nothing waits for a batch to fill, so a
+//! lone job is recorded at once; under load, many jobs share one script
+//! call (one per tenant, since each call's keys share the tenant's slot).
+//!
+//! Recording an outcome acknowledges the job. Through a Redis outage a
+//! processor keeps trying for a while; if it gives up, the job is
+//! redelivered when its lease lapses (at-least-once).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::broker::{Broker, Completion};
+
+/// Most outcomes recorded in one round trip.
+const COMPLETE_BATCH: usize = 256;
+/// Tries to record one outcome before leaving the job to its lease.
+const RECORD_TRIES: usize = 20;
+
+/// An outcome to record and where to send whether it was recorded.
+type Pending = (Arc<Completion>, oneshot::Sender<Result<bool, String>>);
+
+/// See the module docs.
+pub struct Recorder {
+    queue: mpsc::UnboundedSender<Pending>,
+    /// Outcomes recorded so far.
+    recorded: AtomicU64,
+}
+
+impl Recorder {
+    /// A recorder writing through `broker`, and its batching task (abort it
+    /// once nothing is left to record).
+    pub fn start(broker: Broker) -> (Arc<Self>, JoinHandle<()>) {
+        let (queue, pending) = mpsc::unbounded_channel();
+        let task = tokio::spawn(record_batches(broker, pending));
+        let recorder = Arc::new(Recorder {
+            queue,
+            recorded: AtomicU64::new(0),
+        });
+        (recorder, task)
+    }
+
+    /// Outcomes recorded so far.
+    pub fn recorded(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
+    }
+
+    /// Record an outcome, retrying through Redis outages for a while.
+    pub async fn record(&self, completion: Completion) {
+        let completion = Arc::new(completion);
+        let id = completion.job.id.clone();
+        let mut backoff = Duration::from_millis(50);
+        for _ in 0..RECORD_TRIES {
+            let (reply, answer) = oneshot::channel();
+            if self.queue.send((completion.clone(), reply)).is_err() {
+                break;
+            }
+            match answer.await {
+                Ok(Ok(true)) => {
+                    self.recorded.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(Ok(false)) => {
+                    tracing::warn!(job = %id, "lease lost before the outcome was recorded; another delivery owns the job");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(job = %id, error = %e, "recording the outcome failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(_) => break,
+            }
+        }
+        tracing::error!(job = %id, "could not record the outcome; the job will be redelivered when its lease expires");
+    }
+}
+
+/// The batching loop: see the module docs.
+async fn record_batches(broker: Broker, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETE_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut by_tenant: HashMap<String, Vec<Pending>> = HashMap::new();
+        for pending in batch {
+            by_tenant
+                .entry(pending.0.job.tenant.clone())
+                .or_default()
+                .push(pending);
+        }
+        for (_, group) in by_tenant {
+            let (completions, replies): (Vec<Arc<Completion>>, Vec<_>) = group.into_iter().unzip();
+            let completions: Vec<&Completion> = completions.iter().map(|c| &**c).collect();
+            match broker.complete_many(&completions).await {
+                Ok(flags) => {
+                    for (reply, flag) in replies.into_iter().zip(flags) {
+                        let _ = reply.send(Ok(flag));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
