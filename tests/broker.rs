@@ -185,6 +185,7 @@ async fn retries_follow_the_backoff_then_dead_letter_and_dead_retry_runs_again()
         backoff_max: Duration::from_secs(5),
         jitter: false,
         auto_retry_kinds: vec![],
+        ..RetryPolicy::default()
     };
     policy.sandbox.timeout = Duration::from_millis(200);
     broker
@@ -234,9 +235,20 @@ async fn retries_follow_the_backoff_then_dead_letter_and_dead_retry_runs_again()
     let dead = broker.dead_list(TENANT, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
 
-    // Permanent categories go to the dead-letter queue directly.
+    // Permanent categories go to the dead-letter queue directly (a task of
+    // its own: under the 200 ms timeout above, a loaded machine can time
+    // the memory bomb out before it reaches the cap).
+    broker
+        .deploy(
+            TENANT,
+            "bomb",
+            &guest_bytes("hostile"),
+            &TaskPolicy::default(),
+        )
+        .await
+        .unwrap();
     let spin = broker
-        .enqueue(request("hostile", json!({"mode": "memory-bomb"})))
+        .enqueue(request("bomb", json!({"mode": "memory-bomb"})))
         .await
         .unwrap();
     match wait_result(&broker, &spin.id).await {
@@ -324,24 +336,35 @@ async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
 }
 
 /// A job whose worker dies on every delivery (here: a "worker" that fetches
-/// and never renews) is dead-lettered after MAX_DELIVERIES deliveries with a
-/// reason, its history shows every lapsed attempt, and a `result --wait`
-/// caller is woken by it rather than by its own timeout.
+/// and never renews) is dead-lettered once its lease has lapsed its task's
+/// `max_deliveries` times, with a reason naming the workers that lost it;
+/// its history shows every lapsed delivery, no attempt was used, and a
+/// `result --wait` caller is woken by it rather than by its own timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_kills_every_worker_is_dead_lettered_as_poison() {
     use wasmq::broker::LeaseTerms;
-    use wasmq::worker::MAX_DELIVERIES;
-    let (_redis, broker) = broker_with("noop").await;
+    const LIMIT: u32 = 3;
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let mut policy = TaskPolicy::default();
+    policy.retry.max_deliveries = LIMIT;
+    broker
+        .deploy(TENANT, "noop", &guest_bytes("noop"), &policy)
+        .await
+        .unwrap();
     let id = broker.enqueue(request("noop", json!({}))).await.unwrap().id;
     let terms = LeaseTerms {
         worker: "doomed",
         lease: Duration::from_millis(1),
-        max_deliveries: MAX_DELIVERIES,
+        // The job carries its task's limit; this default is for jobs that
+        // do not.
+        max_deliveries: 1000,
         cluster_cap: None,
     };
-    for delivery in 1..=MAX_DELIVERIES {
+    for delivery in 1..=LIMIT {
         let got = broker.fetch(TENANT, "default", 10, terms).await.unwrap();
         assert_eq!(got.len(), 1, "delivery {delivery}");
+        assert_eq!(got[0].attempt, 1, "a lost delivery is not an attempt");
         // The worker "dies": its 1 ms lease lapses unrenewed.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -362,27 +385,30 @@ async fn a_job_that_kills_every_worker_is_dead_lettered_as_poison() {
     assert!(got.is_empty(), "the poison job is not delivered again");
     let (state, waited) = waiter.await.unwrap();
     match state {
-        ResultState::Failed(f) => assert!(
-            f.message.contains(&format!(
-                "delivered {MAX_DELIVERIES} times and never finished"
-            )),
-            "{f}"
-        ),
+        ResultState::Failed(f) => {
+            assert!(
+                f.message
+                    .contains(&format!("its lease lapsed on {LIMIT} deliveries")),
+                "{f}"
+            );
+            assert!(f.message.contains("workers doomed"), "{f}");
+        }
         other => panic!("expected the poison verdict, got {other:?}"),
     }
     assert!(waited < Duration::from_secs(5), "woken after {waited:?}");
     let dead = broker.dead_list(TENANT, 10).await.unwrap();
     assert_eq!(dead.iter().map(|(d, _)| d).collect::<Vec<_>>(), [&id]);
     let status = broker.status(TENANT, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (status.attempts, status.deliveries, status.lost_deliveries),
+        (0, LIMIT as u64, LIMIT as u64)
+    );
+    assert_eq!(status.lost_workers, vec!["doomed"; LIMIT as usize]);
     let events = event_names(&status);
     let lapsed = events.iter().filter(|e| **e == "lease-expired").count();
     assert_eq!(
         (events.first(), events.last(), lapsed),
-        (
-            Some(&"enqueued"),
-            Some(&"dead"),
-            MAX_DELIVERIES as usize - 1
-        ),
+        (Some(&"enqueued"), Some(&"dead"), LIMIT as usize - 1),
         "{events:?}"
     );
 }

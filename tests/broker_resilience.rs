@@ -18,7 +18,7 @@ use common::{guest_bytes, wasmq_bin, TempDir};
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use wasmq::backend::redis::RedisBackend;
-use wasmq::backend::{Backend, StepState};
+use wasmq::backend::{Backend, Claimant, StepState};
 use wasmq::broker::{now_ms, Broker, EnqueueRequest, ResultState};
 use wasmq::component::CompiledCache;
 use wasmq::engine::{build_engine, EngineLimits};
@@ -440,7 +440,7 @@ async fn step_marker_bookkeeping_rides_out_a_redis_restart() {
     let lease = Duration::from_secs(60);
     assert_eq!(
         backend
-            .step_begin(TENANT, "s", "job-1", lease)
+            .step_begin(TENANT, "s", &Claimant::unfenced("job-1"), lease)
             .await
             .unwrap(),
         StepState::Run
@@ -459,7 +459,7 @@ async fn step_marker_bookkeeping_rides_out_a_redis_restart() {
         let backend = backend.clone();
         async move {
             backend
-                .step_complete(TENANT, "s", "job-1", b"1", None)
+                .step_complete(TENANT, "s", &Claimant::unfenced("job-1"), b"1", None)
                 .await
         }
     });
@@ -480,7 +480,7 @@ async fn step_marker_bookkeeping_rides_out_a_redis_restart() {
     );
     assert_eq!(
         backend
-            .step_begin(TENANT, "s", "job-1", lease)
+            .step_begin(TENANT, "s", &Claimant::unfenced("job-1"), lease)
             .await
             .unwrap(),
         StepState::Done(b"1".to_vec()),

@@ -22,19 +22,12 @@ use tokio::net::TcpListener;
 use wasmq::backend::memory::MemoryBackend;
 use wasmq::failure::Category;
 use wasmq::policy::SandboxPolicy;
-use wasmq::sandbox::{JobInput, JobOutcome, PreparedTask, Sandbox};
+use wasmq::sandbox::{JobOutcome, PreparedTask, Sandbox};
 
 /// The hostile guest's `http` mode: GET `url`, return `{status, bytes}`.
 async fn get(sb: &Sandbox, task: &PreparedTask, url: &str, policy: &SandboxPolicy) -> JobOutcome {
-    let job = JobInput {
-        id: uuid::Uuid::new_v4().to_string(),
-        task: "hostile".into(),
-        tenant: "t1".into(),
-        attempt: 1,
-        max_attempts: 1,
-        idempotency_key: None,
-        payload: json!({"mode": "http", "url": url}).to_string(),
-    };
+    let payload = json!({"mode": "http", "url": url}).to_string();
+    let job = common::sandbox::job(&payload);
     sb.run(task, &job, policy, Arc::new(MemoryBackend::new()))
         .await
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::redis::RedisServer;
 use wasmq::backend::redis::{ChildEnqueuer, RedisBackend};
-use wasmq::backend::{Backend, BackendError, BackendResult, ChildJob, StepState};
+use wasmq::backend::{Backend, BackendError, BackendResult, ChildJob, Claimant, StepState};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -86,11 +86,13 @@ async fn tenants_do_not_share_state() {
     assert!(b.lock_release("a", "l", "o").await.unwrap());
     assert!(b.lock_release("b", "l", "o").await.unwrap());
 
-    b.step_complete("a", "s", "run1", b"out", None)
+    b.step_complete("a", "s", &Claimant::unfenced("run1"), b"out", None)
         .await
         .unwrap();
     assert_eq!(
-        b.step_begin("b", "s", "run1", LONG).await.unwrap(),
+        b.step_begin("b", "s", &Claimant::unfenced("run1"), LONG)
+            .await
+            .unwrap(),
         StepState::Run
     );
 
@@ -163,27 +165,37 @@ async fn steps_run_busy_done() {
     let b = backend(&server).await;
 
     assert_eq!(
-        b.step_begin("t", "s", "run1", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run1"), LONG)
+            .await
+            .unwrap(),
         StepState::Run
     );
     assert_eq!(
-        b.step_begin("t", "s", "run2", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run2"), LONG)
+            .await
+            .unwrap(),
         StepState::Busy
     );
     // The claimant itself may begin again (e.g. after a host retry).
     assert_eq!(
-        b.step_begin("t", "s", "run1", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run1"), LONG)
+            .await
+            .unwrap(),
         StepState::Run
     );
-    b.step_complete("t", "s", "run1", b"out", None)
+    b.step_complete("t", "s", &Claimant::unfenced("run1"), b"out", None)
         .await
         .unwrap();
     assert_eq!(
-        b.step_begin("t", "s", "run2", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run2"), LONG)
+            .await
+            .unwrap(),
         StepState::Done(b"out".to_vec())
     );
     assert_eq!(
-        b.step_begin("t", "s", "run1", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run1"), LONG)
+            .await
+            .unwrap(),
         StepState::Done(b"out".to_vec())
     );
 }
@@ -195,44 +207,71 @@ async fn step_abandon_and_lapsed_claims_let_another_run() {
 
     // Abandon by someone else does nothing; by the claimant frees the step.
     assert_eq!(
-        b.step_begin("t", "s", "run1", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run1"), LONG)
+            .await
+            .unwrap(),
         StepState::Run
     );
-    b.step_abandon("t", "s", "run2").await.unwrap();
+    b.step_abandon("t", "s", &Claimant::unfenced("run2"))
+        .await
+        .unwrap();
     assert_eq!(
-        b.step_begin("t", "s", "run2", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run2"), LONG)
+            .await
+            .unwrap(),
         StepState::Busy
     );
-    b.step_abandon("t", "s", "run1").await.unwrap();
+    b.step_abandon("t", "s", &Claimant::unfenced("run1"))
+        .await
+        .unwrap();
     assert_eq!(
-        b.step_begin("t", "s", "run2", LONG).await.unwrap(),
+        b.step_begin("t", "s", &Claimant::unfenced("run2"), LONG)
+            .await
+            .unwrap(),
         StepState::Run
     );
 
     // A claim whose lease lapsed no longer blocks.
     assert_eq!(
-        b.step_begin("t", "lapse", "run1", Duration::from_millis(50))
+        b.step_begin(
+            "t",
+            "lapse",
+            &Claimant::unfenced("run1"),
+            Duration::from_millis(50)
+        )
+        .await
+        .unwrap(),
+        StepState::Run
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        b.step_begin("t", "lapse", &Claimant::unfenced("run2"), LONG)
             .await
             .unwrap(),
         StepState::Run
     );
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(
-        b.step_begin("t", "lapse", "run2", LONG).await.unwrap(),
-        StepState::Run
-    );
 
     // A done marker with a TTL expires, and the step may run again.
-    b.step_complete("t", "ttl", "run1", b"o", Some(Duration::from_millis(50)))
-        .await
-        .unwrap();
+    b.step_complete(
+        "t",
+        "ttl",
+        &Claimant::unfenced("run1"),
+        b"o",
+        Some(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
     assert_eq!(
-        b.step_begin("t", "ttl", "run2", LONG).await.unwrap(),
+        b.step_begin("t", "ttl", &Claimant::unfenced("run2"), LONG)
+            .await
+            .unwrap(),
         StepState::Done(b"o".to_vec())
     );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(
-        b.step_begin("t", "ttl", "run2", LONG).await.unwrap(),
+        b.step_begin("t", "ttl", &Claimant::unfenced("run2"), LONG)
+            .await
+            .unwrap(),
         StepState::Run
     );
 }

@@ -114,7 +114,7 @@ pub use children::{enqueue, enqueue_with, EnqueueOptions};
 pub use error::{HostError, TaskError};
 pub use job::Job;
 pub use lock::Lock;
-pub use step::{once, once_with, StepOptions};
+pub use step::{once, once_with, step_token, StepOptions};
 
 /// Marks the function that runs a job, and exports it from the component.
 ///

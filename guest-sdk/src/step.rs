@@ -6,11 +6,14 @@
 //! recorded output returned instead.
 //!
 //! "At most once" holds for steps that *complete*: if the job dies after the
-//! side effect but before the host records completion (a crash, a lost
-//! connection to the store), the claim lapses after its lease and a retry
-//! runs the step again. Make the side effect itself idempotent where that
-//! window matters (for example, pass the step key as an idempotency key to
-//! the API you call).
+//! side effect but before the host records completion (a worker killed, a
+//! lost connection to the store), the next delivery of the job runs the
+//! step again. For that window every step has an idempotency token
+//! ([`step_token`]), the same on every delivery and retry: outgoing HTTP
+//! requests made inside the step carry it as an `Idempotency-Key` header
+//! (unless they set their own), so an API that honours the header applies
+//! the repeat once. Against such APIs a step's effect happens exactly once;
+//! against others, at least once.
 
 use std::time::Duration;
 
@@ -47,6 +50,15 @@ impl Default for StepOptions {
             ttl: None,
         }
     }
+}
+
+/// The idempotency token of step `step`: the same on every delivery and
+/// retry of every job of this tenant that names the step. Requests made
+/// with [`crate::http`] inside [`once`] already carry it as their
+/// `Idempotency-Key` header; pass it yourself to APIs that take it another
+/// way (a body field, a query parameter).
+pub fn step_token(step: &str) -> String {
+    wit::idempotency_token(step)
 }
 
 /// Runs `f` unless step `step` has already completed; returns its output

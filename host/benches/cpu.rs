@@ -59,15 +59,8 @@ async fn in_sandbox(consume_fuel: bool) -> (f64, u64) {
         timeout: Duration::from_secs(120),
         ..SandboxPolicy::default()
     };
-    let job = JobInput {
-        id: "bench".into(),
-        task: "thumbnail".into(),
-        tenant: "bench".into(),
-        attempt: 1,
-        max_attempts: 1,
-        idempotency_key: None,
-        payload: json!({"width": SIDE, "height": SIDE, "seed": 7, "thumb": THUMB}).to_string(),
-    };
+    let payload = json!({"width": SIDE, "height": SIDE, "seed": 7, "thumb": THUMB}).to_string();
+    let job = JobInput::new("bench", "thumbnail", "bench", &payload);
     let backend = Arc::new(MemoryBackend::new());
     let mut samples = Vec::new();
     let mut fuel = 0;

@@ -35,6 +35,10 @@ pub enum Category {
     BadPayload,
     /// No task of that name is deployed.
     UnknownTask,
+    /// The host, not the task, could not run the job (Redis unreachable or
+    /// refusing writes, a component it could not fetch) through every host
+    /// retry the job gets.
+    HostError,
 }
 
 impl Category {
@@ -52,6 +56,7 @@ impl Category {
             Category::InvalidComponent => "invalid-component",
             Category::BadPayload => "bad-payload",
             Category::UnknownTask => "unknown-task",
+            Category::HostError => "host-error",
         }
     }
 
@@ -68,6 +73,7 @@ impl Category {
                 | Category::OutputTooLarge
                 | Category::Denied
                 | Category::RetryExhausted
+                | Category::HostError
         )
     }
 }

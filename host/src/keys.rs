@@ -22,6 +22,12 @@ impl Keys {
         }
     }
 
+    /// `key` without the tenant prefix (how the store accounting names
+    /// an entry).
+    pub fn relative<'a>(&self, key: &'a str) -> &'a str {
+        key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
+    }
+
     /// The common prefix (`wasmq:{TENANT}:`), e.g. for ACL key patterns.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -104,9 +110,26 @@ impl Keys {
     pub fn done(&self, id: &str) -> String {
         self.key(&["done", id])
     }
-    /// STRING: the job id that owns an idempotency key of a task.
+    /// STRING: the job id that owns an idempotency key of a task. The task
+    /// name is length-prefixed, so no (task, key) pair can spell another's
+    /// key (`a:b` + `c` and `a` + `b:c` stay apart).
     pub fn idempotency(&self, task: &str, key: &str) -> String {
-        self.key(&["idem", task, key])
+        self.key(&["idem", &task.len().to_string(), task, key])
+    }
+    /// Pattern matching every idempotency key of the tenant (for ACLs).
+    pub fn idempotency_pattern(&self) -> String {
+        self.key(&["idem", "*"])
+    }
+    /// ZSET: every idempotency key of the tenant, scored by when it
+    /// expires (`inf` while its job is pending): counts them for the
+    /// tenant's quota and usage.
+    pub fn idempotency_index(&self) -> String {
+        self.key(&["idem-index"])
+    }
+    /// HASH: guest child enqueues in the current minute (`minute`,
+    /// `count`), for the tenant's `max_children_per_minute`.
+    pub fn children_rate(&self) -> String {
+        self.key(&["children-rate"])
     }
     /// STRING: a guest's key-value entry.
     pub fn kv(&self, key: &str) -> String {
@@ -127,6 +150,22 @@ impl Keys {
     /// STRING (integer): a lock's last fencing token; never expires.
     pub fn fence(&self, name: &str) -> String {
         self.key(&["fence", name])
+    }
+    /// HASH: the size in bytes (name plus value) of every entry the
+    /// tenant's guests store (key-value, counters, once-markers, locks,
+    /// fences, step claims and outputs), by its key after the tenant prefix.
+    pub fn store_sizes(&self) -> String {
+        self.key(&["store", "sizes"])
+    }
+    /// ZSET: the entries of [`Keys::store_sizes`] that expire, by expiry
+    /// (ms), so the totals drop when they lapse.
+    pub fn store_expiry(&self) -> String {
+        self.key(&["store", "expiry"])
+    }
+    /// HASH: `bytes` and `keys` the tenant's guests store now (the sums of
+    /// [`Keys::store_sizes`]), checked against its quota.
+    pub fn store_totals(&self) -> String {
+        self.key(&["store", "totals"])
     }
     /// STRING: a completed step's recorded output.
     pub fn step_done(&self, key: &str) -> String {
@@ -172,6 +211,8 @@ mod tests {
             k.kv("wasmq:{other}:kv:x"),
             "wasmq:{acme}:kv:wasmq:{other}:kv:x"
         );
+        // Length-prefixed task names: no two (task, key) pairs collide.
+        assert_ne!(k.idempotency("a:b", "c"), k.idempotency("a", "b:c"));
         assert!(valid_tenant("acme-1").is_ok());
         assert!(valid_tenant("a}b").is_err());
         assert!(valid_tenant("").is_err());

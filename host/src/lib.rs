@@ -10,6 +10,8 @@
 //! - [`policy`]: the limits and grants a job runs under.
 //! - [`failure`]: the failure categories users see.
 //! - [`keys`]: every Redis key name, built in one place.
+//! - [`limits`]: every bound on what crosses into the host, in one table.
+//! - [`fence`]: whether a delivery still holds its job's lease.
 //! - [`usage`]: what a run cost.
 //! - [`broker`]: jobs in Redis: enqueue, fetch with leases, outcomes,
 //!   deploys, status, the dead-letter queue.
@@ -25,8 +27,10 @@ pub mod cli;
 pub mod component;
 pub mod engine;
 pub mod failure;
+pub mod fence;
 pub mod keys;
 pub mod launcher;
+pub mod limits;
 pub mod policy;
 pub mod pools;
 pub mod retry;

@@ -200,6 +200,15 @@ mod tests {
 
 /// Default attempts per job (the first run plus two retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default lost deliveries before a job is dead-lettered as poison: 20.
+/// A job that kills its worker costs a worker crash per delivery, so the
+/// limit bounds that; a healthy job only loses a delivery when its worker
+/// dies for another reason while running it. In a chaos run that kills one
+/// of two workers every 2 s (a few-second lease, jobs of up to 2.7 s), a
+/// job loses about half of its deliveries, so 20 in a row is about one in
+/// a million (0.5^20), while a real poison job is caught after 20 crashes
+/// instead of running forever.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 20;
 /// Default first backoff delay; doubles per attempt (Celery's `retry_backoff`).
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Default cap on one backoff delay (Celery's `retry_backoff_max`).
@@ -224,6 +233,10 @@ pub struct RetryPolicy {
     pub jitter: bool,
     /// Task error kinds that are retried (others fail the job at once).
     pub auto_retry_kinds: Vec<String>,
+    /// Deliveries that may end with the worker's lease lapsing (it died,
+    /// froze or lost Redis while running the job) before the job is
+    /// dead-lettered as poison. These never use an attempt.
+    pub max_deliveries: u32,
 }
 
 impl Default for RetryPolicy {
@@ -234,6 +247,7 @@ impl Default for RetryPolicy {
             backoff_max: DEFAULT_BACKOFF_MAX,
             jitter: true,
             auto_retry_kinds: vec!["network".into()],
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
         }
     }
 }

@@ -88,6 +88,7 @@ mod tests {
             backoff_max: Duration::from_secs(5),
             jitter,
             auto_retry_kinds: vec!["network".into()],
+            ..RetryPolicy::default()
         }
     }
 

@@ -47,6 +47,22 @@ pub struct TenantLimits {
     /// Jobs of this tenant running at once on all workers together
     /// (enforced in Redis, by the fetch script).
     pub max_cluster_concurrency: Option<u32>,
+    /// Most bytes (names plus values) the tenant's guests may store at once
+    /// in key-value entries, counters, once-markers, locks and step
+    /// markers (enforced in Redis, by the script that writes).
+    pub max_store_bytes: Option<u64>,
+    /// Most entries the tenant's guests may store at once (same scope).
+    pub max_store_keys: Option<u64>,
+    /// Longest time to live of an entry a guest stores; one asked to live
+    /// longer, or forever, lives this long.
+    #[serde(with = "opt_duration")]
+    pub max_value_ttl: Option<Duration>,
+    /// Child jobs the tenant's guests may enqueue per minute, across all
+    /// workers (enforced by the enqueue script).
+    pub max_children_per_minute: Option<u32>,
+    /// Idempotency keys the tenant may hold at once (pending jobs' keys and
+    /// succeeded jobs' keys within their TTL), from producers and guests.
+    pub max_idempotency_keys: Option<u32>,
 }
 
 /// A tenant: its name and caps.
@@ -142,6 +158,14 @@ impl TenantLimits {
                 names.join(", ")
             )
         })
+    }
+
+    /// The store quota a worker's guests write under.
+    pub fn store_quota(&self) -> crate::backend::redis::StoreQuota {
+        crate::backend::redis::StoreQuota {
+            max_bytes: self.max_store_bytes.unwrap_or(0),
+            max_keys: self.max_store_keys.unwrap_or(0),
+        }
     }
 
     /// `policy` cut down to these caps (what a worker runs a job with).

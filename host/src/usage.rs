@@ -26,4 +26,9 @@ pub struct Usage {
     /// Bytes those connections read.
     #[serde(default)]
     pub net_in_bytes: u64,
+    /// Capabilities the run was refused (outbound requests off its
+    /// allow-list or to private addresses, quota refusals, ...), counted
+    /// even when the guest swallowed the error and succeeded.
+    #[serde(default)]
+    pub denied: u64,
 }

@@ -27,15 +27,7 @@ pub fn sandbox_with_slots(jobs: u32) -> Sandbox {
 
 /// A first-attempt job of tenant `t1` with a fresh id.
 pub fn job(payload: &str) -> JobInput {
-    JobInput {
-        id: uuid::Uuid::new_v4().to_string(),
-        task: "test".into(),
-        tenant: "t1".into(),
-        attempt: 1,
-        max_attempts: 1,
-        idempotency_key: None,
-        payload: payload.into(),
-    }
+    JobInput::new(&uuid::Uuid::new_v4().to_string(), "test", "t1", payload)
 }
 
 /// Run `payload` in `task` with a fresh in-memory backend.

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendResult, ChildJob, StepState};
+use super::{Backend, BackendError, BackendResult, ChildJob, Claimant, StepState};
 
 /// `tenant` and name joined by a separator that cannot appear in a tenant
 /// name, so keys of different tenants never collide.
@@ -21,6 +21,16 @@ type Key = String;
 
 fn key(tenant: &str, name: &str) -> Key {
     format!("{tenant}\u{1f}{name}")
+}
+
+/// `value + delta`, or the error Redis gives for a counter that would leave
+/// the i64 range (so `wasmq run` and a worker agree).
+fn add(name: &str, value: i64, delta: i64) -> BackendResult<i64> {
+    value.checked_add(delta).ok_or_else(|| {
+        BackendError::Invalid(format!(
+            "counter {name:?} would overflow: {value} + {delta} is outside the 64-bit range"
+        ))
+    })
 }
 
 fn now_ms() -> u64 {
@@ -172,7 +182,7 @@ impl Backend for MemoryBackend {
     async fn counter_incr(&self, tenant: &str, name: &str, delta: i64) -> BackendResult<i64> {
         let mut s = self.lock();
         let v = s.counters.entry(key(tenant, name)).or_insert(0);
-        *v = v.saturating_add(delta);
+        *v = add(name, *v, delta)?;
         Ok(*v)
     }
 
@@ -188,7 +198,7 @@ impl Backend for MemoryBackend {
             return Ok(*v);
         }
         let v = s.counters.entry(key(tenant, name)).or_insert(0);
-        *v = v.saturating_add(delta);
+        *v = add(name, *v, delta)?;
         let v = *v;
         s.counted_once.insert(key(tenant, once_key), v);
         Ok(v)
@@ -255,9 +265,10 @@ impl Backend for MemoryBackend {
         &self,
         tenant: &str,
         k: &str,
-        claimant: &str,
+        claimant: &Claimant,
         lease: Duration,
     ) -> BackendResult<StepState> {
+        let claimant = claimant.job.as_str();
         let mut s = self.lock();
         let k = key(tenant, k);
         if let Some(done) = s.steps_done.get(&k).filter(|e| e.live()) {
@@ -278,7 +289,7 @@ impl Backend for MemoryBackend {
         &self,
         tenant: &str,
         k: &str,
-        _claimant: &str,
+        _claimant: &Claimant,
         output: &[u8],
         ttl: Option<Duration>,
     ) -> BackendResult<()> {
@@ -289,7 +300,8 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn step_abandon(&self, tenant: &str, k: &str, claimant: &str) -> BackendResult<()> {
+    async fn step_abandon(&self, tenant: &str, k: &str, claimant: &Claimant) -> BackendResult<()> {
+        let claimant = claimant.job.as_str();
         let mut s = self.lock();
         let k = key(tenant, k);
         if s.step_claims.get(&k).is_some_and(|e| e.value == claimant) {
@@ -331,6 +343,24 @@ mod tests {
     }
 
     #[test]
+    fn counters_refuse_to_overflow() {
+        run(async {
+            let b = MemoryBackend::new();
+            b.counter_incr("t", "c", i64::MAX).await.unwrap();
+            let err = b.counter_incr("t", "c", 1).await.unwrap_err();
+            assert!(
+                matches!(err, BackendError::Invalid(ref m) if m.contains("overflow")),
+                "{err}"
+            );
+            assert_eq!(
+                b.counter_get("t", "c").await.unwrap(),
+                i64::MAX,
+                "unchanged"
+            );
+        })
+    }
+
+    #[test]
     fn lock_owner_and_fencing() {
         run(async {
             let b = MemoryBackend::new();
@@ -368,19 +398,20 @@ mod tests {
         run(async {
             let b = MemoryBackend::new();
             let lease = Duration::from_secs(5);
+            let (run1, run2) = (Claimant::unfenced("run1"), Claimant::unfenced("run2"));
             assert_eq!(
-                b.step_begin("t", "s", "run1", lease).await.unwrap(),
+                b.step_begin("t", "s", &run1, lease).await.unwrap(),
                 StepState::Run
             );
             assert_eq!(
-                b.step_begin("t", "s", "run2", lease).await.unwrap(),
+                b.step_begin("t", "s", &run2, lease).await.unwrap(),
                 StepState::Busy
             );
-            b.step_complete("t", "s", "run1", b"out", None)
+            b.step_complete("t", "s", &run1, b"out", None)
                 .await
                 .unwrap();
             assert_eq!(
-                b.step_begin("t", "s", "run2", lease).await.unwrap(),
+                b.step_begin("t", "s", &run2, lease).await.unwrap(),
                 StepState::Done(b"out".to_vec())
             );
         })

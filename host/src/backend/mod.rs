@@ -15,14 +15,27 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-/// Why a backend call failed.
+/// Why a backend call failed. The split decides whose problem it is: the
+/// host's (retried without using the task's attempts, a bounded number of
+/// times) or the guest's (its request was wrong, or over its tenant's
+/// quota: retrying the same request cannot help).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendError {
-    /// The store could not be reached or answered with an error; retrying
-    /// later may work.
+    /// The store could not be reached, or refused for a reason of its own
+    /// (out of memory, a read-only replica, an ACL, loading): the host's
+    /// fault; retrying later may work.
     Unavailable(String),
-    /// The request was refused as malformed or over a limit.
+    /// The request was refused as malformed or out of range (by the host's
+    /// checks, or by the store itself: a counter that would overflow, an
+    /// expiry out of range): the guest's problem.
     Invalid(String),
+    /// Over a tenant quota (stored bytes or keys, child jobs per minute,
+    /// idempotency keys): a capability refused.
+    Denied(String),
+    /// The delivery making the call no longer holds its job's lease:
+    /// another delivery owns the job now, so this one may not complete a
+    /// step.
+    LeaseLost(String),
 }
 
 impl std::fmt::Display for BackendError {
@@ -30,11 +43,37 @@ impl std::fmt::Display for BackendError {
         match self {
             BackendError::Unavailable(m) => write!(f, "state store unavailable: {m}"),
             BackendError::Invalid(m) => write!(f, "invalid request: {m}"),
+            BackendError::Denied(m) => write!(f, "denied: {m}"),
+            BackendError::LeaseLost(m) => write!(f, "lease lost: {m}"),
         }
     }
 }
 
 impl std::error::Error for BackendError {}
+
+/// Who claims a step: one delivery of one job. A later delivery of the same
+/// job takes over its claims at once (the earlier one lost its lease, or it
+/// would not have been redelivered), while other jobs naming the same step
+/// wait for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimant {
+    /// The job's id.
+    pub job: String,
+    /// The delivery's lease token; `None` in embedded mode (`wasmq run`),
+    /// where there are no leases. With a token, the store refuses to begin
+    /// or complete a step once the job's lease names another delivery.
+    pub token: Option<String>,
+}
+
+impl Claimant {
+    /// A claimant without a lease (embedded mode, tests).
+    pub fn unfenced(job: &str) -> Self {
+        Claimant {
+            job: job.to_string(),
+            token: None,
+        }
+    }
+}
 
 /// Result of a backend call.
 pub type BackendResult<T> = Result<T, BackendError>;
@@ -88,7 +127,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Delete `key`; true if it existed.
     async fn kv_delete(&self, tenant: &str, key: &str) -> BackendResult<bool>;
 
-    /// Add `delta` to counter `name`; the new value.
+    /// Add `delta` to counter `name`; the new value. `Invalid` when the
+    /// counter would leave the i64 range (both backends refuse alike).
     async fn counter_incr(&self, tenant: &str, name: &str, delta: i64) -> BackendResult<i64>;
     /// Add `delta` to counter `name` unless `once_key` was used before;
     /// either way, the value recorded for `once_key` (atomic).
@@ -122,26 +162,30 @@ pub trait Backend: Send + Sync + 'static {
     /// Release the lock if `owner` still holds it.
     async fn lock_release(&self, tenant: &str, name: &str, owner: &str) -> BackendResult<bool>;
 
-    /// Claim step `key` for `claimant` (one run of one job) for `lease`,
-    /// unless it is done or claimed by another live run.
+    /// Claim step `key` for `claimant` for `lease`, unless it is done or
+    /// claimed by another job's live claim. `LeaseLost` when the claimant's
+    /// delivery no longer holds its job.
     async fn step_begin(
         &self,
         tenant: &str,
         key: &str,
-        claimant: &str,
+        claimant: &Claimant,
         lease: Duration,
     ) -> BackendResult<StepState>;
-    /// Record step `key` as done with `output` and drop the claim.
+    /// Record step `key` as done with `output` and drop the claim;
+    /// `LeaseLost` (nothing recorded) when the claimant's delivery no
+    /// longer holds its job.
     async fn step_complete(
         &self,
         tenant: &str,
         key: &str,
-        claimant: &str,
+        claimant: &Claimant,
         output: &[u8],
         ttl: Option<Duration>,
     ) -> BackendResult<()>;
-    /// Drop `claimant`'s claim on step `key`, if it still holds it.
-    async fn step_abandon(&self, tenant: &str, key: &str, claimant: &str) -> BackendResult<()>;
+    /// Drop `claimant`'s job's claim on step `key`, if it still holds it.
+    async fn step_abandon(&self, tenant: &str, key: &str, claimant: &Claimant)
+        -> BackendResult<()>;
 
     /// Enqueue a child job in `tenant`; its job id.
     async fn enqueue_child(&self, tenant: &str, child: ChildJob) -> BackendResult<String>;

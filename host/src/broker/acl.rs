@@ -49,7 +49,18 @@ const SCRIPT_COMMANDS: &[&str] = &["eval", "evalsha", "script|load"];
 /// The commands `ENQUEUE` and `WATCH_RESULT` run inside Redis; checked
 /// against the calling user, so they must be granted (on the same key
 /// patterns).
-const ENQUEUE_COMMANDS: &[&str] = &["set", "incr", "time", "hset", "zadd", "lpush", "ltrim"];
+const ENQUEUE_COMMANDS: &[&str] = &[
+    "set",
+    "incr",
+    "time",
+    "hset",
+    "zadd",
+    "lpush",
+    "ltrim",
+    "exists",
+    "zremrangebyscore",
+    "zcard",
+];
 /// The by-hand enqueue (MULTI/EXEC, docs/redis-layout.md) for producers
 /// that do not run scripts; the queued commands are checked one by one.
 const TRANSACTION_COMMANDS: &[&str] = &["multi", "exec", "discard"];
@@ -81,10 +92,16 @@ impl ProducerAcl {
         let keys = Keys::new(tenant);
         // Patterns are built by the key builder itself, with `*` for the
         // variable part, so they cannot drift from the keys the code uses.
-        let read_keys = vec![keys.task("*"), keys.result("*"), keys.history("*")];
+        let read_keys = vec![
+            keys.task("*"),
+            keys.tenant(),
+            keys.result("*"),
+            keys.history("*"),
+        ];
         let write_keys = vec![
             keys.job("*"),
-            keys.idempotency("*", "*"),
+            keys.idempotency_pattern(),
+            keys.idempotency_index(),
             keys.done("*"),
             keys.ready("*"),
             keys.delayed("*"),

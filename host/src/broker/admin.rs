@@ -8,37 +8,60 @@ use serde::Serialize;
 
 use super::envelope::Envelope;
 use super::registry::DeployedTask;
-use super::{now_ms, Broker};
+use super::{now_ms, scripts, Broker};
 use crate::keys::{valid_tenant, Keys};
 use crate::policy::TaskPolicy;
 
-/// What `wasmq status` shows.
+/// What `wasmq status` shows. Times are unix milliseconds on the Redis
+/// server's clock (the CLI also prints them as RFC 3339).
 #[derive(Debug, Clone, Serialize)]
 pub struct JobStatus {
     /// Job id.
     pub id: String,
     /// queued, scheduled, active, succeeded, dead.
     pub state: String,
-    /// Attempts started.
+    /// Attempts that ended in a verdict (success, a retry, death): what
+    /// the task's `max_attempts` counts.
     pub attempts: u64,
-    /// Deliveries to workers (attempts plus crash redeliveries).
+    /// The attempt running now, or the last one to run.
+    pub attempt: Option<u64>,
+    /// Deliveries to workers: attempts, plus deliveries whose worker died
+    /// or froze, plus host retries and hand-backs.
     pub deliveries: u64,
+    /// Deliveries that ended with the worker's lease lapsing (what
+    /// `max_deliveries` counts), and the workers that lost them.
+    pub lost_deliveries: u64,
+    /// The workers that lost this job's lease, most recent last.
+    pub lost_workers: Vec<String>,
+    /// Times the host retried the job for its own faults.
+    pub host_retries: u64,
     /// Task name.
     pub task: Option<String>,
     /// The last error, if any.
     pub last_error: Option<serde_json::Value>,
     /// Fuel, peak memory, wall time of the last run.
     pub usage: Option<serde_json::Value>,
-    /// Enqueue, start and finish times (unix ms).
+    /// Capabilities the last recorded run was refused (the first few), even
+    /// if the guest swallowed the refusal.
+    pub denials: Vec<String>,
+    /// When the job was enqueued.
     pub enqueued_at_ms: Option<u64>,
+    /// When a scheduled job is due (countdown, ETA or retry backoff).
+    pub due_at_ms: Option<u64>,
     /// When the last attempt started.
     pub started_at_ms: Option<u64>,
     /// When the job finished.
     pub finished_at_ms: Option<u64>,
     /// Every event, oldest first: enqueued, started, retry, host-retry,
-    /// lease-expired, released, dead-retry, succeeded, dead.
+    /// wait, lease-expired, released, dead-retry, succeeded, dead (the last
+    /// 100 recorded ones).
     pub history: Vec<serde_json::Value>,
 }
+
+/// What `wasmq tenant usage` shows: the tenant's summed usage (`runs`,
+/// `fuel`, ..., and the `wasted_*` runs whose outcomes were refused),
+/// plus what its guests store now.
+pub type TenantUsage = std::collections::BTreeMap<String, u64>;
 
 /// A numeric field of a job hash read with HGETALL.
 fn field_u64(fields: &std::collections::HashMap<String, String>, key: &str) -> Option<u64> {
@@ -130,18 +153,20 @@ impl Broker {
         Ok(task)
     }
 
-    /// Create or replace a tenant's record (its caps).
+    /// Create or replace a tenant's record (its caps). The record and the
+    /// global list of tenant names are two writes, not one transaction: a
+    /// tenant's keys and the global key live in different slots of a
+    /// cluster. The name is listed first, so a record never exists unlisted.
     pub async fn put_tenant(&self, record: &crate::tenants::Tenant) -> anyhow::Result<()> {
         valid_tenant(&record.name).map_err(anyhow::Error::msg)?;
-        redis::pipe()
-            .atomic()
+        let mut conn = self.connection();
+        let _: i64 = conn.sadd(crate::keys::TENANTS, &record.name).await?;
+        let _: i64 = conn
             .hset(
                 Keys::new(&record.name).tenant(),
                 "spec",
                 serde_json::to_string(record)?,
             )
-            .sadd(crate::keys::TENANTS, &record.name)
-            .query_async::<()>(&mut self.connection())
             .await?;
         Ok(())
     }
@@ -188,33 +213,71 @@ impl Broker {
             .and_then(|e| Envelope::parse(e).ok())
             .map(|e| e.task);
         let state = fields.get("state").cloned().unwrap_or_default();
+        let list = |k: &str| -> Vec<String> {
+            fields
+                .get(k)
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default()
+        };
+        let lost_workers = fields
+            .get("lost_workers")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
         let recorded = history
             .iter()
             .filter_map(|h| serde_json::from_str(h).ok())
             .collect();
         let history = full_history(&state, &fields, recorded);
+        let due_at_ms = num("due_at_ms").filter(|_| state == "scheduled");
         Ok(Some(JobStatus {
             id: id.to_string(),
             state,
-            attempts: num("attempt").unwrap_or(0),
+            attempts: num("attempts").unwrap_or(0),
+            attempt: num("attempt"),
             deliveries: num("deliveries").unwrap_or(0),
+            lost_deliveries: num("lost").unwrap_or(0),
+            lost_workers,
+            host_retries: num("host_retries").unwrap_or(0),
             task,
             last_error: json("last_error"),
             usage: json("usage"),
+            denials: list("denials"),
             enqueued_at_ms: num("enqueued_at_ms"),
+            due_at_ms,
             started_at_ms: num("started_at_ms"),
             finished_at_ms: num("finished_at_ms"),
             history,
         }))
     }
 
-    /// A tenant's summed usage: runs, fuel, wall time (us), memory
-    /// byte-seconds, network bytes out and in.
-    pub async fn usage(
-        &self,
-        tenant: &str,
-    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
-        Ok(self.connection().hgetall(Keys::new(tenant).usage()).await?)
+    /// A tenant's summed usage (runs, fuel, wall time, memory
+    /// byte-seconds, network bytes out and in, refusals, and wasted runs),
+    /// and what it holds now: `store_bytes`, `store_keys`,
+    /// `idempotency_keys`, `children_this_minute`.
+    pub async fn usage(&self, tenant: &str) -> anyhow::Result<TenantUsage> {
+        let keys = Keys::new(tenant);
+        let mut conn = self.connection();
+        let mut usage: TenantUsage = conn.hgetall(keys.usage()).await?;
+        let (bytes, entries) = crate::backend::redis::store_totals(&mut conn, tenant).await?;
+        usage.insert("store_bytes".into(), bytes);
+        usage.insert("store_keys".into(), entries);
+        let idempotency: u64 = conn
+            .zcount(keys.idempotency_index(), now_ms(), "+inf")
+            .await?;
+        usage.insert("idempotency_keys".into(), idempotency);
+        let window: (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(keys.children_rate())
+            .arg("minute")
+            .arg("count")
+            .query_async(&mut conn)
+            .await?;
+        let this_minute = now_ms() / 60_000;
+        let children = match window {
+            (Some(minute), Some(count)) if minute == this_minute => count,
+            _ => 0,
+        };
+        usage.insert("children_this_minute".into(), children);
+        Ok(usage)
     }
 
     /// Dead-lettered jobs, newest first: (id, dead at ms).
@@ -229,45 +292,22 @@ impl Broker {
             .await?)
     }
 
-    /// Put a dead job back on its queue with fresh attempts. False if it is
-    /// not in the dead-letter queue.
+    /// Put a dead job back on its queue with fresh attempts and
+    /// deliveries, in one step (see [`scripts::DEAD_RETRY`]). False if it
+    /// is not in the dead-letter queue.
     pub async fn dead_retry(&self, tenant: &str, id: &str) -> anyhow::Result<bool> {
         let keys = Keys::new(tenant);
-        let mut conn = self.connection();
-        let envelope: Option<String> = conn.hget(keys.job(id), "envelope").await?;
-        let Some(envelope) = envelope.and_then(|e| Envelope::parse(&e).ok()) else {
-            return Ok(false);
-        };
-        let removed: i64 = conn.zrem(keys.dead(), id).await?;
-        if removed == 0 {
-            return Ok(false);
-        }
-        let score: f64 = conn
-            .hget(keys.job(id), "score")
-            .await
-            .unwrap_or(envelope.priority_base());
-        redis::pipe()
-            .atomic()
-            .hset_multiple(
-                keys.job(id),
-                &[
-                    ("state", "queued"),
-                    ("attempt", "0"),
-                    ("lease", ""),
-                    ("has_history", "1"),
-                ],
-            )
-            .hdel(keys.job(id), "finished_at_ms")
-            .del(keys.done(id))
-            .rpush(
-                keys.history(id),
-                serde_json::json!({"at_ms": now_ms(), "event": "dead-retry"}).to_string(),
-            )
-            .zadd(keys.ready(&envelope.queue), id, score)
-            .lpush(keys.signal(&envelope.queue), "1")
-            .query_async::<()>(&mut conn)
+        let retried: i64 = scripts::DEAD_RETRY
+            .key(keys.job(id))
+            .key(keys.dead())
+            .key(keys.history(id))
+            .key(keys.done(id))
+            .key(keys.idempotency_index())
+            .arg(keys.prefix())
+            .arg(id)
+            .invoke_async(&mut self.connection())
             .await?;
-        Ok(true)
+        Ok(retried == 1)
     }
 
     /// Delete every dead-lettered job; how many.

@@ -5,10 +5,11 @@
 
 use async_trait::async_trait;
 
-use super::{now_ms, Broker, EnqueueRequest};
+use super::producer::Origin;
+use super::{Broker, EnqueueRequest};
 use crate::backend::redis::ChildEnqueuer;
 use crate::backend::{BackendError, BackendResult, ChildJob};
-use crate::failure::Failure;
+use crate::failure::{Category, Failure};
 
 #[async_trait]
 impl ChildEnqueuer for Broker {
@@ -19,15 +20,18 @@ impl ChildEnqueuer for Broker {
             tenant: tenant.to_string(),
             task: child.task,
             payload,
-            not_before_ms: child.countdown.map(|d| now_ms() + d.as_millis() as u64),
+            countdown: child.countdown,
             idempotency_key: child.idempotency_key,
             ..EnqueueRequest::default()
         };
-        match self.enqueue(request).await {
+        match self.enqueue_as(request, Origin::Child).await {
             Ok(e) => Ok(e.id),
             Err(e) => match e.downcast_ref::<Failure>() {
+                Some(f) if f.category == Category::Denied => {
+                    Err(BackendError::Denied(f.message.clone()))
+                }
                 Some(f) => Err(BackendError::Invalid(f.to_string())),
-                None => Err(BackendError::Unavailable(format!("{e:#}"))),
+                None => Err(crate::backend::redis::classify("child enqueue", &e)),
             },
         }
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{now_ms, scripts, Broker};
+use super::{scripts, Broker};
 use crate::failure::Failure;
 use crate::keys::Keys;
 use crate::usage::Usage;
@@ -23,10 +23,13 @@ pub struct Fetched {
     pub id: String,
     /// The raw envelope (parsed by the worker, which dead-letters bad ones).
     pub envelope: String,
-    /// 1-based attempt number.
+    /// 1-based attempt number: runs of this job that ended in a verdict,
+    /// plus one. A delivery whose worker died does not count.
     pub attempt: u32,
     /// This delivery's lease token.
     pub token: String,
+    /// Times the host has already retried this job for its own faults.
+    pub host_retries: u32,
 }
 
 /// What to record for a job.
@@ -38,27 +41,59 @@ pub enum Outcome {
         result: String,
         /// Keep the result this long; `None` ignores it.
         store: Option<Duration>,
+        /// How long the job's idempotency key (if any) keeps deduplicating
+        /// from now.
+        idempotency_ttl: Duration,
     },
-    /// Run again at `at_ms`.
+    /// Run again after `delay` (counted against the task's attempts).
     Retry {
-        /// Unix ms when the job is due again.
-        at_ms: u64,
+        /// Wait from the moment the outcome is recorded (Redis time).
+        delay: Duration,
         /// What this attempt ended with.
         error: Failure,
     },
-    /// Run again at `at_ms` without counting this attempt against the task:
-    /// the host failed (Redis unavailable mid-run, component not fetchable),
-    /// not the task.
+    /// Run again after `delay` without counting this attempt against the
+    /// task: the host failed (Redis unavailable mid-run, component not
+    /// fetchable), not the task. Counted in the job's host retries.
     HostRetry {
-        /// Unix ms when the job is due again.
-        at_ms: u64,
+        /// Wait from the moment the outcome is recorded (Redis time).
+        delay: Duration,
         /// What went wrong.
+        error: Failure,
+    },
+    /// Run again after `delay`, using neither an attempt nor a host retry:
+    /// the run waited for another job's step (which ends when that job
+    /// completes or its claim lapses).
+    Wait {
+        /// Wait from the moment the outcome is recorded (Redis time).
+        delay: Duration,
+        /// Why it waits.
         error: Failure,
     },
     /// Dead-letter with this failure.
     Dead(Failure),
     /// Not run to the end (shutdown): back on the queue, attempt not counted.
     Release,
+}
+
+/// Whether an outcome was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded now.
+    Now,
+    /// This delivery's outcome had been recorded already (a retried batch
+    /// whose first reply was lost): nothing was written twice.
+    Before,
+    /// The caller no longer holds the job's lease; the outcome was dropped
+    /// (the job belongs to the delivery that holds it now).
+    Stale,
+}
+
+impl Recorded {
+    /// True when the job's outcome is in Redis (now or before).
+    pub fn is_recorded(self) -> bool {
+        matches!(self, Recorded::Now | Recorded::Before)
+    }
 }
 
 /// Who fetches, and on what terms.
@@ -68,10 +103,29 @@ pub struct LeaseTerms<'a> {
     pub worker: &'a str,
     /// How long a lease lasts unless renewed.
     pub lease: Duration,
-    /// Deliveries after which a job that never finishes is dead-lettered.
+    /// Lost deliveries after which a job is dead-lettered as poison, for
+    /// jobs that do not carry their task's own limit.
     pub max_deliveries: u32,
     /// The tenant's cap on its jobs leased across all workers, if any.
     pub cluster_cap: Option<u32>,
+}
+
+/// Refusals a job's record keeps (the first ones; the count is in its
+/// usage).
+const MAX_DENIALS_KEPT: usize = 10;
+
+/// The first [`MAX_DENIALS_KEPT`] refusals as a JSON list, or '' for none.
+fn denials_json(denials: &[String]) -> String {
+    if denials.is_empty() {
+        return String::new();
+    }
+    let kept = &denials[..denials.len().min(MAX_DENIALS_KEPT)];
+    serde_json::to_string(kept).unwrap_or_default()
+}
+
+/// Milliseconds of `d`, saturating.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Broker {
@@ -92,18 +146,18 @@ impl Broker {
             .key(keys.leased(queue))
             .key(keys.dead())
             .key(keys.inflight())
+            .key(keys.idempotency_index())
             .arg(keys.prefix())
-            .arg(now_ms())
             .arg(n)
-            .arg(terms.lease.as_millis() as u64)
+            .arg(ms(terms.lease))
             .arg(terms.worker)
             .arg(terms.max_deliveries)
             .arg(terms.cluster_cap.unwrap_or(0))
-            .arg(FINISHED_RETENTION.as_millis() as u64)
+            .arg(ms(FINISHED_RETENTION))
             .invoke_async(&mut self.connection())
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 4);
-        for chunk in flat.chunks_exact(4) {
+        let mut out = Vec::with_capacity(flat.len() / 5);
+        for chunk in flat.chunks_exact(5) {
             out.push(Fetched {
                 tenant: tenant.to_string(),
                 queue: queue.to_string(),
@@ -111,158 +165,139 @@ impl Broker {
                 envelope: redis::from_redis_value_ref(&chunk[1])?,
                 attempt: redis::from_redis_value_ref(&chunk[2])?,
                 token: redis::from_redis_value_ref(&chunk[3])?,
+                host_retries: redis::from_redis_value_ref(&chunk[4])?,
             });
         }
         Ok(out)
     }
 
-    /// Extend the leases of `jobs` (id, token) on `queue`; how many still
-    /// belonged to us.
+    /// Extend the leases of `jobs` (id, token) on `queue` to `lease` from
+    /// now (Redis time); the ids whose lease the caller no longer holds.
     pub async fn renew(
         &self,
         tenant: &str,
         queue: &str,
         lease: Duration,
         jobs: &[(String, String)],
-    ) -> redis::RedisResult<usize> {
+    ) -> redis::RedisResult<Vec<String>> {
         if jobs.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let keys = Keys::new(tenant);
         let mut call = scripts::RENEW.key(keys.leased(queue));
         call.key(keys.inflight());
-        call.arg(keys.prefix())
-            .arg(now_ms() + lease.as_millis() as u64);
+        call.arg(keys.prefix()).arg(ms(lease));
         for (id, token) in jobs {
             call.arg(id).arg(token);
         }
         call.invoke_async(&mut self.connection()).await
     }
 
-    /// Record the outcome of a delivery. False when the lease was lost (the
-    /// job was redelivered to someone else, whose outcome counts).
+    /// Record the outcome of one delivery.
     pub async fn complete(
         &self,
         job: &Arc<Fetched>,
         outcome: &Outcome,
         usage: &Usage,
-        idempotency_key: Option<&str>,
-        task: &str,
-    ) -> redis::RedisResult<bool> {
+    ) -> redis::RedisResult<Recorded> {
         let record = Completion {
             job: job.clone(),
             outcome: outcome.clone(),
             usage: *usage,
-            idempotency_key: idempotency_key.map(String::from),
-            task: task.to_string(),
+            denials: Vec::new(),
         };
         Ok(self.complete_many(&[&record]).await?[0])
     }
 
-    /// Record many outcomes of one tenant in one round trip; one flag per
-    /// completion, false where the lease was lost.
+    /// Record many outcomes of one tenant in one round trip; one answer per
+    /// completion. Safe to call again with the same completions (a reply
+    /// lost on the way back): each is recorded, and its usage counted,
+    /// once.
     pub async fn complete_many(
         &self,
         completions: &[&Completion],
-    ) -> redis::RedisResult<Vec<bool>> {
+    ) -> redis::RedisResult<Vec<Recorded>> {
         let Some(first) = completions.first() else {
             return Ok(Vec::new());
         };
         let keys = Keys::new(&first.job.tenant);
         let mut call = scripts::COMPLETE.prepare_invoke();
-        // Usage of runs that ran a sandbox (a release or a host retry before
-        // the guest started has none); summed here so Redis writes once.
-        let ran: Vec<&Usage> = completions
-            .iter()
-            .map(|c| &c.usage)
-            .filter(|u| u.wall_time_us > 0)
-            .collect();
-        let fuel: u64 = ran.iter().map(|u| u.fuel).sum();
-        let wall: u64 = ran.iter().map(|u| u.wall_time_us).sum();
-        let run_time: u64 = ran.iter().map(|u| u.run_time_us).sum();
-        // Memory held over time, the way a platform bills it.
-        let byte_seconds: u64 = ran
-            .iter()
-            .map(|u| (u.peak_memory_bytes as u128 * u.wall_time_us as u128 / 1_000_000) as u64)
-            .sum();
-        let net_out: u64 = ran.iter().map(|u| u.net_out_bytes).sum();
-        let net_in: u64 = ran.iter().map(|u| u.net_in_bytes).sum();
-        call.arg(keys.prefix())
-            .arg(now_ms())
-            .arg(FINISHED_RETENTION.as_millis() as u64)
-            .arg(ran.len())
-            .arg(fuel)
-            .arg(wall)
-            .arg(byte_seconds)
-            .arg(net_out)
-            .arg(net_in)
-            .arg(run_time);
+        call.key(keys.usage())
+            .key(keys.dead())
+            .key(keys.idempotency_index())
+            .arg(keys.prefix())
+            .arg(ms(FINISHED_RETENTION));
         for c in completions {
             debug_assert_eq!(c.job.tenant, first.job.tenant, "one tenant per batch");
-            let (name, result, ttl, retry_at, error) = match &c.outcome {
-                Outcome::Succeeded { result, store } => (
+            let error_json = |e: &Failure| serde_json::to_string(e).unwrap_or_default();
+            let (name, result, store, idem_ttl, delay, error) = match &c.outcome {
+                Outcome::Succeeded {
+                    result,
+                    store,
+                    idempotency_ttl,
+                } => (
                     "succeeded",
                     result.as_str(),
-                    store.map_or(0, |d| d.as_millis() as u64),
+                    store.map_or(0, ms),
+                    ms(*idempotency_ttl).max(1),
                     0,
                     String::new(),
                 ),
-                Outcome::Retry { at_ms, error } => (
-                    "retry",
-                    "",
-                    0,
-                    *at_ms,
-                    serde_json::to_string(error).unwrap_or_default(),
-                ),
-                Outcome::HostRetry { at_ms, error } => (
-                    "host-retry",
-                    "",
-                    0,
-                    *at_ms,
-                    serde_json::to_string(error).unwrap_or_default(),
-                ),
-                Outcome::Dead(error) => (
-                    "dead",
-                    "",
-                    0,
-                    0,
-                    serde_json::to_string(error).unwrap_or_default(),
-                ),
-                Outcome::Release => ("release", "", 0, 0, String::new()),
+                Outcome::Retry { delay, error } => {
+                    ("retry", "", 0, 0, ms(*delay), error_json(error))
+                }
+                Outcome::HostRetry { delay, error } => {
+                    ("host-retry", "", 0, 0, ms(*delay), error_json(error))
+                }
+                Outcome::Wait { delay, error } => ("wait", "", 0, 0, ms(*delay), error_json(error)),
+                Outcome::Dead(error) => ("dead", "", 0, 0, 0, error_json(error)),
+                Outcome::Release => ("release", "", 0, 0, 0, String::new()),
             };
-            let idem = c
-                .idempotency_key
-                .as_deref()
-                .map(|k| keys.idempotency(&c.task, k))
-                .unwrap_or_default();
+            let u = &c.usage;
+            // Memory held over time, the way a platform bills it.
+            let byte_seconds =
+                (u.peak_memory_bytes as u128 * u.wall_time_us as u128 / 1_000_000) as u64;
             call.arg(&c.job.id)
                 .arg(&c.job.queue)
                 .arg(&c.job.token)
                 .arg(name)
                 .arg(result)
-                .arg(ttl)
-                .arg(retry_at)
+                .arg(store)
+                .arg(idem_ttl)
+                .arg(delay)
                 .arg(error)
-                .arg(serde_json::to_string(&c.usage).unwrap_or_default())
-                .arg(idem);
+                .arg(serde_json::to_string(u).unwrap_or_default())
+                .arg(u.fuel)
+                .arg(u.wall_time_us)
+                .arg(u.run_time_us)
+                .arg(byte_seconds)
+                .arg(u.net_out_bytes)
+                .arg(u.net_in_bytes)
+                .arg(denials_json(&c.denials));
         }
         let answers: Vec<String> = call.invoke_async(&mut self.connection()).await?;
-        Ok(answers.iter().map(|a| a == "ok").collect())
+        Ok(answers
+            .iter()
+            .map(|a| match a.as_str() {
+                "ok" => Recorded::Now,
+                "recorded" => Recorded::Before,
+                _ => Recorded::Stale,
+            })
+            .collect())
     }
 }
 
 /// One outcome to record, for [`Broker::complete_many`].
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// The delivery (shared with the worker's in-flight table: the envelope
-    /// is not copied per job).
+    /// The delivery (shared with the worker's held jobs: the envelope is
+    /// not copied per job).
     pub job: Arc<Fetched>,
     /// What happened.
     pub outcome: Outcome,
     /// What it cost.
     pub usage: Usage,
-    /// The job's idempotency key (released if the job is dead-lettered).
-    pub idempotency_key: Option<String>,
-    /// The job's task name (scopes the idempotency key).
-    pub task: String,
+    /// Capabilities the run was refused (kept in the job's record, so a
+    /// guest that swallowed a refusal still shows it).
+    pub denials: Vec<String>,
 }

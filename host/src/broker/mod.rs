@@ -19,8 +19,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 
-pub use admin::JobStatus;
-pub use consumer::{Completion, Fetched, LeaseTerms, Outcome};
+pub use admin::{JobStatus, TenantUsage};
+pub use consumer::{Completion, Fetched, LeaseTerms, Outcome, Recorded};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};
 pub use registry::DeployedTask;
 
@@ -40,10 +40,7 @@ impl Broker {
         use anyhow::Context;
         let client =
             redis::Client::open(url).with_context(|| format!("Redis URL {url:?} is not valid"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(2)
-            .set_max_delay(std::time::Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
+        let conn = ConnectionManager::new_with_config(client.clone(), connection_config())
             .await
             .with_context(|| format!("connecting to Redis at {url}"))?;
         Ok(Broker {
@@ -63,6 +60,13 @@ impl Broker {
         self.conn.clone()
     }
 
+    /// A connection of its own (reconnecting by itself, like the shared
+    /// one), for traffic that must not queue behind the shared one's: a
+    /// tenant's guest host calls.
+    pub async fn new_connection(&self) -> redis::RedisResult<ConnectionManager> {
+        ConnectionManager::new_with_config(self.client.clone(), connection_config()).await
+    }
+
     /// A dedicated connection for blocking commands (BLPOP, BLMOVE), which
     /// must not stall the shared multiplexed one. `block` is the longest the
     /// caller's command blocks; the response timeout allows for it.
@@ -76,6 +80,15 @@ impl Broker {
             .get_multiplexed_async_connection_with_config(&config)
             .await
     }
+}
+
+/// How a reconnecting connection retries: a couple of quick attempts per
+/// call, so calls during an outage fail fast and the caller's own backoff
+/// decides when to try again.
+fn connection_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_max_delay(std::time::Duration::from_millis(500))
 }
 
 /// Milliseconds since the unix epoch.

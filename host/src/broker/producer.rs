@@ -9,6 +9,7 @@ use super::envelope::{Envelope, ENVELOPE_VERSION, MAX_PRIORITY};
 use super::{now_ms, scripts, Broker};
 use crate::failure::{Category, Failure};
 use crate::keys::{valid_tenant, Keys};
+use crate::limits;
 
 /// What to enqueue.
 #[derive(Debug, Clone, Default)]
@@ -19,7 +20,12 @@ pub struct EnqueueRequest {
     pub task: String,
     /// JSON payload.
     pub payload: serde_json::Value,
-    /// Do not start before this time (unix ms); `--countdown` and `--eta`.
+    /// Do not start before this long after the enqueue (`--countdown`),
+    /// measured on the Redis server's clock, the same reading as the
+    /// enqueue time.
+    pub countdown: Option<Duration>,
+    /// Do not start before this time (unix ms, `--eta`); wins over
+    /// `countdown`.
     pub not_before_ms: Option<u64>,
     /// Deduplicate on this key.
     pub idempotency_key: Option<String>,
@@ -57,16 +63,37 @@ pub enum ResultState {
     Unknown,
 }
 
+/// Who asks for a job: a producer, or a guest enqueueing a child job
+/// (whose enqueues the tenant's `max_children_per_minute` limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// An application, the CLI, the Rust client API.
+    Producer,
+    /// A running job's `enqueue` host call.
+    Child,
+}
+
 fn failure(category: Category, message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(Failure::new(category, message))
 }
 
 impl Broker {
-    /// Enqueue a job. Fails with `unknown-task` or `bad-payload` failures
-    /// (downcastable to [`Failure`]) before anything is written.
+    /// Enqueue a job. Fails with `unknown-task`, `bad-payload` or (over a
+    /// tenant quota) `denied` failures, downcastable to [`Failure`], before
+    /// anything is written.
     pub async fn enqueue(&self, req: EnqueueRequest) -> anyhow::Result<Enqueued> {
+        self.enqueue_as(req, Origin::Producer).await
+    }
+
+    /// [`Broker::enqueue`] for a producer or for a guest's child job.
+    pub(super) async fn enqueue_as(
+        &self,
+        req: EnqueueRequest,
+        origin: Origin,
+    ) -> anyhow::Result<Enqueued> {
         valid_tenant(&req.tenant).map_err(anyhow::Error::msg)?;
-        let task = self.task(&req.tenant, &req.task).await?.ok_or_else(|| {
+        let (task, tenant) = self.task_and_tenant(&req.tenant, &req.task).await?;
+        let task = task.ok_or_else(|| {
             failure(
                 Category::UnknownTask,
                 format!(
@@ -75,12 +102,23 @@ impl Broker {
                 ),
             )
         })?;
+        let caps = tenant.map(|t| t.limits).unwrap_or_default();
         anyhow::ensure!(
             req.priority <= MAX_PRIORITY,
             "priority {} is out of range 0-{MAX_PRIORITY}",
             req.priority
         );
-        let now = now_ms();
+        let bad = |m: String| failure(Category::BadPayload, m);
+        if let Some(key) = &req.idempotency_key {
+            limits::check_name("idempotency key", key, limits::MAX_IDEMPOTENCY_KEY_BYTES)
+                .map_err(bad)?;
+        }
+        let delay = req.countdown.unwrap_or_default();
+        limits::check_delay("countdown", delay).map_err(bad)?;
+        if let Some(eta) = req.not_before_ms {
+            let ahead = Duration::from_millis(eta.saturating_sub(now_ms()));
+            limits::check_delay("an ETA from now", ahead).map_err(bad)?;
+        }
         let envelope = Envelope {
             v: ENVELOPE_VERSION,
             id: uuid::Uuid::new_v4().to_string(),
@@ -89,22 +127,21 @@ impl Broker {
             queue: task.policy.queue.clone(),
             payload: req.payload,
             priority: req.priority,
-            enqueued_at_ms: now,
+            enqueued_at_ms: now_ms(),
             idempotency_key: req.idempotency_key.clone(),
             store_result: req.store_result,
             max_attempts: req.max_attempts,
         };
         let text = serde_json::to_string(&envelope)?;
-        let payload_len = serde_json::to_string(&envelope.payload)?.len();
-        if payload_len > task.policy.max_payload_bytes {
-            return Err(failure(
-                Category::BadPayload,
-                format!(
-                    "payload is {payload_len} bytes, over the task's cap of {} bytes",
-                    task.policy.max_payload_bytes
-                ),
-            ));
+        let payload = serde_json::to_string(&envelope.payload)?;
+        if payload.len() > task.policy.max_payload_bytes {
+            return Err(bad(format!(
+                "payload is {} bytes, over the task's cap of {} bytes",
+                payload.len(),
+                task.policy.max_payload_bytes
+            )));
         }
+        limits::check_json_depth("payload", &payload).map_err(bad)?;
         let keys = Keys::new(&req.tenant);
         let queue = &envelope.queue;
         let idem = req
@@ -112,25 +149,40 @@ impl Broker {
             .as_deref()
             .map(|k| keys.idempotency(&req.task, k))
             .unwrap_or_default();
-        let (id, kind): (String, String) = scripts::ENQUEUE
+        let (children, children_per_minute) = match origin {
+            Origin::Producer => (String::new(), 0),
+            Origin::Child => (
+                keys.children_rate(),
+                caps.max_children_per_minute.unwrap_or(0),
+            ),
+        };
+        let reply: Vec<String> = scripts::ENQUEUE
             .key(keys.job(&envelope.id))
             .key(keys.ready(queue))
             .key(keys.delayed(queue))
             .key(keys.signal(queue))
             .key(idem)
             .key(keys.seq(queue))
+            .key(keys.idempotency_index())
+            .key(children)
             .arg(&envelope.id)
             .arg(text)
             .arg(envelope.priority)
+            .arg(delay.as_millis() as u64)
             .arg(req.not_before_ms.unwrap_or(0))
-            .arg(now)
-            .arg(task.policy.result_ttl.as_millis() as u64)
+            .arg(task.policy.retry.max_deliveries)
+            .arg(caps.max_idempotency_keys.unwrap_or(0))
+            .arg(children_per_minute)
             .invoke_async(&mut self.connection())
             .await?;
-        Ok(Enqueued {
-            id,
-            duplicate: kind == "duplicate",
-        })
+        match reply.as_slice() {
+            [id, kind] => Ok(Enqueued {
+                id: id.clone(),
+                duplicate: kind == "duplicate",
+            }),
+            [_, _, reason] => Err(failure(Category::Denied, reason.clone())),
+            other => anyhow::bail!("the enqueue script answered {other:?}"),
+        }
     }
 
     /// Enqueue many jobs of one task in pipelined round trips (no
@@ -174,18 +226,22 @@ impl Broker {
                 };
                 pipe.cmd("EVALSHA")
                     .arg(scripts::ENQUEUE.get_hash())
-                    .arg(6)
+                    .arg(8)
                     .arg(keys.job(&envelope.id))
                     .arg(keys.ready(queue))
                     .arg(keys.delayed(queue))
                     .arg(keys.signal(queue))
                     .arg("")
                     .arg(keys.seq(queue))
+                    .arg(keys.idempotency_index())
+                    .arg("")
                     .arg(&envelope.id)
                     .arg(serde_json::to_string(&envelope)?)
                     .arg(0)
                     .arg(0)
-                    .arg(now)
+                    .arg(0)
+                    .arg(deployed.policy.retry.max_deliveries)
+                    .arg(0)
                     .arg(0)
                     .ignore();
                 ids.push(envelope.id);

@@ -51,4 +51,23 @@ impl Broker {
             .get(Keys::new(tenant).component(hash))
             .await?)
     }
+
+    /// A deployed task and its tenant's record, in one round trip (what an
+    /// enqueue needs).
+    pub async fn task_and_tenant(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> anyhow::Result<(Option<DeployedTask>, Option<Tenant>)> {
+        let keys = Keys::new(tenant);
+        let (task, record): (Option<String>, Option<String>) = redis::pipe()
+            .hget(keys.task(name), "spec")
+            .hget(keys.tenant(), "spec")
+            .query_async(&mut self.connection())
+            .await?;
+        Ok((
+            task.map(|s| serde_json::from_str(&s)).transpose()?,
+            record.map(|s| serde_json::from_str(&s)).transpose()?,
+        ))
+    }
 }

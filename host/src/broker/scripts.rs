@@ -2,8 +2,20 @@
 //! (Redis runs a script to completion before any other command), so a job is
 //! always in exactly one of ready / delayed / leased / dead / finished.
 //!
-//! Keys are computed inside the scripts from the tenant prefix for per-job
-//! keys; every key carries the tenant's hash tag, so they share a slot.
+//! Every time that decides delivery (enqueue, due times, lease expiry,
+//! retries) is read from the Redis server's clock (`TIME`) inside the
+//! script: workers and producers whose clocks disagree cannot redeliver a
+//! live job or start a delayed one early. Callers pass durations, not
+//! instants (an `--eta` is the one instant, and it is the user's).
+//!
+//! Keys: the scripts name the queue-level keys in `KEYS`; per-job keys
+//! (`job:ID`, `history:ID`, ...) are built inside from the tenant prefix.
+//! Every key carries the tenant's hash tag, so all of them share a slot.
+//!
+//! Under `maxmemory` Redis refuses a script at its first command that
+//! needs memory unless the script has already written (see
+//! docs/redis-layout.md), so a script either changes nothing or runs to
+//! the end: an OOM never leaves a job half moved.
 //!
 //! The happy path (fetch, run, succeed) is what Redis spends its CPU on at
 //! tens of thousands of jobs a second, so it writes as little as it can: per
@@ -11,85 +23,171 @@
 //! one write and one expiry when it succeeds; the lease set is updated once
 //! per batch. The job's `history` list records only what went wrong
 //! (retries, expired leases, releases, death), each with the `started`
-//! event of the attempt it ended; `Broker::status` adds the enqueue, the
-//! current attempt's start and the success from the job hash's timestamps.
-//! `done:ID` is pushed only for jobs someone waits on (`notify`, set by
-//! [`WATCH_RESULT`]).
+//! event of the attempt it ended, and keeps the last [`MAX_HISTORY`]
+//! events; `Broker::status` adds the enqueue, the current attempt's start
+//! and the success from the job hash's timestamps. `done:ID` is pushed only
+//! for jobs someone waits on (`notify`, set by [`WATCH_RESULT`]).
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Lua shared by the scripts that record history: `history(job_key,
-/// history_key, at_ms, event, detail)` appends one event and marks the job
-/// as having a history list (so its success also expires that list), and
-/// `started(job_key, history_key, fields)` records the start of the attempt
-/// that is ending, from the job's `started_at_ms`, `attempt` and `worker`.
-const HISTORY_LUA: &str = r#"
+/// Events a job's history keeps (the oldest are dropped): a job retried
+/// or redelivered without end must not grow Redis without end.
+pub const MAX_HISTORY: usize = 100;
+
+/// Workers a job's record names as having lost its lease (the most recent
+/// ones), so a dead-lettered poison job says who died with it.
+pub const MAX_LOST_WORKERS: usize = 10;
+
+/// Lua shared by the scripts:
+/// - `clock()`: the server's time as (ms, "seconds+micros" string);
+/// - `history(job_key, history_key, at_ms, event, detail)` appends one
+///   event, trims the list to the last [`MAX_HISTORY`], and marks the job
+///   as having a history list (so its success also expires that list);
+/// - `started(job_key, history_key, started_at_ms, attempt, worker)`
+///   records the start of the attempt that is ending;
+/// - `release_idempotency(job_key, id, index_key)` frees the job's
+///   idempotency key, only if it still names this job (a newer job may
+///   hold it by now);
+/// - `wake(prefix, id, notify, what, retention)` pushes `done:ID` for
+///   `result --wait` callers, if any registered.
+fn shared_lua() -> String {
+    format!(
+        r#"
+local MAX_HISTORY = {MAX_HISTORY}
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t[1] .. string.format('%06d', t[2])
+end
 local function history(job_key, history_key, at_ms, event, detail)
-  redis.call('RPUSH', history_key, cjson.encode({at_ms = at_ms, event = event, detail = detail}))
+  redis.call('RPUSH', history_key, cjson.encode({{at_ms = at_ms, event = event, detail = detail}}))
+  redis.call('LTRIM', history_key, -MAX_HISTORY, -1)
   redis.call('HSET', job_key, 'has_history', '1')
 end
 local function started(job_key, history_key, started_at_ms, attempt, worker)
   history(job_key, history_key, tonumber(started_at_ms) or 0, 'started',
     'attempt ' .. (attempt or '?') .. ' on ' .. (worker or '?'))
 end
-"#;
-
-/// A script whose source is [`HISTORY_LUA`] followed by `body`.
-fn with_history(body: &str) -> Script {
-    Script::new(&format!("{HISTORY_LUA}{body}"))
-}
-
-/// Enqueue. KEYS: job, ready, delayed, signal, idem-or-empty, seq.
-/// ARGV: id, envelope, priority (0-9), due_ms (0 = now), now_ms, idem_ttl_ms.
-/// The ready-queue score is (9 - priority) * 2^44 + a per-queue sequence
-/// number, so higher priorities run first and equal priorities in enqueue
-/// order, whatever the producers' clocks say. Returns {id, "new"} or
-/// {existing_id, "duplicate"}.
-pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if KEYS[5] ~= '' then
-  if not redis.call('SET', KEYS[5], ARGV[1], 'NX', 'PX', ARGV[6]) then
-    return {redis.call('GET', KEYS[5]), 'duplicate'}
+local function release_idempotency(job_key, id, index_key)
+  local idem = redis.call('HGET', job_key, 'idem')
+  if idem and idem ~= '' and redis.call('GET', idem) == id then
+    redis.call('DEL', idem)
+    redis.call('ZREM', index_key, idem)
   end
 end
-local due = tonumber(ARGV[4])
+local function wake(prefix, id, notify, what, retention)
+  if notify == '1' then
+    local done = prefix .. 'done:' .. id
+    redis.call('RPUSH', done, what)
+    redis.call('PEXPIRE', done, retention)
+  end
+end
+"#
+    )
+}
+
+/// A script whose source is [`shared_lua`] followed by `body`.
+fn with_shared(body: &str) -> Script {
+    Script::new(&format!("{}{body}", shared_lua()))
+}
+
+/// Enqueue.
+/// KEYS: job, ready, delayed, signal, idempotency key or '', seq,
+/// idempotency index, children-rate or '' (guest enqueues only).
+/// ARGV: id, envelope, priority (0-9), delay_ms (from the server's now),
+/// eta_ms (unix ms; 0 = none, wins over the delay), max_deliveries (''
+/// = the worker's default), the tenant's `max_idempotency_keys` and (for
+/// guest enqueues) `max_children_per_minute` (0 = none).
+///
+/// The ready-queue score is (9 - priority) * 2^44 + a per-queue sequence
+/// number, so higher priorities run first and equal priorities in enqueue
+/// order, whatever the producers' clocks say. An idempotency key is held
+/// while its job is pending (no expiry), gets the result TTL when the job
+/// succeeds and is freed when it dies; a key whose job record is gone is
+/// taken over. Returns {id, 'new'}, {existing_id, 'duplicate'}, or
+/// {'', 'refused', reason} when a quota says no.
+pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    with_shared(
+        r#"
+local id, priority = ARGV[1], tonumber(ARGV[3])
+local delay, eta = tonumber(ARGV[4]), tonumber(ARGV[5])
+local idem_quota, child_rate = tonumber(ARGV[7]), tonumber(ARGV[8])
+local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #('job:' .. id))
+local now, now_us = clock()
+local holder = nil
+if KEYS[5] ~= '' then
+  holder = redis.call('GET', KEYS[5])
+  if holder and redis.call('EXISTS', prefix .. 'job:' .. holder) == 1 then
+    return {holder, 'duplicate'}
+  end
+end
+if KEYS[8] ~= '' and child_rate > 0 then
+  local minute = tostring(math.floor(now / 60000))
+  local window = redis.call('HMGET', KEYS[8], 'minute', 'count')
+  local count = 0
+  if window[1] == minute then count = tonumber(window[2]) or 0 end
+  if count >= child_rate then
+    return {'', 'refused', 'the tenant may enqueue ' .. child_rate .. ' child jobs per minute (max_children_per_minute)'}
+  end
+  redis.call('HSET', KEYS[8], 'minute', minute, 'count', count + 1)
+  redis.call('PEXPIRE', KEYS[8], 120000)
+end
+if KEYS[5] ~= '' then
+  if not holder and idem_quota > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+    if redis.call('ZCARD', KEYS[7]) >= idem_quota then
+      return {'', 'refused', 'the tenant holds ' .. idem_quota .. ' idempotency keys, its quota (max_idempotency_keys)'}
+    end
+  end
+  redis.call('SET', KEYS[5], id)
+  redis.call('ZADD', KEYS[7], 'inf', KEYS[5])
+end
+local due = now
+if eta > 0 then due = eta elseif delay > 0 then due = now + delay end
 local state = 'queued'
-if due > tonumber(ARGV[5]) then state = 'scheduled' end
-local score = (9 - tonumber(ARGV[3])) * 17592186044416 + redis.call('INCR', KEYS[6])
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', state, 'attempt', 0,
-  'deliveries', 0, 'score', string.format('%.0f', score), 'enqueued_at_ms', ARGV[5],
-  'enqueued_at_us', t[1] .. string.format('%06d', t[2]))
+if due > now then state = 'scheduled' end
+local score = (9 - priority) * 17592186044416 + redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', state, 'attempts', 0,
+  'deliveries', 0, 'score', string.format('%.0f', score), 'enqueued_at_ms', now,
+  'enqueued_at_us', now_us, 'idem', KEYS[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'max_deliveries', ARGV[6]) end
 if state == 'scheduled' then
-  redis.call('ZADD', KEYS[3], due, ARGV[1])
+  redis.call('HSET', KEYS[1], 'due_at_ms', string.format('%d', due))
+  redis.call('ZADD', KEYS[3], due, id)
 else
-  redis.call('ZADD', KEYS[2], score, ARGV[1])
+  redis.call('ZADD', KEYS[2], score, id)
 end
 redis.call('LPUSH', KEYS[4], '1')
 redis.call('LTRIM', KEYS[4], 0, 63)
-return {ARGV[1], 'new'}
+return {id, 'new'}
 "#,
     )
 });
 
-/// Fetch up to n jobs. KEYS: ready, delayed, leased, dead, inflight.
-/// ARGV: prefix, now_ms, n, lease_ms, worker, max_deliveries,
-/// cluster_cap (0 = none), finished_ttl_ms.
+/// Fetch up to n jobs. KEYS: ready, delayed, leased, dead, inflight,
+/// idempotency index.
+/// ARGV: prefix, n, lease_ms, worker, max_deliveries (default for jobs
+/// without their own), cluster_cap (0 = none), finished_ttl_ms.
+///
 /// First promotes due delayed jobs and reclaims expired leases (their
-/// workers died), then pops by score and leases each popped job.
+/// workers died, froze or lost Redis): each reclaim counts one lost
+/// delivery and names the worker; a job whose lease was lost
+/// `max_deliveries` times is dead-lettered as poison. Then pops by score
+/// and leases each popped job. A delivery is not an attempt: the attempt a
+/// delivery runs is the number of runs that ended in a verdict, plus one.
 /// With a cluster cap, the tenant's `inflight` set (every job of the tenant
 /// leased by any worker, scored by lease expiry) bounds n, and each leased
 /// job joins it; the entries of dead workers count until their lease ends.
-/// Returns a flat list: id, envelope, attempt, lease token, ...
-/// A popped id without a job record is dropped.
+/// Returns a flat list: id, envelope, attempt, lease token, host retries,
+/// ... A popped id without a job record is dropped.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
-    with_history(
+    with_shared(&format!(
         r#"
-local prefix, now, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local worker, max_deliveries, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local MAX_LOST_WORKERS = {MAX_LOST_WORKERS}
+local prefix, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local worker, default_max, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, now_us = clock()
 local function job(id) return prefix .. 'job:' .. id end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', KEYS[2], id)
@@ -97,67 +195,75 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0
   if score then
     redis.call('ZADD', KEYS[1], score, id)
     redis.call('HSET', job(id), 'state', 'queued')
+    redis.call('HDEL', job(id), 'due_at_ms')
   end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
-  local f = redis.call('HMGET', job(id), 'score', 'deliveries', 'started_at_ms', 'attempt',
-    'worker', 'notify')
+  local f = redis.call('HMGET', job(id), 'score', 'lost', 'started_at_ms', 'attempt',
+    'worker', 'notify', 'max_deliveries', 'lost_workers')
   if f[1] then
     local h = prefix .. 'history:' .. id
     started(job(id), h, f[3], f[4], f[5])
-    local deliveries = tonumber(f[2] or '0')
-    if deliveries >= max_deliveries then
-      local err = cjson.encode({category = 'trap', message = 'delivered ' .. deliveries ..
-        ' times and never finished: its worker died each time (poison job?)'})
-      redis.call('HSET', job(id), 'state', 'dead', 'last_error', err, 'lease', '')
+    local lost = (tonumber(f[2]) or 0) + 1
+    local workers = {{}}
+    for w in string.gmatch(f[8] or '', '[^ ]+') do workers[#workers + 1] = w end
+    workers[#workers + 1] = f[5] or '?'
+    while #workers > MAX_LOST_WORKERS do table.remove(workers, 1) end
+    local named = table.concat(workers, ' ')
+    local limit = tonumber(f[7]) or default_max
+    if lost >= limit then
+      local err = cjson.encode({{category = 'trap', message = 'its lease lapsed on ' .. lost ..
+        ' deliveries without an outcome (max_deliveries ' .. limit .. '): each time its worker died, ' ..
+        'froze or lost Redis while running it (a poison job, or a bad night: workers ' .. named ..
+        '); `wasmq dead retry` runs it again'}})
+      redis.call('HSET', job(id), 'state', 'dead', 'last_error', err, 'lease', '', 'lost', lost,
+        'lost_workers', named, 'finished_at_ms', now, 'finished_at_us', now_us)
       redis.call('ZADD', KEYS[4], now, id)
       history(job(id), h, now, 'dead', err)
-      if f[6] == '1' then
-        local done = prefix .. 'done:' .. id
-        redis.call('RPUSH', done, 'dead')
-        redis.call('PEXPIRE', done, ARGV[8])
-      end
+      release_idempotency(job(id), id, KEYS[6])
+      wake(prefix, id, f[6], 'dead', ARGV[7])
     else
       redis.call('ZADD', KEYS[1], f[1], id)
-      redis.call('HSET', job(id), 'state', 'queued', 'lease', '')
-      history(job(id), h, now, 'lease-expired', 'redelivered after its worker stopped renewing the lease')
+      redis.call('HSET', job(id), 'state', 'queued', 'lease', '', 'lost', lost, 'lost_workers', named)
+      history(job(id), h, now, 'lease-expired', 'worker ' .. (f[5] or '?') ..
+        ' stopped renewing the lease (it died, froze or lost Redis); redelivered')
     end
   end
 end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
   n = math.min(n, cap - redis.call('ZCARD', KEYS[5]))
-  if n <= 0 then return {} end
+  if n <= 0 then return {{}} end
 end
 local popped = redis.call('ZPOPMIN', KEYS[1], n)
-if #popped == 0 then return {} end
-local t = redis.call('TIME')
-local now_us = t[1] .. string.format('%06d', t[2])
+if #popped == 0 then return {{}} end
 local capped = ''
 if cap > 0 then capped = '1' end
 -- Numbers go to Redis as strings; Lua's own conversion formats them as
 -- doubles, which costs more than the commands here, so format integers
 -- once with %d.
 local expiry = string.format('%d', now + lease)
-local out, leases = {}, {}
+local now_ms = string.format('%d', now)
+local out, leases = {{}}, {{}}
 for i = 1, #popped, 2 do
   local id = popped[i]
-  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempt')
+  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries')
   if f[1] then
     local deliveries = string.format('%d', (tonumber(f[2]) or 0) + 1)
-    local attempt = (tonumber(f[3]) or 0) + 1
+    local attempt = string.format('%d', (tonumber(f[3]) or 0) + 1)
     local token = worker .. ':' .. deliveries
     redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'deliveries', deliveries,
-      'attempt', string.format('%d', attempt), 'started_at_ms', ARGV[2],
-      'started_at_us', now_us, 'worker', worker, 'capped', capped)
+      'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us, 'worker', worker,
+      'capped', capped)
     leases[#leases + 1] = expiry
     leases[#leases + 1] = id
     out[#out + 1] = id
     out[#out + 1] = f[1]
     out[#out + 1] = attempt
     out[#out + 1] = token
+    out[#out + 1] = f[4] or '0'
   end
 end
 if #leases > 0 then
@@ -165,80 +271,110 @@ if #leases > 0 then
   if cap > 0 then redis.call('ZADD', KEYS[5], unpack(leases)) end
 end
 return out
+"#
+    ))
+});
+
+/// Extend leases. KEYS: leased, inflight. ARGV: prefix, lease_ms, id1,
+/// token1, ...
+/// Only jobs whose lease token still matches are extended (a job whose lease
+/// lapsed and was redelivered belongs to its new holder). Returns the ids
+/// whose lease this caller no longer holds.
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    with_shared(
+        r#"
+local now = clock()
+local expiry = string.format('%d', now + tonumber(ARGV[2]))
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', ARGV[1] .. 'job:' .. id, 'lease') == token then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, id)
+    redis.call('ZADD', KEYS[2], 'XX', expiry, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
 "#,
     )
 });
 
-/// Extend leases. KEYS: leased, inflight. ARGV: prefix, expiry_ms, id1,
-/// token1, ...
-/// Only jobs whose lease token still matches are extended (a job whose lease
-/// lapsed and was redelivered belongs to its new holder). Returns the count.
-pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local renewed = 0
-for i = 3, #ARGV, 2 do
-  local id, token = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', ARGV[1] .. 'job:' .. id, 'lease') == token then
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id)
-    redis.call('ZADD', KEYS[2], 'XX', ARGV[2], id)
-    renewed = renewed + 1
-  end
-end
-return renewed
-"#,
-    )
-});
+/// Fields per job in [`COMPLETE`]'s ARGV.
+pub const COMPLETE_FIELDS: usize = 17;
 
 /// Record outcomes of many deliveries in one call (the worker batches
 /// whatever finished since its last call: fewer script invocations, which
 /// cost more than the commands they run).
-/// ARGV: prefix, now_ms, finished_ttl_ms, then the batch's usage totals
-/// (runs, fuel, wall_time_us, memory_byte_seconds, net_out_bytes,
-/// net_in_bytes, run_time_us) added to the tenant's `usage` hash, then per
-/// job 10
-/// fields: id, queue, token, outcome ('succeeded' | 'retry' | 'host-retry'
-/// | 'dead' | 'release'), result, result_ttl_ms (0 = do not store),
-/// retry_at_ms, error_json, usage_json, idempotency key name or ''.
-/// Returns one 'ok' per job, or 'stale' when the caller no longer holds that
-/// job's lease (its outcome is dropped: the job belongs to whoever holds it
-/// now). Keys are derived from the prefix; all share the tenant's hash tag.
+/// KEYS: usage, dead, idempotency index.
+/// ARGV: prefix, finished_ttl_ms, then per job [`COMPLETE_FIELDS`] fields:
+/// id, queue, token, outcome ('succeeded' | 'retry' | 'host-retry' |
+/// 'wait' | 'dead' | 'release'), result, result_ttl_ms (0 = do not store),
+/// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, then
+/// the run's fuel, wall_time_us, run_time_us, memory_byte_seconds,
+/// net_out_bytes, net_in_bytes, and its refusals as a JSON list ('' for
+/// none; kept as the job's `denials`, with their count summed into the
+/// tenant's `denied`).
+///
+/// Returns per job 'ok' (recorded now), 'recorded' (this delivery's
+/// outcome was recorded before: a batch retried after its reply was lost),
+/// or 'stale' (the caller no longer holds the lease: the job belongs to
+/// whoever holds it now; its outcome is dropped). Usage is added to the
+/// tenant's totals once per recorded outcome; a stale delivery's run is
+/// added to the `wasted_*` totals instead (work done for nothing).
 pub static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
-    with_history(
+    with_shared(&format!(
         r#"
-local prefix, now, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local t = redis.call('TIME')
-local now_us = t[1] .. string.format('%06d', t[2])
--- The tenant's usage, summed over the batch by the worker: one write per
--- batch, not per job.
-if tonumber(ARGV[4]) > 0 then
-  local usage_key = prefix .. 'usage'
-  redis.call('HINCRBY', usage_key, 'runs', ARGV[4])
-  redis.call('HINCRBY', usage_key, 'fuel', ARGV[5])
-  redis.call('HINCRBY', usage_key, 'wall_time_us', ARGV[6])
-  redis.call('HINCRBY', usage_key, 'memory_byte_seconds', ARGV[7])
-  redis.call('HINCRBY', usage_key, 'run_time_us', ARGV[10])
-  if tonumber(ARGV[8]) > 0 or tonumber(ARGV[9]) > 0 then
-    redis.call('HINCRBY', usage_key, 'net_out_bytes', ARGV[8])
-    redis.call('HINCRBY', usage_key, 'net_in_bytes', ARGV[9])
-  end
-end
-local out, unleased = {}, {}
-for i = 11, #ARGV, 10 do
+local FIELDS = {COMPLETE_FIELDS}
+local prefix, retention = ARGV[1], ARGV[2]
+local now, now_us = clock()
+local now_ms = string.format('%d', now)
+local used = {{runs = 0, fuel = 0, wall_time_us = 0, run_time_us = 0, memory_byte_seconds = 0,
+  net_out_bytes = 0, net_in_bytes = 0, denied = 0}}
+local wasted = {{wasted_runs = 0, wasted_fuel = 0, wasted_wall_time_us = 0, wasted_run_time_us = 0}}
+local out, unleased = {{}}, {{}}
+for i = 3, #ARGV, FIELDS do
   local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local result, result_ttl, retry_at = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
-  local err, usage, idem = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local result, result_ttl, idem_ttl = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
+  local delay, err, usage = tonumber(ARGV[i + 7]), ARGV[i + 8], ARGV[i + 9]
+  local fuel, wall, run = tonumber(ARGV[i + 10]), tonumber(ARGV[i + 11]), tonumber(ARGV[i + 12])
+  local byte_seconds, net_out, net_in = tonumber(ARGV[i + 13]), tonumber(ARGV[i + 14]), tonumber(ARGV[i + 15])
+  local denials = ARGV[i + 16]
   local job = prefix .. 'job:' .. id
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
   local f = redis.call('HMGET', job, 'lease', 'notify', 'capped', 'has_history',
-    'started_at_ms', 'attempt', 'worker')
-  if f[1] ~= token then
-    out[#out + 1] = 'stale'
+    'started_at_ms', 'attempt', 'worker', 'recorded', 'idem')
+  if f[1] ~= token or token == '' then
+    if f[8] == token and token ~= '' then
+      out[#out + 1] = 'recorded'
+    else
+      out[#out + 1] = 'stale'
+      if wall > 0 then
+        wasted.wasted_runs = wasted.wasted_runs + 1
+        wasted.wasted_fuel = wasted.wasted_fuel + fuel
+        wasted.wasted_wall_time_us = wasted.wasted_wall_time_us + wall
+        wasted.wasted_run_time_us = wasted.wasted_run_time_us + run
+      end
+    end
   else
+    if wall > 0 then
+      used.runs = used.runs + 1
+      used.fuel = used.fuel + fuel
+      used.wall_time_us = used.wall_time_us + wall
+      used.run_time_us = used.run_time_us + run
+      used.memory_byte_seconds = used.memory_byte_seconds + byte_seconds
+      used.net_out_bytes = used.net_out_bytes + net_out
+      used.net_in_bytes = used.net_in_bytes + net_in
+    end
+    if denials ~= '' then
+      redis.call('HSET', job, 'denials', denials)
+      local counted = cjson.decode(usage)
+      used.denied = used.denied + (tonumber(counted.denied) or 0)
+    end
     -- Off the lease set in one ZREM per queue after the loop.
     local ids = unleased[queue]
-    if not ids then ids = {}; unleased[queue] = ids end
+    if not ids then ids = {{}}; unleased[queue] = ids end
     ids[#ids + 1] = id
     -- A job counted against its tenant's cluster-wide cap frees its place:
     -- wake a worker that may have been turned away by the cap.
@@ -247,53 +383,69 @@ for i = 11, #ARGV, 10 do
       redis.call('LTRIM', q .. 'signal', 0, 63)
     end
     if outcome ~= 'succeeded' then started(job, h, f[5], f[6], f[7]) end
+    redis.call('HSET', job, 'lease', '', 'recorded', token)
     if outcome == 'release' then
       -- Shutdown before the job finished: back to the front of its queue.
-      redis.call('HINCRBY', job, 'attempt', -1)
-      redis.call('HSET', job, 'state', 'queued', 'lease', '')
+      redis.call('HSET', job, 'state', 'queued')
       redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
       history(job, h, now, 'released')
-    elseif outcome == 'retry' or outcome == 'host-retry' then
-      -- A host-side failure does not use up one of the task's attempts.
-      if outcome == 'host-retry' then redis.call('HINCRBY', job, 'attempt', -1) end
-      redis.call('HSET', job, 'state', 'scheduled', 'last_error', err, 'lease', '', 'usage', usage)
-      redis.call('ZADD', q .. 'delayed', retry_at, id)
-      redis.call('RPUSH', h, cjson.encode({at_ms = now, event = outcome, detail = err,
-        retry_at_ms = tonumber(retry_at)}))
+    elseif outcome == 'retry' or outcome == 'host-retry' or outcome == 'wait' then
+      -- A host-side failure does not use up one of the task's attempts
+      -- (it counts as a host retry); waiting for a step uses neither.
+      if outcome == 'retry' then
+        redis.call('HINCRBY', job, 'attempts', 1)
+      elseif outcome == 'host-retry' then
+        redis.call('HINCRBY', job, 'host_retries', 1)
+      end
+      local due = string.format('%d', now + delay)
+      redis.call('HSET', job, 'state', 'scheduled', 'last_error', err, 'usage', usage, 'due_at_ms', due)
+      redis.call('ZADD', q .. 'delayed', due, id)
+      redis.call('RPUSH', h, cjson.encode({{at_ms = now, event = outcome, detail = err,
+        retry_at_ms = tonumber(due)}}))
+      redis.call('LTRIM', h, -MAX_HISTORY, -1)
+      redis.call('HSET', job, 'has_history', '1')
     elseif outcome == 'succeeded' then
+      redis.call('HINCRBY', job, 'attempts', 1)
       if result_ttl > 0 then
         redis.call('SET', prefix .. 'result:' .. id, result, 'PX', result_ttl)
-        redis.call('HSET', job, 'state', 'succeeded', 'lease', '', 'usage', usage,
-          'finished_at_ms', ARGV[2], 'finished_at_us', now_us, 'result_stored', '1')
+        redis.call('HSET', job, 'state', 'succeeded', 'usage', usage,
+          'finished_at_ms', now_ms, 'finished_at_us', now_us, 'result_stored', '1')
       else
-        redis.call('HSET', job, 'state', 'succeeded', 'lease', '', 'usage', usage,
-          'finished_at_ms', ARGV[2], 'finished_at_us', now_us)
+        redis.call('HSET', job, 'state', 'succeeded', 'usage', usage,
+          'finished_at_ms', now_ms, 'finished_at_us', now_us)
       end
       redis.call('PEXPIRE', job, retention)
       if f[4] == '1' then redis.call('PEXPIRE', h, retention) end
+      -- The idempotency key now dedups for its TTL from the success.
+      if f[9] and f[9] ~= '' and redis.call('GET', f[9]) == id then
+        redis.call('PEXPIRE', f[9], idem_ttl)
+        redis.call('ZADD', KEYS[3], now + tonumber(idem_ttl), f[9])
+      end
     else
-      redis.call('HSET', job, 'state', 'dead', 'last_error', err, 'lease', '', 'usage', usage,
-        'finished_at_ms', now, 'finished_at_us', now_us)
-      redis.call('ZADD', prefix .. 'dead', now, id)
+      if outcome == 'dead' then redis.call('HINCRBY', job, 'attempts', 1) end
+      redis.call('HSET', job, 'state', 'dead', 'last_error', err, 'usage', usage,
+        'finished_at_ms', now_ms, 'finished_at_us', now_us)
+      redis.call('ZADD', KEYS[2], now, id)
       history(job, h, now, 'dead', err)
       -- A failed job does not hold its idempotency key: a new enqueue may run.
-      if idem ~= '' then redis.call('DEL', idem) end
+      release_idempotency(job, id, KEYS[3])
     end
-    -- Wake `result --wait` callers, if any registered.
-    if f[2] == '1' and (outcome == 'succeeded' or outcome == 'dead') then
-      local done = prefix .. 'done:' .. id
-      redis.call('RPUSH', done, outcome)
-      redis.call('PEXPIRE', done, retention)
-    end
+    if outcome == 'succeeded' or outcome == 'dead' then wake(prefix, id, f[2], outcome, retention) end
     out[#out + 1] = 'ok'
   end
 end
 for queue, ids in pairs(unleased) do
   redis.call('ZREM', prefix .. 'queue:' .. queue .. ':leased', unpack(ids))
 end
+-- The tenant's usage: one write per batch, not per job.
+for _, totals in ipairs({{used, wasted}}) do
+  for field, value in pairs(totals) do
+    if value > 0 then redis.call('HINCRBY', KEYS[1], field, string.format('%d', value)) end
+  end
+end
 return out
-"#,
-    )
+"#
+    ))
 });
 
 /// Ask to be woken when a job finishes. KEYS: job. Marks an existing job so
@@ -307,6 +459,47 @@ pub static WATCH_RESULT: LazyLock<Script> = LazyLock::new(|| {
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then redis.call('HSET', KEYS[1], 'notify', '1') end
 return state
+"#,
+    )
+});
+
+/// Run a dead job again with fresh attempts and deliveries, in one step.
+/// KEYS: job, dead, history, done, idempotency index. ARGV: prefix, id.
+/// Returns 0 when the job is not in the dead-letter queue. The job takes
+/// its idempotency key back if nobody holds it; if a newer job holds it,
+/// the retried job runs without it (and its history says so).
+pub static DEAD_RETRY: LazyLock<Script> = LazyLock::new(|| {
+    with_shared(
+        r#"
+local prefix, id = ARGV[1], ARGV[2]
+local f = redis.call('HMGET', KEYS[1], 'score', 'idem', 'envelope')
+if not f[1] or not f[3] then return 0 end
+if redis.call('ZREM', KEYS[2], id) == 0 then return 0 end
+local ok, envelope = pcall(cjson.decode, f[3])
+if not ok or type(envelope) ~= 'table' or type(envelope.queue) ~= 'string' then return 0 end
+local now = clock()
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'deliveries', 0, 'lost', 0,
+  'host_retries', 0, 'lease', '')
+redis.call('HDEL', KEYS[1], 'finished_at_ms', 'finished_at_us', 'lost_workers', 'recorded',
+  'due_at_ms', 'attempt')
+redis.call('DEL', KEYS[4])
+history(KEYS[1], KEYS[3], now, 'dead-retry')
+if f[2] and f[2] ~= '' then
+  local holder = redis.call('GET', f[2])
+  if not holder then
+    redis.call('SET', f[2], id)
+    redis.call('ZADD', KEYS[5], 'inf', f[2])
+  elseif holder ~= id then
+    redis.call('HSET', KEYS[1], 'idem', '')
+    history(KEYS[1], KEYS[3], now, 'note', 'its idempotency key is held by job ' .. holder ..
+      ' now; this job runs without it')
+  end
+end
+local q = prefix .. 'queue:' .. envelope.queue .. ':'
+redis.call('ZADD', q .. 'ready', f[1], id)
+redis.call('LPUSH', q .. 'signal', '1')
+redis.call('LTRIM', q .. 'signal', 0, 63)
+return 1
 "#,
     )
 });

@@ -59,15 +59,7 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
     let task = sandbox.prepare(&bytes)?;
     let policy = SandboxPolicy::default();
     let backend = Arc::new(MemoryBackend::new());
-    let mut job = JobInput {
-        id: String::new(),
-        task: "bench".into(),
-        tenant: "bench".into(),
-        attempt: 1,
-        max_attempts: 1,
-        idempotency_key: None,
-        payload: args.payload.clone(),
-    };
+    let mut job = JobInput::new("", "bench", "bench", &args.payload);
     // Warm up: page in the code and the pool's slots.
     for _ in 0..1000.min(args.jobs) {
         sandbox.run(&task, &job, &policy, backend.clone()).await;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::CliError;
-use crate::broker::{now_ms, Broker, EnqueueRequest, ResultState};
+use crate::broker::{Broker, EnqueueRequest, ResultState};
 use crate::failure::{Category, Failure};
 
 /// Flags of `wasmq enqueue`.
@@ -59,15 +59,14 @@ pub async fn enqueue(redis: &str, tenant: &str, args: EnqueueArgs) -> Result<(),
             format!("payload is not valid JSON: {e}"),
         )
     })?;
-    let not_before_ms = match (args.countdown, args.eta) {
-        (Some(d), _) => Some(now_ms() + d.as_millis() as u64),
-        (_, Some(t)) => Some(
+    let not_before_ms = args
+        .eta
+        .map(|t| {
             t.duration_since(std::time::UNIX_EPOCH)
-                .context("--eta is before 1970")?
-                .as_millis() as u64,
-        ),
-        _ => None,
-    };
+                .map(|d| d.as_millis() as u64)
+                .context("--eta is before 1970")
+        })
+        .transpose()?;
     let store_result = if args.store_result || args.wait.is_some() {
         Some(true)
     } else if args.ignore_result {
@@ -80,6 +79,7 @@ pub async fn enqueue(redis: &str, tenant: &str, args: EnqueueArgs) -> Result<(),
         tenant: tenant.to_string(),
         task: args.name,
         payload,
+        countdown: args.countdown,
         not_before_ms,
         idempotency_key: args.idempotency_key,
         store_result,

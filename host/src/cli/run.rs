@@ -107,18 +107,12 @@ pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
         .task
         .file_stem()
         .map_or("task".into(), |s| s.to_string_lossy().into_owned());
-    let job = JobInput {
-        id: args
-            .id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        task: name,
-        tenant: tenant.to_string(),
-        attempt: 1,
-        max_attempts: 1,
-        idempotency_key: args.idempotency_key.clone(),
-        payload: args.payload.clone(),
-    };
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut job = JobInput::new(&id, &name, tenant, &args.payload);
+    job.idempotency_key = args.idempotency_key.clone();
     let outcome = sandbox.run(&task, &job, &policy, backend.clone()).await;
     if let Some(path) = &args.state {
         backend.save(path)?;

@@ -76,6 +76,23 @@ pub struct LimitArgs {
     /// Jobs at once on all workers together.
     #[arg(long = "max-cluster-concurrency")]
     pub max_cluster_concurrency: Option<u32>,
+    /// Most bytes the tenant's guests may store at once (key-value entries,
+    /// counters, locks, step markers; names plus values), e.g. `64MiB`.
+    #[arg(long = "max-store", value_parser = crate::policy::parse_size)]
+    pub max_store: Option<u64>,
+    /// Most entries the tenant's guests may store at once.
+    #[arg(long = "max-store-keys")]
+    pub max_store_keys: Option<u64>,
+    /// Longest time to live of a stored entry, e.g. `7d`; entries asked to
+    /// live longer (or forever) live this long.
+    #[arg(long = "max-value-ttl", value_parser = humantime::parse_duration)]
+    pub max_value_ttl: Option<std::time::Duration>,
+    /// Child jobs the tenant's guests may enqueue per minute (all workers).
+    #[arg(long = "max-children-per-minute")]
+    pub max_children_per_minute: Option<u32>,
+    /// Idempotency keys the tenant may hold at once.
+    #[arg(long = "max-idempotency-keys")]
+    pub max_idempotency_keys: Option<u32>,
 }
 
 impl LimitArgs {
@@ -106,6 +123,13 @@ impl LimitArgs {
         limits.max_cluster_concurrency = self
             .max_cluster_concurrency
             .or(limits.max_cluster_concurrency);
+        limits.max_store_bytes = self.max_store.or(limits.max_store_bytes);
+        limits.max_store_keys = self.max_store_keys.or(limits.max_store_keys);
+        limits.max_value_ttl = self.max_value_ttl.or(limits.max_value_ttl);
+        limits.max_children_per_minute = self
+            .max_children_per_minute
+            .or(limits.max_children_per_minute);
+        limits.max_idempotency_keys = self.max_idempotency_keys.or(limits.max_idempotency_keys);
     }
 }
 

@@ -1,93 +1,105 @@
 //! The host interfaces of the `wasmq:task` world, as seen from the guest:
-//! argument checks, tenant scoping and the per-job caps, in front of the
-//! [`Backend`](crate::backend::Backend).
+//! argument checks (every bound is in [`crate::limits`]), tenant scoping
+//! and the per-job caps, in front of the [`Backend`](crate::backend::Backend).
 //!
 //! Every call uses the tenant of the job the store was built for; the names
 //! a guest passes are only ever keys *within* that tenant.
+//!
+//! Errors reach the guest as `host-error`, and the job remembers what they
+//! mean for its outcome: an unavailable store is the host's fault (the
+//! worker retries the job without using an attempt, a bounded number of
+//! times); a quota refusal is a denial (the job ends `denied` unless it
+//! succeeds anyway); a malformed or out-of-range request is the guest's.
 
 use std::time::{Duration, Instant};
 
 use super::bindings::wasmq::task::{counter, jobs, kv, lock, log, step, types};
 use super::state::HostState;
+use super::steps::step_token;
 use crate::backend::{BackendError, ChildJob, StepState};
+use crate::limits::{self, MAX_NAME_BYTES, MAX_VALUE_BYTES};
 
 use types::HostError;
 
-/// Longest key, counter, lock or step name a guest may use.
-pub const MAX_NAME_BYTES: usize = 512;
-/// Largest key-value entry or step output.
-pub const MAX_VALUE_BYTES: usize = 1 << 20;
-/// Child jobs one job may enqueue: a guest that enqueues in a loop is a
-/// fork bomb for the whole queue.
-pub const MAX_CHILDREN_PER_JOB: u32 = 1_000;
-/// Longest lease a guest may ask for (locks, step claims).
-pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 /// A waiting lock acquire retries after this, doubling up to
 /// [`LOCK_POLL_MAX`]: quick when the lock is held briefly, cheap when long.
 const LOCK_POLL_MIN: Duration = Duration::from_millis(1);
 const LOCK_POLL_MAX: Duration = Duration::from_millis(50);
 
+fn invalid(m: String) -> HostError {
+    HostError::Invalid(m)
+}
+
 fn check_name(what: &str, name: &str) -> Result<(), HostError> {
-    if name.is_empty() {
-        return Err(HostError::Invalid(format!("{what} name is empty")));
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Err(HostError::Invalid(format!(
-            "{what} name is {} bytes, over the limit of {MAX_NAME_BYTES}",
-            name.len()
-        )));
-    }
-    Ok(())
+    limits::check_name(&format!("{what} name"), name, MAX_NAME_BYTES).map_err(invalid)
 }
 
 fn check_value(what: &str, value: &[u8]) -> Result<(), HostError> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(HostError::Invalid(format!(
-            "{what} is {} bytes, over the limit of {MAX_VALUE_BYTES}",
-            value.len()
-        )));
-    }
-    Ok(())
+    limits::check_len(what, value.len(), MAX_VALUE_BYTES).map_err(invalid)
 }
 
 fn lease(ms: u64) -> Result<Duration, HostError> {
     let d = Duration::from_millis(ms);
-    if d.is_zero() || d > MAX_LEASE {
+    if d.is_zero() || d > limits::MAX_LEASE {
         return Err(HostError::Invalid(format!(
             "lease of {ms} ms is outside 1 ms ..= {} ms",
-            MAX_LEASE.as_millis()
+            limits::MAX_LEASE.as_millis()
         )));
     }
     Ok(d)
 }
 
-fn ttl(ms: Option<u64>) -> Result<Option<Duration>, HostError> {
-    match ms {
-        Some(0) => Err(HostError::Invalid(
-            "ttl of 0 ms; omit the ttl to keep forever".into(),
-        )),
-        other => Ok(other.map(Duration::from_millis)),
-    }
-}
-
 impl From<BackendError> for HostError {
     fn from(e: BackendError) -> Self {
         match e {
-            BackendError::Unavailable(m) => HostError::Unavailable(m),
+            BackendError::Unavailable(m) | BackendError::LeaseLost(m) => HostError::Unavailable(m),
             BackendError::Invalid(m) => HostError::Invalid(m),
+            BackendError::Denied(m) => HostError::Denied(m),
         }
     }
 }
 
 impl HostState {
-    /// Convert a backend error for the guest, remembering the first time the
-    /// state store was unavailable: the worker then retries the job without
-    /// counting the attempt against the task (the fault was the host's).
+    /// Convert a backend error for the guest, remembering what it means for
+    /// the job: the first time the host failed it (the worker then retries
+    /// the job without counting the attempt against the task), and every
+    /// quota refusal (the job ends `denied` even if the guest swallows it).
     fn fault(&self, e: BackendError) -> HostError {
-        if let BackendError::Unavailable(m) = &e {
-            let _ = self.host_fault.set(m.clone());
+        match &e {
+            BackendError::Unavailable(m) | BackendError::LeaseLost(m) => {
+                let _ = self.host_fault.set(m.clone());
+            }
+            BackendError::Denied(m) => self.denials.record(m.clone()),
+            BackendError::Invalid(_) => {}
         }
         e.into()
+    }
+
+    /// The time to live an entry gets: what the guest asked for, within
+    /// [`limits::MAX_TTL`] and the tenant's cap (an entry asked to live
+    /// forever under a cap lives as long as the cap).
+    fn ttl(&self, asked_ms: Option<u64>) -> Result<Option<Duration>, HostError> {
+        let asked = match asked_ms {
+            Some(0) => {
+                return Err(HostError::Invalid(
+                    "ttl of 0 ms; omit the ttl to keep forever".into(),
+                ))
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => None,
+        };
+        if let Some(asked) = asked.filter(|&t| t > limits::MAX_TTL) {
+            return Err(HostError::Invalid(format!(
+                "ttl of {} is over the limit of {}",
+                humantime::format_duration(asked),
+                humantime::format_duration(limits::MAX_TTL)
+            )));
+        }
+        Ok(match (asked, self.scope.max_ttl) {
+            (Some(t), Some(cap)) => Some(t.min(cap)),
+            (None, cap) => cap,
+            (asked, None) => asked,
+        })
     }
 }
 
@@ -101,7 +113,11 @@ impl log::Host for HostState {
             log::Level::Warn => "warn",
             log::Level::Error => "error",
         };
-        self.log.line(&format!("[{level}] {message}"));
+        let mut end = message.len().min(limits::MAX_LOG_LINE_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.log.line(&format!("[{level}] {}", &message[..end]));
     }
 }
 
@@ -122,8 +138,9 @@ impl kv::Host for HostState {
     ) -> Result<(), HostError> {
         check_name("key", &key)?;
         check_value("value", &value)?;
+        let ttl = self.ttl(ttl_ms)?;
         self.backend
-            .kv_set(&self.scope.tenant, &key, &value, ttl(ttl_ms)?)
+            .kv_set(&self.scope.tenant, &key, &value, ttl)
             .await
             .map_err(|e| self.fault(e))
     }
@@ -136,8 +153,9 @@ impl kv::Host for HostState {
     ) -> Result<bool, HostError> {
         check_name("key", &key)?;
         check_value("value", &value)?;
+        let ttl = self.ttl(ttl_ms)?;
         self.backend
-            .kv_set_if_absent(&self.scope.tenant, &key, &value, ttl(ttl_ms)?)
+            .kv_set_if_absent(&self.scope.tenant, &key, &value, ttl)
             .await
             .map_err(|e| self.fault(e))
     }
@@ -183,6 +201,13 @@ impl counter::Host for HostState {
     }
 }
 
+/// A lock lease handed back by the guest: its name and owner bounded
+/// before either reaches Redis.
+fn check_lease(held: &lock::Lease) -> Result<(), HostError> {
+    check_name("lock", &held.name)?;
+    limits::check_name("lock owner token", &held.owner, limits::MAX_OWNER_BYTES).map_err(invalid)
+}
+
 impl lock::Host for HostState {
     async fn acquire(
         &mut self,
@@ -193,7 +218,11 @@ impl lock::Host for HostState {
         check_name("lock", &name)?;
         let ttl = lease(ttl_ms)?;
         let owner = uuid::Uuid::new_v4().simple().to_string();
-        let give_up = Instant::now() + Duration::from_millis(wait_ms.unwrap_or(0));
+        // The job's own deadline bounds the wait: the sandbox cancels it
+        // with the rest of the job when it times out.
+        let give_up = Instant::now()
+            .checked_add(Duration::from_millis(wait_ms.unwrap_or(0)))
+            .unwrap_or_else(|| Instant::now() + limits::MAX_DELAY);
         let mut poll = LOCK_POLL_MIN;
         loop {
             if let Some(fencing_token) = self
@@ -211,15 +240,13 @@ impl lock::Host for HostState {
             if Instant::now() + poll > give_up {
                 return Ok(None);
             }
-            // The job's own deadline still applies: the sandbox cancels this
-            // wait with the rest of the job when it times out.
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(LOCK_POLL_MAX);
         }
     }
 
     async fn renew(&mut self, held: lock::Lease, ttl_ms: u64) -> Result<bool, HostError> {
-        check_name("lock", &held.name)?;
+        check_lease(&held)?;
         let ttl = lease(ttl_ms)?;
         self.backend
             .lock_renew(&self.scope.tenant, &held.name, &held.owner, ttl)
@@ -228,7 +255,7 @@ impl lock::Host for HostState {
     }
 
     async fn release(&mut self, held: lock::Lease) -> Result<bool, HostError> {
-        check_name("lock", &held.name)?;
+        check_lease(&held)?;
         self.backend
             .lock_release(&self.scope.tenant, &held.name, &held.owner)
             .await
@@ -247,14 +274,15 @@ impl step::Host for HostState {
             .map_err(|e| self.fault(e))?;
         Ok(match state {
             StepState::Done(output) => step::StepState::Done(output),
-            StepState::Run => step::StepState::Run,
+            StepState::Run => {
+                self.steps.enter(&self.scope.tenant, &key);
+                step::StepState::Run
+            }
             StepState::Busy => {
                 // Waiting for another job's step is not this task failing:
                 // if the run ends in a retry because of it, the worker
                 // retries without using one of the task's attempts.
-                let _ = self
-                    .host_fault
-                    .set(format!("step {key:?} is held by another job"));
+                self.waiting_on_step = true;
                 step::StepState::Busy
             }
         })
@@ -268,7 +296,8 @@ impl step::Host for HostState {
     ) -> Result<(), HostError> {
         check_name("step", &key)?;
         check_value("step output", &output)?;
-        let ttl = ttl(ttl_ms)?;
+        let ttl = self.ttl(ttl_ms)?;
+        self.steps.leave(&key);
         self.backend
             .step_complete(&self.scope.tenant, &key, &self.scope.claimant, &output, ttl)
             .await
@@ -277,10 +306,15 @@ impl step::Host for HostState {
 
     async fn abandon(&mut self, key: String) -> Result<(), HostError> {
         check_name("step", &key)?;
+        self.steps.leave(&key);
         self.backend
             .step_abandon(&self.scope.tenant, &key, &self.scope.claimant)
             .await
             .map_err(|e| self.fault(e))
+    }
+
+    async fn idempotency_token(&mut self, key: String) -> String {
+        step_token(&self.scope.tenant, &key)
     }
 }
 
@@ -293,12 +327,22 @@ impl jobs::Host for HostState {
     ) -> Result<String, HostError> {
         check_name("task", &task)?;
         check_value("child payload", payload.as_bytes())?;
+        if let Some(key) = &options.idempotency_key {
+            limits::check_name("idempotency key", key, limits::MAX_IDEMPOTENCY_KEY_BYTES)
+                .map_err(invalid)?;
+        }
+        let countdown = options.countdown_ms.map(Duration::from_millis);
+        if let Some(countdown) = countdown {
+            limits::check_delay("countdown", countdown).map_err(invalid)?;
+        }
         if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
             return Err(HostError::Invalid("child payload is not valid JSON".into()));
         }
-        if self.children_enqueued >= MAX_CHILDREN_PER_JOB {
-            let what =
-                format!("enqueueing more than {MAX_CHILDREN_PER_JOB} child jobs from one job");
+        if self.children_enqueued >= limits::MAX_CHILDREN_PER_JOB {
+            let what = format!(
+                "enqueueing more than {} child jobs from one job",
+                limits::MAX_CHILDREN_PER_JOB
+            );
             self.denials.record(what.clone());
             return Err(HostError::Denied(what));
         }
@@ -306,7 +350,7 @@ impl jobs::Host for HostState {
         let child = ChildJob {
             task,
             payload,
-            countdown: options.countdown_ms.map(Duration::from_millis),
+            countdown,
             idempotency_key: options.idempotency_key,
         };
         self.backend

@@ -37,6 +37,9 @@ use std::time::Duration;
 
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
+use super::steps::{OpenSteps, IDEMPOTENCY_HEADER};
+use crate::fence::LeaseWatch;
+use crate::limits::MAX_REQUEST_HEADER_BYTES;
 use crate::policy::SandboxPolicy;
 use addr::{AddressPolicy, Unreachable};
 use client::{BodyCap, Destination};
@@ -66,11 +69,12 @@ impl Denials {
 
     /// The first refusal, if any.
     pub fn first(&self) -> Option<String> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first()
-            .cloned()
+        self.all().into_iter().next()
+    }
+
+    /// Every refusal, in order.
+    pub fn all(&self) -> Vec<String> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -154,12 +158,25 @@ pub struct AllowListHooks {
     in_flight: InFlight,
     denials: Denials,
     traffic: Traffic,
+    /// The steps the guest is inside: requests made in one carry its
+    /// idempotency token.
+    steps: OpenSteps,
+    /// Whether the job's delivery still holds its lease: once it does not,
+    /// nothing more goes out for the job.
+    lease: Arc<LeaseWatch>,
 }
 
 impl AllowListHooks {
     /// Hooks enforcing `policy`'s HTTP grants and limits; refusals go to
-    /// `denials`. Fails, naming the entry, on a malformed allow-list entry.
-    pub fn new(policy: &SandboxPolicy, denials: Denials) -> Result<Self, String> {
+    /// `denials`; requests inside one of `steps` carry its token; nothing
+    /// goes out once `lease` is lost. Fails, naming the entry, on a
+    /// malformed allow-list entry.
+    pub fn new(
+        policy: &SandboxPolicy,
+        denials: Denials,
+        steps: OpenSteps,
+        lease: Arc<LeaseWatch>,
+    ) -> Result<Self, String> {
         let allowed: Vec<Allowed> = policy
             .allow_http
             .iter()
@@ -179,6 +196,8 @@ impl AllowListHooks {
             in_flight: InFlight::new(policy.max_concurrent_requests),
             denials,
             traffic: Traffic::default(),
+            steps,
+            lease,
         })
     }
 
@@ -203,7 +222,7 @@ type SendFuture = Box<
 impl WasiHttpHooks for AllowListHooks {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> SendFuture {
@@ -222,6 +241,31 @@ impl WasiHttpHooks for AllowListHooks {
                 "outbound HTTP to {host}:{port} (not in the task's allow-list)"
             ));
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        if !self.lease.held() {
+            self.denials.record(format!(
+                "outbound HTTP to {host}:{port} after this delivery lost its job's lease"
+            ));
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        let header_bytes: usize = request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        if header_bytes > MAX_REQUEST_HEADER_BYTES {
+            self.denials.record(format!(
+                "outbound HTTP to {host}:{port} with {header_bytes} bytes of headers (the limit is \
+                 {MAX_REQUEST_HEADER_BYTES})"
+            ));
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        if let Some(token) = self.steps.current_token() {
+            if !request.headers().contains_key(IDEMPOTENCY_HEADER) {
+                if let Ok(value) = http::HeaderValue::from_str(&token) {
+                    request.headers_mut().insert(IDEMPOTENCY_HEADER, value);
+                }
+            }
         }
         let Some(slot) = self.in_flight.try_acquire() else {
             self.denials.record(format!(
@@ -285,7 +329,13 @@ mod tests {
     }
 
     fn hooks(entries: &[&str]) -> AllowListHooks {
-        AllowListHooks::new(&policy(entries), Denials::default()).unwrap()
+        AllowListHooks::new(
+            &policy(entries),
+            Denials::default(),
+            OpenSteps::default(),
+            Arc::new(LeaseWatch::unbounded()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -301,9 +351,14 @@ mod tests {
 
     #[test]
     fn bad_entries_are_named() {
-        let err = AllowListHooks::new(&policy(&["host:port"]), Denials::default())
-            .err()
-            .unwrap();
+        let err = AllowListHooks::new(
+            &policy(&["host:port"]),
+            Denials::default(),
+            OpenSteps::default(),
+            Arc::new(LeaseWatch::unbounded()),
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("host:port"));
     }
 

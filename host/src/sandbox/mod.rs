@@ -19,6 +19,7 @@ mod limiter;
 mod output;
 mod pacing;
 mod state;
+mod steps;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,9 +30,10 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Claimant};
 use crate::component::{content_hash, CompiledCache};
 use crate::failure::{Category, Failure};
+use crate::fence::LeaseWatch;
 use crate::policy::SandboxPolicy;
 pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
@@ -42,6 +44,8 @@ use output::JobLog;
 pub use pacing::{ComputeThreads, COMPUTE_BURST};
 use pacing::{OwnedRun, RunClock};
 use state::{HostState, JobScope};
+use steps::OpenSteps;
+pub use steps::{step_token, IDEMPOTENCY_HEADER};
 
 /// Task error kinds the host gives a meaning to. A task (through the SDK)
 /// reports a payload that does not fit its argument type as `bad-payload`,
@@ -70,6 +74,35 @@ pub struct JobInput {
     pub idempotency_key: Option<String>,
     /// JSON payload.
     pub payload: String,
+    /// This delivery's lease token (workers); `None` in embedded mode.
+    /// Step claims carry it, so a delivery that lost its lease can neither
+    /// begin nor complete a step.
+    pub lease_token: Option<String>,
+    /// Whether this delivery still holds its lease: the run stops, and its
+    /// outbound requests are refused, once it does not.
+    pub lease: Arc<LeaseWatch>,
+    /// Longest time to live of a guest's stored entry (the tenant's cap);
+    /// `None`: the global limit only.
+    pub max_value_ttl: Option<Duration>,
+}
+
+impl JobInput {
+    /// A first-attempt job of `tenant` without a lease (embedded mode,
+    /// tests).
+    pub fn new(id: &str, task: &str, tenant: &str, payload: &str) -> Self {
+        JobInput {
+            id: id.to_string(),
+            task: task.to_string(),
+            tenant: tenant.to_string(),
+            attempt: 1,
+            max_attempts: 1,
+            idempotency_key: None,
+            payload: payload.to_string(),
+            lease_token: None,
+            lease: Arc::new(LeaseWatch::unbounded()),
+            max_value_ttl: None,
+        }
+    }
 }
 
 /// How a run ended.
@@ -106,10 +139,19 @@ pub struct JobOutcome {
     pub usage: Usage,
     /// Captured stdout, stderr and log lines (bounded).
     pub log: String,
-    /// Set when a host call found the state store (Redis) unavailable, a
-    /// step was held by another job, or no instance slot was free: a failure
-    /// of this run may be the host's doing, not the task's.
+    /// Set when a host call found the state store (Redis) unavailable, or
+    /// no instance slot was free: a failure of this run may be the host's
+    /// doing, not the task's.
     pub host_fault: Option<String>,
+    /// A step the run needed was held by another job: a retry it asked for
+    /// is waiting, not failing.
+    pub waiting_on_step: bool,
+    /// The delivery lost its lease while the run went on: the run was
+    /// stopped there, and belongs to whichever delivery holds the job now.
+    pub lease_lost: bool,
+    /// Every capability the run was refused, in order (HTTP destinations,
+    /// quotas, ...), including those the guest swallowed.
+    pub denials: Vec<String>,
 }
 
 /// A compiled task version, ready to instantiate.
@@ -232,6 +274,9 @@ impl Sandbox {
             usage,
             log: log.text(),
             host_fault,
+            waiting_on_step: false,
+            lease_lost: false,
+            denials: Vec::new(),
         };
         if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&job.payload) {
             let failure = Failure::new(
@@ -274,13 +319,19 @@ impl Sandbox {
         // the timeout around the call stops one that waits past it (on HTTP,
         // a lock, a sleep), when no wasm runs to reach an epoch check.
         // Owned, so that it can move to the compute threads mid-run.
+        // A delivery that lost its lease stops here: the job belongs to the
+        // delivery that holds it now, and nothing more may be done for it.
         let (pre, payload, run_clock) = (task.pre.clone(), job.payload.clone(), clock.clone());
+        let lease = job.lease.clone();
         let run: OwnedRun<_> = Box::pin(async move {
             let call = async {
                 let instance = pre.instantiate_async(&mut store).await?;
                 instance.call_run(&mut store, &ctx, &payload).await
             };
-            let result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)).await;
+            let result = tokio::select! {
+                result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)) => Some(result),
+                _ = lease.lost_or_lapsed() => None,
+            };
             (result, store)
         });
         let (result, store) = match pacing::run_paced(run, &clock, compute).await {
@@ -306,6 +357,21 @@ impl Sandbox {
             run_time_us: clock.ran().as_micros() as u64,
             net_out_bytes: state.http_hooks.traffic().sent(),
             net_in_bytes: state.http_hooks.traffic().received(),
+            denied: state.denials.all().len() as u64,
+        };
+        let Some(result) = result else {
+            let message = "the delivery lost its lease mid-run; the run was stopped".to_string();
+            let mut outcome = finish(
+                Verdict::Retry {
+                    message: message.clone(),
+                    delay: None,
+                },
+                usage,
+                Some(message),
+            );
+            outcome.lease_lost = true;
+            outcome.denials = state.denials.all();
+            return outcome;
         };
         let verdict = match result {
             Err(_elapsed) => timed_out(policy),
@@ -323,7 +389,10 @@ impl Sandbox {
             (verdict, None) => verdict,
         };
         let host_fault = state.host_fault.get().cloned();
-        finish(verdict, usage, host_fault)
+        let mut outcome = finish(verdict, usage, host_fault);
+        outcome.waiting_on_step = state.waiting_on_step;
+        outcome.denials = state.denials.all();
+        outcome
     }
 
     fn new_store(
@@ -336,7 +405,10 @@ impl Sandbox {
     ) -> Result<Store<HostState>, Failure> {
         let denied = |m: String| Failure::new(Category::Denied, m);
         let denials = Denials::default();
-        let http_hooks = AllowListHooks::new(policy, denials.clone()).map_err(denied)?;
+        let steps = OpenSteps::default();
+        let http_hooks =
+            AllowListHooks::new(policy, denials.clone(), steps.clone(), job.lease.clone())
+                .map_err(denied)?;
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(log.clone()).stderr(log.clone());
         for dir in &policy.dirs {
@@ -361,13 +433,19 @@ impl Sandbox {
             limiter: JobLimiter::new(policy.memory_bytes, policy.max_table_elements),
             log: log.clone(),
             denials,
+            steps,
             scope: JobScope {
                 tenant: job.tenant.clone(),
-                claimant: job.id.clone(),
+                claimant: Claimant {
+                    job: job.id.clone(),
+                    token: job.lease_token.clone(),
+                },
+                max_ttl: job.max_value_ttl,
             },
             backend,
             children_enqueued: 0,
             host_fault: std::sync::OnceLock::new(),
+            waiting_on_step: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -474,6 +552,12 @@ fn check_result(result: String, policy: &SandboxPolicy) -> Verdict {
                 result.len(),
                 policy.max_result_bytes
             ),
+        );
+    }
+    if let Err(e) = crate::limits::check_json_depth("result", &result) {
+        return failed(
+            Category::TaskError,
+            format!("task returned a result that cannot be stored: {e}"),
         );
     }
     if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&result) {

@@ -10,17 +10,23 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::http::{AllowListHooks, Denials};
 use super::limiter::JobLimiter;
 use super::output::JobLog;
-use crate::backend::Backend;
+use super::steps::OpenSteps;
+use crate::backend::{Backend, Claimant};
 
 /// Who the job is, as far as host calls are concerned.
 #[derive(Debug, Clone)]
 pub struct JobScope {
     /// Tenant every host call is scoped to.
     pub tenant: String,
-    /// Who holds this job's step claims: the job id. A redelivery of a job
-    /// whose worker died takes over that job's claims at once, while other
-    /// jobs naming the same step still wait for it.
-    pub claimant: String,
+    /// Who holds this job's step claims: the job and this delivery. A
+    /// redelivery of a job whose worker died takes over that job's claims
+    /// at once, while other jobs naming the same step still wait for it;
+    /// a delivery that lost its lease can no longer begin or complete one.
+    pub claimant: Claimant,
+    /// Longest time to live a guest's entry may have (the tenant's cap,
+    /// else [`crate::limits::MAX_TTL`]); entries asked to live longer, or
+    /// forever, get this.
+    pub max_ttl: Option<std::time::Duration>,
 }
 
 /// The `T` of `Store<T>`: see the module docs.
@@ -32,12 +38,17 @@ pub struct HostState {
     pub(crate) limiter: JobLimiter,
     pub(crate) log: JobLog,
     pub(crate) denials: Denials,
+    /// Steps the guest is inside now (shared with the HTTP hooks, which
+    /// give requests made inside a step its idempotency token).
+    pub(crate) steps: OpenSteps,
     pub(crate) scope: JobScope,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) children_enqueued: u32,
     /// The first host-side reason the run may not succeed: the state store
-    /// was unavailable, or a step was held by another job.
+    /// was unavailable.
     pub(crate) host_fault: std::sync::OnceLock<String>,
+    /// A step the run needed was held by another job.
+    pub(crate) waiting_on_step: bool,
 }
 
 impl WasiView for HostState {

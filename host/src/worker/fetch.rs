@@ -8,22 +8,45 @@
 //! - A tenant's `max_concurrency` caps its jobs held by this pool; its
 //!   `max_cluster_concurrency` is enforced by the fetch script across all
 //!   workers.
+//! - A round that fails part way keeps the jobs it already leased: they
+//!   run, and the error is reported for the caller to back off.
 //! - An idle pool blocks on its queues' wake-up lists until a producer
 //!   signals one, or a short timeout (delayed jobs coming due and expired
-//!   leases are found by looking).
+//!   leases are found by looking), on one connection kept for that; a wait
+//!   that fails backs off before the next, so a Redis that is down costs
+//!   neither connections nor CPU.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
 
 use crate::broker::{Broker, Fetched, LeaseTerms};
 use crate::keys::Keys;
+use crate::policy::DEFAULT_MAX_DELIVERIES;
 
 use super::catalog::Catalog;
-use super::lease::{Leases, MAX_DELIVERIES};
+use super::lease::Leases;
 use super::manager::WorkerConfig;
 
 /// Most jobs fetched in one round trip.
 pub const FETCH_BATCH: usize = 256;
 /// How long an idle worker blocks waiting for a wake-up before it looks
 /// again.
-const IDLE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// The first wait after a failed blocking wait; doubles up to
+/// [`MAX_WAIT_BACKOFF`].
+const WAIT_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_WAIT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What one fetch round got.
+pub struct Round {
+    /// The jobs leased to this pool.
+    pub jobs: Vec<Fetched>,
+    /// When the round was sent: their leases last from no earlier than this.
+    pub sent: Instant,
+    /// The error that ended the round early, if any.
+    pub error: Option<redis::RedisError>,
+}
 
 /// See the module docs.
 pub struct Fetcher {
@@ -35,7 +58,11 @@ pub struct Fetcher {
     /// The wake-up lists of every pair.
     signals: Vec<String>,
     worker: String,
-    lease: std::time::Duration,
+    lease: Duration,
+    /// The connection blocking waits use, kept between waits.
+    blocking: Option<MultiplexedConnection>,
+    /// The pause after the next failed wait.
+    wait_backoff: Duration,
 }
 
 impl Fetcher {
@@ -54,20 +81,19 @@ impl Fetcher {
             signals,
             worker: config.id.clone(),
             lease: config.lease,
+            blocking: None,
+            wait_backoff: WAIT_BACKOFF,
         }
     }
 
     /// Lease up to `free` jobs, starting at the next pair in rotation.
-    pub async fn fetch(
-        &mut self,
-        free: usize,
-        leases: &Leases,
-        catalog: &Catalog,
-    ) -> redis::RedisResult<Vec<Fetched>> {
-        let mut out: Vec<Fetched> = Vec::new();
+    pub async fn fetch(&mut self, free: usize, leases: &Leases, catalog: &Catalog) -> Round {
+        let sent = Instant::now();
+        let mut jobs: Vec<Fetched> = Vec::new();
+        let mut error = None;
         for i in 0..self.pairs.len() {
             let (tenant, queue) = &self.pairs[(self.next + i) % self.pairs.len()];
-            let mut want = free.saturating_sub(out.len()).min(FETCH_BATCH);
+            let mut want = free.saturating_sub(jobs.len()).min(FETCH_BATCH);
             if want == 0 {
                 break;
             }
@@ -76,43 +102,58 @@ impl Fetcher {
             let record = catalog.tenant(tenant).await.ok().flatten();
             let caps = record.as_ref().map(|t| &t.limits);
             if let Some(cap) = caps.and_then(|c| c.max_concurrency) {
-                let busy = leases.busy(tenant) + out.iter().filter(|j| &j.tenant == tenant).count();
+                let busy =
+                    leases.busy(tenant) + jobs.iter().filter(|j| &j.tenant == tenant).count();
                 want = want.min((cap as usize).saturating_sub(busy));
                 if want == 0 {
                     continue;
                 }
             }
-            out.extend(
-                self.broker
-                    .fetch(
-                        tenant,
-                        queue,
-                        want,
-                        LeaseTerms {
-                            worker: &self.worker,
-                            lease: self.lease,
-                            max_deliveries: MAX_DELIVERIES,
-                            cluster_cap: caps.and_then(|c| c.max_cluster_concurrency),
-                        },
-                    )
-                    .await?,
-            );
+            let terms = LeaseTerms {
+                worker: &self.worker,
+                lease: self.lease,
+                max_deliveries: DEFAULT_MAX_DELIVERIES,
+                cluster_cap: caps.and_then(|c| c.max_cluster_concurrency),
+            };
+            match self.broker.fetch(tenant, queue, want, terms).await {
+                Ok(more) => jobs.extend(more),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
         }
         self.next = (self.next + 1) % self.pairs.len().max(1);
-        Ok(out)
+        Round { jobs, sent, error }
     }
 
     /// Block until a producer signals one of our queues, or a short timeout.
-    pub async fn wait_for_work(&self) {
-        match self.broker.blocking_connection(IDLE_WAIT).await {
-            Ok(mut conn) => {
-                let _: redis::RedisResult<Option<(String, String)>> = redis::cmd("BLPOP")
-                    .arg(&self.signals)
-                    .arg(IDLE_WAIT.as_secs_f64())
-                    .query_async(&mut conn)
-                    .await;
+    pub async fn wait_for_work(&mut self) {
+        let conn = match self.blocking.as_mut() {
+            Some(conn) => conn,
+            None => match self.broker.blocking_connection(IDLE_WAIT).await {
+                Ok(conn) => self.blocking.insert(conn),
+                Err(e) => return self.wait_failed(&e).await,
+            },
+        };
+        let woken: redis::RedisResult<Option<(String, String)>> = redis::cmd("BLPOP")
+            .arg(&self.signals)
+            .arg(IDLE_WAIT.as_secs_f64())
+            .query_async(conn)
+            .await;
+        match woken {
+            Ok(_) => self.wait_backoff = WAIT_BACKOFF,
+            Err(e) => {
+                self.blocking = None;
+                self.wait_failed(&e).await;
             }
-            Err(_) => tokio::time::sleep(IDLE_WAIT).await,
         }
+    }
+
+    /// Pause after a failed wait, longer each time in a row.
+    async fn wait_failed(&mut self, e: &redis::RedisError) {
+        tracing::warn!(error = %e, retry_in = ?self.wait_backoff, "waiting for work failed; backing off");
+        tokio::time::sleep(self.wait_backoff).await;
+        self.wait_backoff = (self.wait_backoff * 2).min(MAX_WAIT_BACKOFF);
     }
 }

@@ -1,37 +1,48 @@
 //! The jobs a pool holds, and their leases.
 //!
-//! Every fetched job is leased to this worker until a time in Redis; the
-//! worker renews the leases of every job it holds every third of the lease,
-//! so a long job is never redelivered, while the jobs of a worker that died
-//! (or froze, or lost Redis) come back to their queue once their leases
-//! lapse (see the fetch script).
+//! Every fetched job is leased to this worker until a time in Redis (the
+//! server's clock decides). The worker renews the leases of every job it
+//! holds every third of the lease, so a long job is never redelivered,
+//! while the jobs of a worker that died (or froze, or lost Redis) come back
+//! to their queue once their leases lapse (see the fetch script).
+//!
+//! Each held job has a [`LeaseWatch`]: a renewal that succeeds moves its
+//! end, one that finds the job owned by another delivery marks it lost, and
+//! a worker that cannot renew sees it lapse on its own clock. The running
+//! job stops as soon as its watch says the lease is gone, and drain uses
+//! the same switch to stop runs that outlast it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::broker::{Broker, Fetched};
+use crate::fence::LeaseWatch;
 
 /// How long a worker's claim on a job lasts without renewal. Renewed every
 /// third of it, so two missed renewals in a row are survived.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-/// Deliveries after which a job that never finishes is dead-lettered.
-pub const MAX_DELIVERIES: u32 = 10;
+
+/// A held job and its lease.
+struct Held {
+    job: Arc<Fetched>,
+    watch: Arc<LeaseWatch>,
+}
 
 /// The jobs a pool holds, by id.
 #[derive(Default)]
 pub struct Leases {
-    held: Mutex<HashMap<String, Arc<Fetched>>>,
+    held: Mutex<HashMap<String, Held>>,
 }
 
 impl Leases {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Fetched>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Start holding `job` (its lease is renewed from now on).
-    pub fn hold(&self, job: Arc<Fetched>) {
-        self.lock().insert(job.id.clone(), job);
+    /// Start holding `job` under `watch` (its lease is renewed from now on).
+    pub fn hold(&self, job: Arc<Fetched>, watch: Arc<LeaseWatch>) {
+        self.lock().insert(job.id.clone(), Held { job, watch });
     }
 
     /// Stop holding job `id` (its outcome is recorded, or it was handed
@@ -42,30 +53,61 @@ impl Leases {
 
     /// Jobs of `tenant` held now.
     pub fn busy(&self, tenant: &str) -> usize {
-        self.lock().values().filter(|j| j.tenant == tenant).count()
+        self.lock()
+            .values()
+            .filter(|h| h.job.tenant == tenant)
+            .count()
+    }
+
+    /// Stop every held job's run: each ends as if its lease were lost and
+    /// hands its job back.
+    pub fn stop_all(&self) {
+        for held in self.lock().values() {
+            held.watch.lose();
+        }
     }
 
     /// Every job held, no longer held.
     pub fn take_all(&self) -> Vec<Arc<Fetched>> {
-        self.lock().drain().map(|(_, j)| j).collect()
+        self.lock().drain().map(|(_, h)| h.job).collect()
     }
 
     /// Renew every held lease every third of `lease`, forever.
     pub async fn renew_forever(self: Arc<Self>, broker: Broker, lease: Duration) {
         let mut tick = tokio::time::interval(lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let mut by_queue: HashMap<(String, String), Vec<(String, String)>> = HashMap::new();
-            for job in self.lock().values() {
+            for held in self.lock().values() {
                 by_queue
-                    .entry((job.tenant.clone(), job.queue.clone()))
+                    .entry((held.job.tenant.clone(), held.job.queue.clone()))
                     .or_default()
-                    .push((job.id.clone(), job.token.clone()));
+                    .push((held.job.id.clone(), held.job.token.clone()));
             }
             for ((tenant, queue), jobs) in by_queue {
-                if let Err(e) = broker.renew(&tenant, &queue, lease, &jobs).await {
-                    tracing::warn!(error = %e, %tenant, %queue, "renewing leases failed; will retry");
+                let sent = Instant::now();
+                match broker.renew(&tenant, &queue, lease, &jobs).await {
+                    Ok(lost) => self.renewed(&jobs, &lost, sent, lease),
+                    Err(e) => {
+                        tracing::warn!(error = %e, %tenant, %queue, "renewing leases failed; will retry")
+                    }
                 }
+            }
+        }
+    }
+
+    /// A renewal of `jobs` sent at `sent` came back: `lost` are owned by
+    /// another delivery now.
+    fn renewed(&self, jobs: &[(String, String)], lost: &[String], sent: Instant, lease: Duration) {
+        let held = self.lock();
+        for (id, _) in jobs {
+            let Some(h) = held.get(id) else { continue };
+            if lost.contains(id) {
+                tracing::warn!(job = %id, "the job's lease was lost (another delivery owns it); stopping its run");
+                h.watch.lose();
+            } else {
+                h.watch.renewed(sent, lease);
             }
         }
     }

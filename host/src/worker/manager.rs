@@ -13,7 +13,10 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::broker::{Broker, Fetched, Outcome};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::broker::{Broker, Fetched, Outcome, Recorded};
+use crate::fence::LeaseWatch;
 use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::usage::Usage;
 
@@ -23,6 +26,10 @@ use super::lease::Leases;
 use super::processor::Processor;
 use super::recorder::Recorder;
 
+/// How long runs stopped at the end of a drain get to end by themselves
+/// (a guest yields at every 1 ms epoch tick, so this is generous) before
+/// their tasks are aborted.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest a busy worker waits for more free slots before fetching.
 const FETCH_GATHER: Duration = Duration::from_millis(1);
 
@@ -51,7 +58,8 @@ pub struct WorkerConfig {
 /// What a worker did, returned when it stops.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkerStats {
-    /// Jobs whose outcome was recorded.
+    /// Outcomes recorded (succeeded, retried or dead-lettered), each once:
+    /// a job retried twice and then succeeded counts three.
     pub completed: u64,
     /// Jobs handed back at shutdown.
     pub released: u64,
@@ -67,6 +75,9 @@ pub struct Worker {
     recorder: Arc<Recorder>,
     /// The recorder's batching task, stopped with the pool.
     recording: tokio::task::JoinHandle<()>,
+    /// Jobs handed back by the drain itself (those whose runs would not
+    /// stop).
+    released: AtomicU64,
 }
 
 impl Worker {
@@ -83,10 +94,11 @@ impl Worker {
             processor,
             recorder,
             recording,
+            released: AtomicU64::new(0),
         })
     }
 
-    /// Jobs whose outcome this worker has recorded so far.
+    /// Outcomes this worker has recorded so far.
     pub fn completed(&self) -> u64 {
         self.recorder.recorded()
     }
@@ -132,39 +144,36 @@ impl Worker {
             } else {
                 free
             };
-            let fetched = match fetcher.fetch(free, &self.leases, &self.catalog).await {
-                Ok(jobs) => {
-                    backoff = Duration::from_millis(50);
-                    jobs
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "fetching jobs failed; retrying");
-                    tokio::select! { _ = &mut shutdown => break, _ = tokio::time::sleep(backoff) => {} }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            if fetched.is_empty() {
-                tokio::select! { _ = &mut shutdown => break, _ = fetcher.wait_for_work() => {} }
-                continue;
-            }
-            for job in fetched {
+            let round = fetcher.fetch(free, &self.leases, &self.catalog).await;
+            let fetched_any = !round.jobs.is_empty();
+            for job in round.jobs {
                 let job = Arc::new(job);
                 let permit = slots
                     .clone()
                     .try_acquire_owned()
                     .expect("fetched no more jobs than free slots");
-                self.leases.hold(job.clone());
+                let watch = Arc::new(LeaseWatch::new(round.sent, self.config.lease));
+                self.leases.hold(job.clone(), watch.clone());
                 let (worker, records) = (self.clone(), records.clone());
-                running.spawn(async move { worker.process(job, permit, records).await });
+                running.spawn(async move { worker.process(job, watch, permit, records).await });
+            }
+            if let Some(e) = round.error {
+                tracing::warn!(error = %e, retry_in = ?backoff, "fetching jobs failed; retrying");
+                tokio::select! { _ = &mut shutdown => break, _ = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            backoff = Duration::from_millis(50);
+            if !fetched_any {
+                tokio::select! { _ = &mut shutdown => break, _ = fetcher.wait_for_work() => {} }
             }
         }
-        let released = self.drain(&mut running).await;
+        self.drain(&mut running).await;
         renewer.abort();
         self.recording.abort();
         WorkerStats {
             completed: self.recorder.recorded(),
-            released,
+            released: self.recorder.released() + self.released.load(Ordering::Relaxed),
         }
     }
 
@@ -172,10 +181,11 @@ impl Worker {
     async fn process(
         &self,
         job: Arc<Fetched>,
+        watch: Arc<LeaseWatch>,
         slot: OwnedSemaphorePermit,
         records: Arc<Semaphore>,
     ) {
-        let completion = self.processor.process(job.clone()).await;
+        let completion = self.processor.process(job.clone(), watch).await;
         // The sandbox is done: free its slot for the next job while the
         // outcome is recorded, holding a recording permit instead (which
         // bounds outcomes waiting for Redis).
@@ -189,31 +199,47 @@ impl Worker {
         drop(recording);
     }
 
-    /// Wait for running jobs up to the drain timeout; release the rest.
-    async fn drain(&self, running: &mut JoinSet<()>) -> u64 {
-        let finished = tokio::time::timeout(self.config.drain_timeout, async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
-        if finished.is_ok() {
-            return 0;
+    /// Wait for running jobs up to the drain timeout. Then stop the runs
+    /// still going (each ends as if its lease were lost, and its processor
+    /// hands the job back once its guest has stopped, so no job runs here
+    /// and elsewhere at once); only runs that do not stop within
+    /// [`STOP_GRACE`] are aborted and their jobs handed back from here.
+    async fn drain(&self, running: &mut JoinSet<()>) {
+        if tokio::time::timeout(self.config.drain_timeout, join_all(running))
+            .await
+            .is_ok()
+        {
+            return;
         }
-        running.detach_all();
-        let mut released = 0;
+        self.leases.stop_all();
+        if tokio::time::timeout(STOP_GRACE, join_all(running))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        running.abort_all();
+        while running.join_next().await.is_some() {}
         for job in self.leases.take_all() {
             match self
                 .broker
-                .complete(&job, &Outcome::Release, &Usage::default(), None, "")
+                .complete(&job, &Outcome::Release, &Usage::default())
                 .await
             {
-                Ok(true) => released += 1,
-                Ok(false) => {}
+                Ok(Recorded::Now) => {
+                    self.released.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
                 // Its lease will lapse and it will be redelivered.
                 Err(e) => {
                     tracing::warn!(error = %e, job = %job.id, "could not release job; its lease will expire")
                 }
             }
         }
-        released
     }
+}
+
+/// Resolves once every task of `running` has ended.
+async fn join_all(running: &mut JoinSet<()>) {
+    while running.join_next().await.is_some() {}
 }

@@ -26,5 +26,6 @@ mod processor;
 mod recorder;
 
 pub use catalog::Catalog;
-pub use lease::{DEFAULT_LEASE, MAX_DELIVERIES};
+pub use lease::DEFAULT_LEASE;
 pub use manager::{Worker, WorkerConfig, WorkerStats};
+pub use processor::MAX_HOST_RETRIES;

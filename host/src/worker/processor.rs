@@ -1,28 +1,57 @@
 //! One job's life: read its envelope, find its task and tenant in the
-//! catalog, run it in a fresh sandbox under the tenant's current caps,
-//! decide retry or dead-letter ([`crate::retry`]), and hand back the
-//! outcome to record.
+//! catalog, check the job came through its task's queue, run it in a fresh
+//! sandbox under the tenant's current caps, decide retry or dead-letter
+//! ([`crate::retry`]), and hand back the outcome to record.
 //!
-//! A failure of the host (Redis unreachable, a component not fetchable,
-//! a step held by another job) is retried without using one of the task's
-//! attempts; a failure of the job is the task's.
+//! Whose fault a failure is decides what it costs:
+//! - the task's (it failed, trapped, timed out, or asked for a retry): one
+//!   of its attempts;
+//! - the host's (Redis unreachable or refusing writes, a component not
+//!   fetchable): a host retry, which uses no attempt but is itself
+//!   bounded ([`MAX_HOST_RETRIES`], then `host-error`), so a fault that
+//!   never ends cannot retry a job forever. A host fault never hides the
+//!   task's own verdict: a guest that returned `fail` fails;
+//! - nobody's (a step it needs is held by another job, or the delivery lost
+//!   its lease): it waits, or goes back, using neither.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use redis::aio::ConnectionManager;
 
 use crate::backend::redis::{ChildEnqueuer, RedisBackend};
 use crate::broker::envelope::Envelope;
-use crate::broker::{now_ms, Broker, Completion, Fetched, Outcome};
+use crate::broker::{Broker, Completion, DeployedTask, Fetched, Outcome};
 use crate::failure::{Category, Failure};
+use crate::fence::LeaseWatch;
+use crate::limits::MAX_DELAY;
 use crate::retry::{decide, Decision};
-use crate::sandbox::{ComputeThreads, JobInput, Verdict};
+use crate::sandbox::{ComputeThreads, JobInput, JobOutcome, Verdict};
+use crate::tenants::Tenant;
 use crate::usage::Usage;
 
 use super::catalog::Catalog;
 
-/// Wait before re-running a job that failed because of the host.
+/// Host retries a job gets before it is dead-lettered as `host-error`:
+/// with [`host_retry_delay`] about five minutes in all, which a Redis
+/// restart or failover fits in with room; a fault that lasts longer needs
+/// an operator, not more retries (`wasmq dead retry` runs the job again).
+pub const MAX_HOST_RETRIES: u32 = 10;
+/// The first host retry waits this long; each next one twice as long, up
+/// to [`HOST_RETRY_MAX_DELAY`].
 const HOST_RETRY_DELAY: Duration = Duration::from_secs(1);
+const HOST_RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+/// How long a job waiting for another job's step waits, unless it asked.
+const STEP_WAIT: Duration = Duration::from_secs(1);
+
+/// The wait before host retry number `n + 1`.
+fn host_retry_delay(n: u32) -> Duration {
+    HOST_RETRY_DELAY
+        .saturating_mul(1 << n.min(16))
+        .min(HOST_RETRY_MAX_DELAY)
+}
 
 /// See the module docs.
 pub struct Processor {
@@ -31,6 +60,11 @@ pub struct Processor {
     /// For an io pool: where its compute-bound jobs finish (see
     /// [`ComputeThreads`]).
     compute: Option<Arc<ComputeThreads>>,
+    /// One Redis connection per tenant for its guests' host calls, apart
+    /// from the pool's own (fetch, leases, outcomes) and from other
+    /// tenants': one tenant's slow or large calls queue behind each other,
+    /// not in front of anyone else's.
+    guest_connections: Mutex<HashMap<String, ConnectionManager>>,
 }
 
 impl Processor {
@@ -44,37 +78,36 @@ impl Processor {
             broker,
             catalog,
             compute,
+            guest_connections: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Run `job` to an outcome.
-    pub async fn process(&self, job: Arc<Fetched>) -> Completion {
-        let (outcome, usage, idempotency_key, task) = match Envelope::parse(&job.envelope) {
+    /// Run `job`, delivered under `lease`, to an outcome.
+    pub async fn process(&self, job: Arc<Fetched>, lease: Arc<LeaseWatch>) -> Completion {
+        let (outcome, usage, denials) = match Envelope::parse(&job.envelope) {
             Err(reason) => {
                 tracing::warn!(job = %job.id, %reason, "dead-lettering a malformed job");
-                (
-                    Outcome::Dead(Failure::new(Category::BadPayload, reason)),
-                    Usage::default(),
-                    None,
-                    String::new(),
-                )
+                let dead = Outcome::Dead(Failure::new(Category::BadPayload, reason));
+                (dead, Usage::default(), Vec::new())
             }
-            Ok(envelope) => {
-                let (outcome, usage) = self.run(&job, &envelope).await;
-                (outcome, usage, envelope.idempotency_key, envelope.task)
-            }
+            Ok(envelope) => self.run(&job, &envelope, lease).await,
         };
         Completion {
             job,
             outcome,
             usage,
-            idempotency_key,
-            task,
+            denials,
         }
     }
 
-    async fn run(&self, job: &Fetched, envelope: &Envelope) -> (Outcome, Usage) {
-        let dead = |f: Failure| (Outcome::Dead(f), Usage::default());
+    async fn run(
+        &self,
+        job: &Fetched,
+        envelope: &Envelope,
+        lease: Arc<LeaseWatch>,
+    ) -> (Outcome, Usage, Vec<String>) {
+        let not_run = |outcome: Outcome| (outcome, Usage::default(), Vec::new());
+        let dead = |f: Failure| not_run(Outcome::Dead(f));
         let task = match self.catalog.task(&job.tenant, &envelope.task).await {
             Ok(Some(task)) => task,
             Ok(None) => {
@@ -87,16 +120,38 @@ impl Processor {
                 ))
             }
             Err(e) => {
-                return (
-                    retry_later(format!("looking up the task failed: {e:#}")),
-                    Usage::default(),
-                )
+                return not_run(host_retry(
+                    job,
+                    format!("looking up the task failed: {e:#}"),
+                ))
+            }
+        };
+        // Confinement is checked where the job runs: a producer that writes
+        // a job straight into another queue must not get a task onto a pool
+        // (or a tenant's share) it was not deployed for.
+        if task.policy.queue != job.queue {
+            return dead(Failure::new(
+                Category::Denied,
+                format!(
+                    "job {} of task {:?} came from queue {:?}, but the task is deployed to queue {:?}; \
+                     a job runs only from its task's queue",
+                    job.id, task.name, job.queue, task.policy.queue
+                ),
+            ));
+        }
+        let record = match self.catalog.tenant(&job.tenant).await {
+            Ok(record) => record,
+            Err(e) => {
+                return not_run(host_retry(
+                    job,
+                    format!("reading the tenant's caps failed: {e:#}"),
+                ))
             }
         };
         let prepared = match self.catalog.prepared(&job.tenant, &task).await {
             Ok(p) => p,
             Err(f) if f.category == Category::InvalidComponent => return dead(f),
-            Err(f) => return (retry_later(f.message), Usage::default()),
+            Err(f) => return not_run(host_retry(job, f.message)),
         };
         let payload = envelope.payload.to_string();
         if payload.len() > task.policy.max_payload_bytes {
@@ -111,21 +166,15 @@ impl Processor {
         }
         // The tenant's current caps bound the deployed policy (lowering a
         // cap takes effect without a redeploy).
-        let sandbox_policy = match self.catalog.tenant(&job.tenant).await {
-            Ok(Some(record)) => {
+        let sandbox_policy = match &record {
+            Some(record) => {
                 // A pool taken away after the deploy stops the task's jobs.
                 if let Some(refusal) = record.limits.pool_refusal(&job.tenant, task.policy.pool) {
                     return dead(Failure::new(Category::Denied, refusal));
                 }
                 Cow::Owned(record.limits.clamp(task.policy.sandbox.clone()))
             }
-            Ok(None) => Cow::Borrowed(&task.policy.sandbox),
-            Err(e) => {
-                return (
-                    retry_later(format!("reading the tenant's caps failed: {e:#}")),
-                    Usage::default(),
-                )
-            }
+            None => Cow::Borrowed(&task.policy.sandbox),
         };
         let mut retry = task.policy.retry.clone();
         if let Some(max) = envelope.max_attempts {
@@ -139,9 +188,14 @@ impl Processor {
             max_attempts: retry.max_attempts,
             idempotency_key: envelope.idempotency_key.clone(),
             payload,
+            lease_token: Some(job.token.clone()),
+            lease,
+            max_value_ttl: record.as_ref().and_then(|r| r.limits.max_value_ttl),
         };
-        let enqueuer: Arc<dyn ChildEnqueuer> = Arc::new(self.broker.clone());
-        let backend = Arc::new(RedisBackend::new(self.broker.connection()).with_enqueuer(enqueuer));
+        let backend = match self.backend(&job.tenant, record.as_deref()).await {
+            Ok(backend) => backend,
+            Err(e) => return not_run(host_retry(job, e)),
+        };
         let outcome = self
             .catalog
             .sandbox()
@@ -149,48 +203,157 @@ impl Processor {
                 &prepared,
                 &input,
                 &sandbox_policy,
-                backend,
+                Arc::new(backend),
                 self.compute.as_deref(),
             )
             .await;
         if !outcome.log.is_empty() {
             tracing::debug!(job = %job.id, log = %outcome.log, "job log");
         }
-        let store = envelope
-            .store_result
-            .unwrap_or(task.policy.store_result)
-            .then_some(task.policy.result_ttl);
-        // A run that failed while Redis was unavailable to its host calls,
-        // or while a step it needs was held by another job, failed because
-        // of the host: try again without using an attempt (otherwise a Redis
-        // restart, or a duplicate job, dead-letters jobs as retry-exhausted).
-        if let (Some(fault), false) = (
-            &outcome.host_fault,
-            matches!(outcome.verdict, Verdict::Succeeded { .. }),
-        ) {
-            return (
-                retry_later(format!("the run met a host-side obstacle: {fault}")),
-                outcome.usage,
-            );
+        let recorded = self.verdict(job, &task, envelope, &retry, &outcome);
+        (recorded, outcome.usage, outcome.denials)
+    }
+
+    /// What to record for a run that ended with `outcome`.
+    fn verdict(
+        &self,
+        job: &Fetched,
+        task: &DeployedTask,
+        envelope: &Envelope,
+        retry: &crate::policy::RetryPolicy,
+        outcome: &JobOutcome,
+    ) -> Outcome {
+        // The delivery lost its lease (or the worker is stopping and took
+        // it back): the job goes back to its queue without using anything,
+        // unless another delivery already owns it (then this is refused).
+        if outcome.lease_lost {
+            return Outcome::Release;
         }
-        let recorded = match decide(&retry, job.attempt, outcome.verdict) {
-            Decision::Succeed(result) => Outcome::Succeeded { result, store },
+        let decision = decide(retry, job.attempt, outcome.verdict.clone());
+        // A verdict a retry might fix: a retry, or the last attempt of one.
+        let retryable = match &decision {
+            Decision::Retry { .. } => true,
+            Decision::Dead(f) => f.category == Category::RetryExhausted,
+            Decision::Succeed(_) => false,
+        };
+        // Waiting for another job's step is not this task failing.
+        if retryable && outcome.waiting_on_step {
+            if let Verdict::Retry { message, delay } = &outcome.verdict {
+                return Outcome::Wait {
+                    delay: delay.unwrap_or(STEP_WAIT).min(MAX_DELAY),
+                    error: Failure::new(Category::TaskError, message.clone()),
+                };
+            }
+        }
+        // A run that failed in a way a retry might fix, while the host was
+        // failing it, failed because of the host: try again without using
+        // an attempt (otherwise a Redis restart dead-letters jobs as
+        // retry-exhausted). A verdict no retry can fix stands.
+        if let (true, Some(fault)) = (retryable, &outcome.host_fault) {
+            return host_retry(job, format!("the run met a host-side fault: {fault}"));
+        }
+        match decision {
+            Decision::Succeed(result) => Outcome::Succeeded {
+                result,
+                store: envelope
+                    .store_result
+                    .unwrap_or(task.policy.store_result)
+                    .then_some(task.policy.result_ttl),
+                idempotency_ttl: task.policy.result_ttl,
+            },
             Decision::Retry { delay, error } => Outcome::Retry {
-                at_ms: now_ms() + delay.as_millis() as u64,
+                delay: delay.min(MAX_DELAY),
                 error,
             },
             Decision::Dead(failure) => Outcome::Dead(failure),
+        }
+    }
+
+    /// The backend a job of `tenant` makes its host calls through.
+    async fn backend(&self, tenant: &str, record: Option<&Tenant>) -> Result<RedisBackend, String> {
+        let known = self
+            .guest_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned();
+        let conn = match known {
+            Some(conn) => conn,
+            None => {
+                let conn = self.broker.new_connection().await.map_err(|e| {
+                    format!("connecting to Redis for the guest's host calls: {e:#}")
+                })?;
+                self.guest_connections
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(tenant.to_string())
+                    .or_insert(conn)
+                    .clone()
+            }
         };
-        (recorded, outcome.usage)
+        let enqueuer: Arc<dyn ChildEnqueuer> = Arc::new(self.broker.clone());
+        let quota = record.map(|r| r.limits.store_quota()).unwrap_or_default();
+        Ok(RedisBackend::new(conn)
+            .with_enqueuer(enqueuer)
+            .with_quota(quota))
     }
 }
 
-/// A host-side problem (Redis, cache): try the job again shortly without
-/// counting against the task.
-fn retry_later(message: String) -> Outcome {
-    tracing::warn!(%message, "host-side problem; job will be retried");
+/// A host-side problem: try the job again later without counting against
+/// the task, unless the job has had all its host retries (then it is
+/// dead-lettered as `host-error`, naming the fault).
+fn host_retry(job: &Fetched, message: String) -> Outcome {
+    if job.host_retries >= MAX_HOST_RETRIES {
+        tracing::warn!(job = %job.id, %message, "host-side problem; the job has used its host retries");
+        return Outcome::Dead(Failure::new(
+            Category::HostError,
+            format!(
+                "the host could not run the job through {} host retries; last: {message}",
+                job.host_retries
+            ),
+        ));
+    }
+    tracing::warn!(job = %job.id, %message, "host-side problem; job will be retried");
     Outcome::HostRetry {
-        at_ms: now_ms() + HOST_RETRY_DELAY.as_millis() as u64,
-        error: Failure::new(Category::TaskError, message),
+        delay: host_retry_delay(job.host_retries),
+        error: Failure::new(Category::HostError, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_retries_back_off_to_a_cap_and_end() {
+        let delays: Vec<u64> = (0..MAX_HOST_RETRIES)
+            .map(|n| host_retry_delay(n).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        let total: u64 = delays.iter().sum();
+        assert!(
+            (240..=400).contains(&total),
+            "about five minutes: {total} s"
+        );
+        let job = |host_retries| Fetched {
+            tenant: "t".into(),
+            queue: "q".into(),
+            id: "j".into(),
+            envelope: String::new(),
+            attempt: 1,
+            token: "w:1".into(),
+            host_retries,
+        };
+        assert!(matches!(
+            host_retry(&job(0), "x".into()),
+            Outcome::HostRetry { .. }
+        ));
+        match host_retry(&job(MAX_HOST_RETRIES), "redis said OOM".into()) {
+            Outcome::Dead(f) => {
+                assert_eq!(f.category, Category::HostError);
+                assert!(f.message.contains("redis said OOM"), "{}", f.message);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::broker::{Broker, Completion};
+use crate::broker::{Broker, Completion, Outcome, Recorded};
 
 /// Most outcomes recorded in one round trip.
 const COMPLETE_BATCH: usize = 256;
@@ -23,13 +23,15 @@ const COMPLETE_BATCH: usize = 256;
 const RECORD_TRIES: usize = 20;
 
 /// An outcome to record and where to send whether it was recorded.
-type Pending = (Arc<Completion>, oneshot::Sender<Result<bool, String>>);
+type Pending = (Arc<Completion>, oneshot::Sender<Result<Recorded, String>>);
 
 /// See the module docs.
 pub struct Recorder {
     queue: mpsc::UnboundedSender<Pending>,
-    /// Outcomes recorded so far.
+    /// Outcomes recorded so far (jobs handed back not included).
     recorded: AtomicU64,
+    /// Jobs handed back so far.
+    released: AtomicU64,
 }
 
 impl Recorder {
@@ -41,13 +43,20 @@ impl Recorder {
         let recorder = Arc::new(Recorder {
             queue,
             recorded: AtomicU64::new(0),
+            released: AtomicU64::new(0),
         });
         (recorder, task)
     }
 
-    /// Outcomes recorded so far.
+    /// Outcomes recorded so far (succeeded, retried, dead-lettered; each
+    /// once, however often its batch was sent).
     pub fn recorded(&self) -> u64 {
         self.recorded.load(Ordering::Relaxed)
+    }
+
+    /// Jobs handed back to their queues so far.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
     }
 
     /// Record an outcome, retrying through Redis outages for a while.
@@ -61,11 +70,17 @@ impl Recorder {
                 break;
             }
             match answer.await {
-                Ok(Ok(true)) => {
-                    self.recorded.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(Recorded::Now)) if matches!(completion.outcome, Outcome::Release) => {
+                    self.released.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Ok(Ok(false)) => {
+                Ok(Ok(Recorded::Now | Recorded::Before)) => {
+                    if !matches!(completion.outcome, Outcome::Release) {
+                        self.recorded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Ok(Ok(Recorded::Stale)) => {
                     tracing::warn!(job = %id, "lease lost before the outcome was recorded; another delivery owns the job");
                     return;
                 }

@@ -1,0 +1,118 @@
+//! Whether a delivery still holds its job's lease, as far as this process
+//! can tell: the local half of fencing (the other half is in Redis: a
+//! step or an outcome is refused unless the job's lease names the
+//! delivery).
+//!
+//! A lease is held until a time on this machine's monotonic clock that is
+//! never later than the lease's end in Redis: each renewal moves it to the
+//! instant the renewal was *sent* plus the lease (Redis computes the end
+//! from a later instant). So a worker that was frozen (SIGSTOP, a long GC
+//! pause, a laptop lid) past its lease knows, the moment it runs again,
+//! that it may no longer act for the job, before any renewal has had a
+//! chance to fail; and a renewal that finds the job redelivered marks the
+//! lease lost at once. The monotonic clock keeps counting while a process
+//! is stopped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct LeaseWatch {
+    /// Until when the lease is surely held (`None`: no lease, held for
+    /// good: embedded mode).
+    held_until: Mutex<Option<Instant>>,
+    /// Set once a renewal found the job owned by another delivery.
+    lost: AtomicBool,
+    /// Wakes [`LeaseWatch::lost_or_lapsed`] when the lease is lost.
+    changed: Notify,
+}
+
+impl LeaseWatch {
+    /// A lease fetched at `sent` (when the fetch was sent) for `lease`.
+    pub fn new(sent: Instant, lease: Duration) -> Self {
+        LeaseWatch {
+            held_until: Mutex::new(Some(sent + lease)),
+            lost: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    /// No lease at all (embedded mode, tests): always held.
+    pub fn unbounded() -> Self {
+        LeaseWatch {
+            held_until: Mutex::new(None),
+            lost: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    fn until(&self) -> Option<Instant> {
+        *self.held_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A renewal sent at `sent` for `lease` succeeded.
+    pub fn renewed(&self, sent: Instant, lease: Duration) {
+        let mut until = self.held_until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = until.as_mut() {
+            *until = (*until).max(sent + lease);
+        }
+    }
+
+    /// A renewal found the job owned by another delivery.
+    pub fn lose(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// True while the delivery may still act for its job.
+    pub fn held(&self) -> bool {
+        !self.lost.load(Ordering::Acquire) && self.until().is_none_or(|u| Instant::now() < u)
+    }
+
+    /// Resolves once the lease is lost or has lapsed without a renewal.
+    pub async fn lost_or_lapsed(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if !self.held() {
+                return;
+            }
+            match self.until() {
+                Some(until) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lease_lapses_unless_renewed_and_can_be_lost() {
+        let watch = LeaseWatch::new(Instant::now(), Duration::from_millis(50));
+        assert!(watch.held());
+        watch.renewed(Instant::now(), Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(watch.held(), "the renewal moved the end");
+        watch.lose();
+        assert!(!watch.held());
+        watch.lost_or_lapsed().await;
+
+        let lapsing = LeaseWatch::new(Instant::now(), Duration::from_millis(30));
+        let started = Instant::now();
+        lapsing.lost_or_lapsed().await;
+        assert!(started.elapsed() >= Duration::from_millis(25));
+        assert!(!lapsing.held());
+        assert!(LeaseWatch::unbounded().held());
+    }
+}
