@@ -646,6 +646,7 @@ async fn a_stopping_worker_never_fetches_again() {
             drain_timeout: Duration::from_secs(10),
             id: format!("stopping-{round}"),
             compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
+            host_retries: Default::default(),
         };
         let stats = Worker::new(broker.clone(), sandbox.clone(), config)
             .run(std::future::ready(()))

@@ -497,6 +497,7 @@ async fn a_worker_survives_generated_poison_envelopes() {
         drain_timeout: Duration::from_secs(10),
         id: "fuzz-worker".into(),
         compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
+        host_retries: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(

@@ -102,6 +102,7 @@ fn start_worker(
         drain_timeout: Duration::from_secs(10),
         id: format!("test-{}", uuid::Uuid::new_v4().simple()),
         compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
+        host_retries: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(broker.clone(), sandbox, config);

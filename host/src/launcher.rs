@@ -21,7 +21,7 @@ use crate::engine::{build_engine, EngineLimits};
 use crate::keys::valid_tenant;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
-use crate::worker::{Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};
+use crate::worker::{HostRetries, Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};
 
 /// How a worker process runs.
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct LaunchConfig {
     /// This process's id in leases and history; each pool appends its
     /// kind and index.
     pub id: String,
+    /// How jobs are retried for the host's own faults.
+    pub host_retries: HostRetries,
 }
 
 impl LaunchConfig {
@@ -63,6 +65,7 @@ impl LaunchConfig {
             cpu_priority: CpuPriority::default(),
             cache_dir: CompiledCache::default_dir(),
             id: format!("{}-{}", hostname(), std::process::id()),
+            host_retries: HostRetries::default(),
         }
     }
 }
@@ -117,6 +120,7 @@ pub async fn run(
                 PoolKind::Io => Some(compute.clone()),
                 PoolKind::Cpu => None,
             },
+            host_retries: config.host_retries,
         };
         tracing::info!(
             "wasmq worker {}: {} pool of {} serving {:?} of tenants {:?}",

@@ -14,7 +14,24 @@ use tokio::net::TcpListener;
 pub struct Request {
     pub method: String,
     pub path: String,
+    /// Header names and values, lowercased.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The value of header `name` (lowercase), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
 }
 
 /// What the handler answers.
@@ -169,7 +186,12 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
     if chunked {
         body = dechunk(&body);
     }
-    Some(Request { method, path, body })
+    Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    })
 }
 
 /// Decode a chunked transfer-encoded body.

@@ -24,8 +24,15 @@ pub fn start_in_process(
     let mut config = LaunchConfig::new(broker.url(), tenant, &["default"], concurrency);
     config.lease = lease;
     config.drain_timeout = Duration::from_secs(10);
-    config.cache_dir = None;
     config.id = id.into();
+    start_launcher(config)
+}
+
+/// Run `config` through the library launcher in this process (without a
+/// disk cache). Send on the returned channel to stop it (it drains); await
+/// the handle for its stats.
+pub fn start_launcher(mut config: LaunchConfig) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
+    config.cache_dir = None;
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         launcher::run(config, async move {
@@ -48,7 +55,11 @@ pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> KillOnDrop
             std::env::temp_dir().join("wasmq-test-cache"),
         )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("WASMQ_TEST_WORKER_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .unwrap();
     KillOnDrop(child)

@@ -62,6 +62,7 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
         compute: Some(
             ComputeThreads::for_machine(CpuPriority::default()).map_err(anyhow::Error::from)?,
         ),
+        host_retries: Default::default(),
     };
 
     // Phase 1: drain a full queue.

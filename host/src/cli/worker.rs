@@ -9,6 +9,7 @@ use clap::Args;
 use super::CliError;
 use crate::launcher::{self, LaunchConfig};
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
+use crate::worker::HostRetries;
 
 /// Flags of `wasmq worker`.
 #[derive(Debug, Args)]
@@ -41,6 +42,14 @@ pub struct WorkerArgs {
     /// `normal`.
     #[arg(long = "cpu-priority", value_enum, default_value_t = CpuPriority::Idle)]
     pub cpu_priority: CpuPriority,
+    /// Host retries a job gets for the host's own faults (Redis unreachable
+    /// or refusing writes) before it is dead-lettered as `host-error`; they
+    /// never use the task's attempts.
+    #[arg(long = "max-host-retries", default_value_t = crate::worker::MAX_HOST_RETRIES)]
+    pub max_host_retries: u32,
+    /// The first host retry's delay; each next one doubles, up to a minute.
+    #[arg(long = "host-retry-delay", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub host_retry_delay: Duration,
     /// How long SIGTERM waits for running jobs before handing them back.
     #[arg(long = "drain-timeout", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
@@ -73,6 +82,11 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     config.lease = args.lease;
     config.drain_timeout = args.drain_timeout;
     config.cpu_priority = args.cpu_priority;
+    config.host_retries = HostRetries {
+        max: args.max_host_retries,
+        delay: args.host_retry_delay,
+        ..HostRetries::default()
+    };
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
     eprintln!(
         "wasmq worker stopped: {} job(s) completed, {} handed back",

@@ -23,7 +23,7 @@ use crate::usage::Usage;
 use super::catalog::Catalog;
 use super::fetch::{Fetcher, FETCH_BATCH};
 use super::lease::Leases;
-use super::processor::Processor;
+use super::processor::{HostRetries, Processor};
 use super::recorder::Recorder;
 
 /// How long runs stopped at the end of a drain get to end by themselves
@@ -53,6 +53,8 @@ pub struct WorkerConfig {
     /// their burst (shared by every io pool of the process). `None` for a
     /// cpu pool, whose threads are there to compute.
     pub compute: Option<Arc<ComputeThreads>>,
+    /// How jobs are retried for the host's own faults.
+    pub host_retries: HostRetries,
 }
 
 /// What a worker did, returned when it stops.
@@ -84,7 +86,12 @@ impl Worker {
     /// A pool on `broker` running jobs in `sandbox`.
     pub fn new(broker: Broker, sandbox: Arc<Sandbox>, config: WorkerConfig) -> Arc<Self> {
         let catalog = Arc::new(Catalog::new(broker.clone(), sandbox));
-        let processor = Processor::new(broker.clone(), catalog.clone(), config.compute.clone());
+        let processor = Processor::new(
+            broker.clone(),
+            catalog.clone(),
+            config.compute.clone(),
+            config.host_retries,
+        );
         let (recorder, recording) = Recorder::start(broker.clone());
         Arc::new(Worker {
             broker,

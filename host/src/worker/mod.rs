@@ -28,4 +28,4 @@ mod recorder;
 pub use catalog::Catalog;
 pub use lease::DEFAULT_LEASE;
 pub use manager::{Worker, WorkerConfig, WorkerStats};
-pub use processor::MAX_HOST_RETRIES;
+pub use processor::{HostRetries, MAX_HOST_RETRIES};

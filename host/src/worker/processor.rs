@@ -34,24 +34,65 @@ use crate::usage::Usage;
 
 use super::catalog::Catalog;
 
-/// Host retries a job gets before it is dead-lettered as `host-error`:
-/// with [`host_retry_delay`] about five minutes in all, which a Redis
-/// restart or failover fits in with room; a fault that lasts longer needs
-/// an operator, not more retries (`wasmq dead retry` runs the job again).
+/// How the host retries a job for its own faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRetries {
+    /// Host retries a job gets before it is dead-lettered as `host-error`.
+    pub max: u32,
+    /// The first host retry waits this long; each next one twice as long,
+    /// up to `max_delay`.
+    pub delay: Duration,
+    /// Longest wait before a host retry.
+    pub max_delay: Duration,
+}
+
+/// Default host retries: 10, from 1 s doubling to a minute, about five
+/// minutes in all, which a Redis restart or failover fits in with room; a
+/// fault that lasts longer needs an operator, not more retries (`wasmq dead
+/// retry` runs the job again).
 pub const MAX_HOST_RETRIES: u32 = 10;
-/// The first host retry waits this long; each next one twice as long, up
-/// to [`HOST_RETRY_MAX_DELAY`].
-const HOST_RETRY_DELAY: Duration = Duration::from_secs(1);
-const HOST_RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+
+impl Default for HostRetries {
+    fn default() -> Self {
+        HostRetries {
+            max: MAX_HOST_RETRIES,
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl HostRetries {
+    /// The wait before host retry number `n + 1`.
+    fn delay(&self, n: u32) -> Duration {
+        self.delay
+            .saturating_mul(1 << n.min(16))
+            .min(self.max_delay)
+    }
+
+    /// A host-side problem: try the job again later without counting
+    /// against the task, unless the job has had all its host retries (then
+    /// it is dead-lettered as `host-error`, naming the fault).
+    fn outcome(&self, job: &Fetched, message: String) -> Outcome {
+        if job.host_retries >= self.max {
+            tracing::warn!(job = %job.id, %message, "host-side problem; the job has used its host retries");
+            return Outcome::Dead(Failure::new(
+                Category::HostError,
+                format!(
+                    "the host could not run the job through {} host retries; last: {message}",
+                    job.host_retries
+                ),
+            ));
+        }
+        tracing::warn!(job = %job.id, %message, "host-side problem; job will be retried");
+        Outcome::HostRetry {
+            delay: self.delay(job.host_retries),
+            error: Failure::new(Category::HostError, message),
+        }
+    }
+}
 /// How long a job waiting for another job's step waits, unless it asked.
 const STEP_WAIT: Duration = Duration::from_secs(1);
-
-/// The wait before host retry number `n + 1`.
-fn host_retry_delay(n: u32) -> Duration {
-    HOST_RETRY_DELAY
-        .saturating_mul(1 << n.min(16))
-        .min(HOST_RETRY_MAX_DELAY)
-}
 
 /// See the module docs.
 pub struct Processor {
@@ -60,6 +101,8 @@ pub struct Processor {
     /// For an io pool: where its compute-bound jobs finish (see
     /// [`ComputeThreads`]).
     compute: Option<Arc<ComputeThreads>>,
+    /// How host faults are retried.
+    host_retries: HostRetries,
     /// One Redis connection per tenant for its guests' host calls, apart
     /// from the pool's own (fetch, leases, outcomes) and from other
     /// tenants': one tenant's slow or large calls queue behind each other,
@@ -73,11 +116,13 @@ impl Processor {
         broker: Broker,
         catalog: Arc<Catalog>,
         compute: Option<Arc<ComputeThreads>>,
+        host_retries: HostRetries,
     ) -> Self {
         Processor {
             broker,
             catalog,
             compute,
+            host_retries,
             guest_connections: Mutex::new(HashMap::new()),
         }
     }
@@ -120,10 +165,10 @@ impl Processor {
                 ))
             }
             Err(e) => {
-                return not_run(host_retry(
-                    job,
-                    format!("looking up the task failed: {e:#}"),
-                ))
+                return not_run(
+                    self.host_retries
+                        .outcome(job, format!("looking up the task failed: {e:#}")),
+                )
             }
         };
         // Confinement is checked where the job runs: a producer that writes
@@ -142,16 +187,16 @@ impl Processor {
         let record = match self.catalog.tenant(&job.tenant).await {
             Ok(record) => record,
             Err(e) => {
-                return not_run(host_retry(
-                    job,
-                    format!("reading the tenant's caps failed: {e:#}"),
-                ))
+                return not_run(
+                    self.host_retries
+                        .outcome(job, format!("reading the tenant's caps failed: {e:#}")),
+                )
             }
         };
         let prepared = match self.catalog.prepared(&job.tenant, &task).await {
             Ok(p) => p,
             Err(f) if f.category == Category::InvalidComponent => return dead(f),
-            Err(f) => return not_run(host_retry(job, f.message)),
+            Err(f) => return not_run(self.host_retries.outcome(job, f.message)),
         };
         let payload = envelope.payload.to_string();
         if payload.len() > task.policy.max_payload_bytes {
@@ -194,7 +239,7 @@ impl Processor {
         };
         let backend = match self.backend(&job.tenant, record.as_deref()).await {
             Ok(backend) => backend,
-            Err(e) => return not_run(host_retry(job, e)),
+            Err(e) => return not_run(self.host_retries.outcome(job, e)),
         };
         let outcome = self
             .catalog
@@ -250,7 +295,9 @@ impl Processor {
         // an attempt (otherwise a Redis restart dead-letters jobs as
         // retry-exhausted). A verdict no retry can fix stands.
         if let (true, Some(fault)) = (retryable, &outcome.host_fault) {
-            return host_retry(job, format!("the run met a host-side fault: {fault}"));
+            return self
+                .host_retries
+                .outcome(job, format!("the run met a host-side fault: {fault}"));
         }
         match decision {
             Decision::Succeed(result) => Outcome::Succeeded {
@@ -299,35 +346,15 @@ impl Processor {
     }
 }
 
-/// A host-side problem: try the job again later without counting against
-/// the task, unless the job has had all its host retries (then it is
-/// dead-lettered as `host-error`, naming the fault).
-fn host_retry(job: &Fetched, message: String) -> Outcome {
-    if job.host_retries >= MAX_HOST_RETRIES {
-        tracing::warn!(job = %job.id, %message, "host-side problem; the job has used its host retries");
-        return Outcome::Dead(Failure::new(
-            Category::HostError,
-            format!(
-                "the host could not run the job through {} host retries; last: {message}",
-                job.host_retries
-            ),
-        ));
-    }
-    tracing::warn!(job = %job.id, %message, "host-side problem; job will be retried");
-    Outcome::HostRetry {
-        delay: host_retry_delay(job.host_retries),
-        error: Failure::new(Category::HostError, message),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn host_retries_back_off_to_a_cap_and_end() {
-        let delays: Vec<u64> = (0..MAX_HOST_RETRIES)
-            .map(|n| host_retry_delay(n).as_secs())
+        let retries = HostRetries::default();
+        let delays: Vec<u64> = (0..retries.max)
+            .map(|n| retries.delay(n).as_secs())
             .collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
         let total: u64 = delays.iter().sum();
@@ -345,10 +372,10 @@ mod tests {
             host_retries,
         };
         assert!(matches!(
-            host_retry(&job(0), "x".into()),
+            retries.outcome(&job(0), "x".into()),
             Outcome::HostRetry { .. }
         ));
-        match host_retry(&job(MAX_HOST_RETRIES), "redis said OOM".into()) {
+        match retries.outcome(&job(retries.max), "redis said OOM".into()) {
             Outcome::Dead(f) => {
                 assert_eq!(f.category, Category::HostError);
                 assert!(f.message.contains("redis said OOM"), "{}", f.message);

@@ -23,6 +23,16 @@
 //! | `busy-ms` | spins on `Instant` for about that long (burns fuel) | `ms` |
 //! | `echo` | returns the payload | |
 //! | `not-json` | returns a result that is not JSON | |
+//! | `fail` | fails with `kind` (or plain `fail` without one) | `message`, `kind` |
+//! | `retry` | asks to be retried, after `ms` if given | `ms` |
+//! | `step-post` | inside step `step`: sleeps, then POSTs `{"job"}` to the URL (the step's `Idempotency-Key` rides along) | `step`, `url`, `sleep_ms` |
+//! | `tick` | POSTs `{"job", "i"}` to the URL `n` times, `ms` apart | `url`, `n`, `ms` |
+//! | `kv-flood` | stores `bytes`-byte values under new keys until a call fails | `bytes`, `ttl_ms` |
+//! | `counter-overflow` | adds `i64::MAX` to a counter, then 1 | `counter` |
+//! | `lock-owner` | renews a lock with an owner token of `bytes` bytes | `bytes` |
+//! | `child` | enqueues task `task` with an idempotency key of `key_bytes` bytes and a countdown of `countdown_ms` | `task`, `key_bytes`, `countdown_ms` |
+//! | `deep-result` | returns `[[[...]]]` nested `depth` deep | `depth` |
+//! | `step-token` | returns the idempotency token of step `step` | `step` |
 //!
 //! An unknown mode or a missing field fails with kind `bad-payload`. Errors
 //! of host calls, files and HTTP go through `?` into the SDK's mapping
@@ -48,8 +58,17 @@ struct Hostile;
 
 impl Guest for Hostile {
     fn run(job: JobContext, payload: String) -> Result<String, WitTaskError> {
-        if mode_of(&payload).as_deref() == Some("not-json") {
-            return Ok("this is {not JSON".to_string());
+        match mode_of(&payload).as_deref() {
+            Some("not-json") => return Ok("this is {not JSON".to_string()),
+            // Raw, so the guest never recurses through the nesting.
+            Some("deep-result") => {
+                let depth = serde_json::from_str::<Value>(&payload)
+                    .ok()
+                    .and_then(|v| v["depth"].as_u64())
+                    .unwrap_or(1) as usize;
+                return Ok("[".repeat(depth) + &"]".repeat(depth));
+            }
+            _ => {}
         }
         dispatch(job, payload, misbehave)
     }
@@ -167,6 +186,83 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
             Ok(json!({ "busy_ms": ms, "iterations": iterations }))
         }
         "echo" => Ok(args),
+        "fail" => {
+            let message: String = field(&args, "message")?;
+            match field::<Option<String>>(&args, "kind")? {
+                Some(kind) => Err(TaskError::kind(kind, message)),
+                None => Err(TaskError::fail(message)),
+            }
+        }
+        "retry" => match field::<Option<u64>>(&args, "ms")? {
+            Some(ms) => Err(TaskError::retry_after(
+                "asked to",
+                Duration::from_millis(ms),
+            )),
+            None => Err(TaskError::retry("asked to")),
+        },
+        "step-post" => {
+            let step: String = field(&args, "step")?;
+            let url: String = field(&args, "url")?;
+            let sleep_ms: u64 = field(&args, "sleep_ms")?;
+            let status = wasmq_guest::once(&step, || {
+                std::thread::sleep(Duration::from_millis(sleep_ms));
+                let resp = http::post_json(&url, &json!({ "job": job.id }))?;
+                Ok(resp.status)
+            })?;
+            Ok(json!({ "status": status }))
+        }
+        "tick" => {
+            let url: String = field(&args, "url")?;
+            let n: u64 = field(&args, "n")?;
+            let ms: u64 = field(&args, "ms")?;
+            for i in 0..n {
+                http::post_json(&url, &json!({ "job": job.id, "i": i }))?;
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            Ok(json!({ "ticks": n }))
+        }
+        "kv-flood" => {
+            let bytes: usize = field(&args, "bytes")?;
+            let ttl = field::<Option<u64>>(&args, "ttl_ms")?.map(Duration::from_millis);
+            let value = vec![b'x'; bytes];
+            let mut stored: u64 = 0;
+            loop {
+                kv::set(&format!("flood-{}-{stored}", job.id), &value, ttl)?;
+                stored += 1;
+            }
+        }
+        "counter-overflow" => {
+            let name: String = field(&args, "counter")?;
+            wasmq_guest::counter::incr(&name, i64::MAX)?;
+            let value = wasmq_guest::counter::incr(&name, 1)?;
+            Ok(json!({ "counter": value }))
+        }
+        "lock-owner" => {
+            use wasmq_guest::bindings::wasmq::task::lock as wit;
+            let bytes: usize = field(&args, "bytes")?;
+            let lease = wit::Lease {
+                name: "owner-test".into(),
+                owner: "o".repeat(bytes),
+                fencing_token: 1,
+            };
+            let renewed = wit::renew(&lease, 1_000).map_err(wasmq_guest::HostError::from)?;
+            Ok(json!({ "renewed": renewed }))
+        }
+        "child" => {
+            let task: String = field(&args, "task")?;
+            let key_bytes: usize = field::<Option<usize>>(&args, "key_bytes")?.unwrap_or(0);
+            let countdown = field::<Option<u64>>(&args, "countdown_ms")?.map(Duration::from_millis);
+            let options = wasmq_guest::EnqueueOptions {
+                countdown,
+                idempotency_key: (key_bytes > 0).then(|| "k".repeat(key_bytes)),
+            };
+            let id = wasmq_guest::enqueue_with(&task, &json!({ "mode": "echo" }), options)?;
+            Ok(json!({ "child": id }))
+        }
+        "step-token" => {
+            let step: String = field(&args, "step")?;
+            Ok(json!({ "token": wasmq_guest::step_token(&step) }))
+        }
         other => Err(TaskError::kind(
             TaskError::BAD_PAYLOAD,
             format!("unknown mode {other:?}"),
