@@ -11,6 +11,7 @@
 //! - [`failure`]: the failure categories users see.
 //! - [`keys`]: every Redis key name, built in one place.
 //! - [`limits`]: every bound on what crosses into the host, in one table.
+//! - [`addresses`]: which network addresses are public.
 //! - [`fence`]: whether a delivery still holds its job's lease.
 //! - [`usage`]: what a run cost.
 //! - [`broker`]: jobs in Redis: enqueue, fetch with leases, outcomes,
@@ -21,6 +22,7 @@
 //!   (`run(config, shutdown)`).
 //! - [`cli`]: the `wasmq` command line.
 
+pub mod addresses;
 pub mod backend;
 pub mod broker;
 pub mod cli;

@@ -102,6 +102,17 @@ pub struct SandboxPolicy {
     pub max_concurrent_requests: usize,
     /// Directories granted to the guest.
     pub dirs: Vec<DirGrant>,
+    /// Whether an IP-literal `allow_http` entry may grant a non-public
+    /// address (see `allow_http`). Not part of a task's manifest: true,
+    /// unless the job's tenant may not reach private networks (its caps
+    /// clear it when a worker runs the job).
+    #[serde(skip, default = "granted")]
+    pub literal_private_grants: bool,
+}
+
+/// Serde's default for [`SandboxPolicy::literal_private_grants`].
+fn granted() -> bool {
+    true
 }
 
 impl Default for SandboxPolicy {
@@ -118,6 +129,7 @@ impl Default for SandboxPolicy {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             dirs: Vec::new(),
+            literal_private_grants: true,
         }
     }
 }

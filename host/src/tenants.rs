@@ -141,6 +141,16 @@ impl TenantLimits {
                 "allow_private_networks is not allowed for tenant {tenant:?}"
             ));
         }
+        if !self.allow_private_networks {
+            for entry in &s.allow_http {
+                if let Some(kind) = crate::addresses::private_entry(entry) {
+                    out.push(format!(
+                        "outbound HTTP entry {entry:?} reaches a {kind} address, and tenant {tenant:?} \
+                         may not reach private networks"
+                    ));
+                }
+            }
+        }
         if let Some(refusal) = self.pool_refusal(tenant, policy.pool) {
             out.push(refusal);
         }
@@ -191,6 +201,7 @@ impl TenantLimits {
                 .retain(|d| allowed.iter().any(|a| d.host_path.starts_with(a)));
         }
         policy.allow_private_networks &= self.allow_private_networks;
+        policy.literal_private_grants &= self.allow_private_networks;
         policy
     }
 }

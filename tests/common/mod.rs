@@ -5,6 +5,7 @@
 //! helper.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod http;
 pub mod redis;
 pub mod sandbox;

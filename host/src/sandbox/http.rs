@@ -30,7 +30,6 @@ mod traffic;
 pub use traffic::Traffic;
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +37,7 @@ use std::time::Duration;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::steps::{OpenSteps, IDEMPOTENCY_HEADER};
+use crate::addresses::{ip_literal, parse_allow_entry, AllowEntry};
 use crate::fence::LeaseWatch;
 use crate::limits::MAX_REQUEST_HEADER_BYTES;
 use crate::policy::SandboxPolicy;
@@ -76,41 +76,6 @@ impl Denials {
     pub fn all(&self) -> Vec<String> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-}
-
-/// One allow-list entry: a host, and a port or any port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Allowed {
-    host: String,
-    port: Option<u16>,
-}
-
-/// Parse a `HOST[:PORT]` allow-list entry.
-fn parse_entry(entry: &str) -> Result<Allowed, String> {
-    let entry = entry.trim().to_ascii_lowercase();
-    let (host, port) = match entry.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
-            let port = p
-                .parse::<u16>()
-                .map_err(|_| format!("allow-list entry {entry:?}: port {p:?} is not a number"))?;
-            (
-                h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                Some(port),
-            )
-        }
-        // No port: `host`, `[v6]` or a bare `v6`.
-        _ => (
-            entry
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-            None,
-        ),
-    };
-    if host.is_empty() {
-        return Err(format!("allow-list entry {entry:?} has no host"));
-    }
-    Ok(Allowed { host, port })
 }
 
 /// The job's count of outbound requests in flight, with its cap.
@@ -152,7 +117,7 @@ impl Drop for Slot {
 /// The outbound-HTTP hooks installed in each job's store (one per job, so
 /// the in-flight count is per job).
 pub struct AllowListHooks {
-    allowed: Vec<Allowed>,
+    allowed: Vec<AllowEntry>,
     addresses: AddressPolicy,
     max_response_bytes: u64,
     in_flight: InFlight,
@@ -177,20 +142,21 @@ impl AllowListHooks {
         steps: OpenSteps,
         lease: Arc<LeaseWatch>,
     ) -> Result<Self, String> {
-        let allowed: Vec<Allowed> = policy
+        let allowed: Vec<AllowEntry> = policy
             .allow_http
             .iter()
-            .map(|e| parse_entry(e))
+            .map(|e| parse_allow_entry(e))
             .collect::<Result<_, _>>()?;
         let explicit = allowed
             .iter()
-            .filter_map(|a| Some((a.host.parse::<IpAddr>().ok()?, a.port)))
+            .filter_map(|a| Some((ip_literal(&a.host)?, a.port)))
             .collect();
         Ok(AllowListHooks {
             allowed,
             addresses: AddressPolicy {
                 explicit,
                 allow_private_networks: policy.allow_private_networks,
+                literal_grants: policy.literal_private_grants,
             },
             max_response_bytes: policy.max_response_bytes,
             in_flight: InFlight::new(policy.max_concurrent_requests),

@@ -16,7 +16,7 @@
 //! | `print` | prints lines forever (output caps, timeout) | |
 //! | `enqueue-flood` | enqueues child jobs forever | `task` (default: this task) |
 //! | `kv-get` | returns `{"value"}` under the key, or null | `key` |
-//! | `kv-set` | stores `value` under the key | `key`, `value` |
+//! | `kv-set` | stores `value` under the key; with `or_fail`, a failed store fails the job (`fail`) | `key`, `value`, `or_fail` |
 //! | `locked-incr` | increments kv `key` under the lock `key`; returns value and fencing token | `key` |
 //! | `counted-sleep` | bumps `counter` once (`incr_once`), then sleeps | `counter`, `ms` |
 //! | `sleep` | `std::thread::sleep` (an async host wait, no fuel) | `ms` |
@@ -33,6 +33,7 @@
 //! | `child` | enqueues task `task` with an idempotency key of `key_bytes` bytes and a countdown of `countdown_ms` | `task`, `key_bytes`, `countdown_ms` |
 //! | `deep-result` | returns `[[[...]]]` nested `depth` deep | `depth` |
 //! | `step-token` | returns the idempotency token of step `step` | `step` |
+//! | `http-swallow` | GETs the URL, ignores any error, succeeds | `url` |
 //!
 //! An unknown mode or a missing field fails with kind `bad-payload`. Errors
 //! of host calls, files and HTTP go through `?` into the SDK's mapping
@@ -137,7 +138,11 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
         "kv-set" => {
             let key: String = field(&args, "key")?;
             let value: String = field(&args, "value")?;
-            kv::set(&key, value.as_bytes(), None)?;
+            let or_fail = field::<Option<bool>>(&args, "or_fail")?.unwrap_or(false);
+            match kv::set(&key, value.as_bytes(), None) {
+                Err(e) if or_fail => return Err(TaskError::fail(format!("could not store: {e}"))),
+                other => other?,
+            }
             Ok(json!({ "key": key, "value": value }))
         }
         "locked-incr" => {
@@ -258,6 +263,14 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
             };
             let id = wasmq_guest::enqueue_with(&task, &json!({ "mode": "echo" }), options)?;
             Ok(json!({ "child": id }))
+        }
+        "http-swallow" => {
+            let url: String = field(&args, "url")?;
+            let outcome = match http::get(&url) {
+                Ok(resp) => format!("status {}", resp.status),
+                Err(e) => format!("swallowed: {e}"),
+            };
+            Ok(json!({ "outcome": outcome }))
         }
         "step-token" => {
             let step: String = field(&args, "step")?;
