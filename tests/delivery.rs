@@ -3,6 +3,8 @@
 //! batches, idle and failing waits. Real redis-server per test, real
 //! components, real worker processes where a process must die.
 
+#![allow(clippy::field_reassign_with_default)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

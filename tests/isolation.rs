@@ -4,6 +4,8 @@
 //! category while another tenant's jobs keep flowing. Real redis-server per
 //! test, real components, real worker processes.
 
+#![allow(clippy::field_reassign_with_default)]
+
 mod common;
 
 use std::time::{Duration, Instant};
