@@ -7,8 +7,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = wasmq::cli::Cli::parse();
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them, not in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG").unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("warn,wasmq::launcher=info")

@@ -5,8 +5,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use super::format;
 use super::CliError;
-use crate::broker::{Broker, EnqueueRequest, ResultState};
+use crate::broker::{Broker, EnqueueRequest, JobStatus, ResultState};
 use crate::failure::{Category, Failure};
 
 /// Flags of `wasmq enqueue`.
@@ -116,7 +117,9 @@ async fn print_result(
         ResultState::Failed(failure) => Err(CliError::Job(failure)),
         ResultState::Pending => Err(anyhow::anyhow!("pending: job {id} has not finished").into()),
         ResultState::Ignored => {
-            Err(anyhow::anyhow!("ignored: job {id} succeeded but its result was not stored").into())
+            // Not a failure: the job did what it was asked to.
+            eprintln!("ignored: job {id} succeeded; its result was not stored");
+            Ok(())
         }
         ResultState::Expired => Err(anyhow::anyhow!(
             "expired: job {id} succeeded but its stored result has expired"
@@ -129,22 +132,91 @@ async fn print_result(
     }
 }
 
-/// Print a job's status as JSON.
-pub async fn status(redis: &str, tenant: &str, id: &str) -> Result<(), CliError> {
+/// Print a job's status: for people (times as RFC 3339), or as JSON with
+/// `--json` (times in ms and as RFC 3339).
+pub async fn status(redis: &str, tenant: &str, id: &str, json: bool) -> Result<(), CliError> {
     let broker = Broker::connect(redis).await?;
-    match broker.status(tenant, id).await? {
-        Some(status) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
-            );
-            Ok(())
-        }
-        None => Err(anyhow::anyhow!(
+    let Some(status) = broker.status(tenant, id).await? else {
+        return Err(anyhow::anyhow!(
             "unknown job {id} in tenant {tenant:?} (or its record expired)"
         )
-        .into()),
+        .into());
+    };
+    if json {
+        let value = serde_json::to_value(&status).map_err(anyhow::Error::from)?;
+        println!("{}", format::with_rfc3339(value));
+        return Ok(());
     }
+    print!("{}", describe(&status));
+    Ok(())
+}
+
+/// A job's status as lines for people.
+fn describe(s: &JobStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let at = |ms: Option<u64>| ms.map_or_else(|| "-".to_string(), format::rfc3339);
+    let _ = writeln!(
+        out,
+        "job        {} (task {})",
+        s.id,
+        s.task.as_deref().unwrap_or("?")
+    );
+    match (s.state.as_str(), s.due_at_ms) {
+        ("scheduled", Some(due)) => {
+            let _ = writeln!(out, "state      scheduled, due {}", format::rfc3339(due));
+        }
+        (state, _) => {
+            let _ = writeln!(out, "state      {state}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "attempts   {} ({} deliveries, {} lost to workers that died or froze, {} host retries)",
+        s.attempts, s.deliveries, s.lost_deliveries, s.host_retries
+    );
+    if !s.lost_workers.is_empty() {
+        let _ = writeln!(out, "lost on    {}", s.lost_workers.join(", "));
+    }
+    let _ = writeln!(out, "enqueued   {}", at(s.enqueued_at_ms));
+    let _ = writeln!(out, "started    {}", at(s.started_at_ms));
+    let _ = writeln!(out, "finished   {}", at(s.finished_at_ms));
+    if let Some(error) = &s.last_error {
+        let failure = serde_json::from_value::<Failure>(error.clone())
+            .map_or_else(|_| error.to_string(), |f| f.to_string());
+        let _ = writeln!(out, "last error {failure}");
+    }
+    if let Some(usage) = &s.usage {
+        let n = |k: &str| usage[k].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "usage      fuel {}, peak memory {} bytes, wall {} us, run {} us, net out {} / in {} bytes, {} denied",
+            n("fuel"),
+            n("peak_memory_bytes"),
+            n("wall_time_us"),
+            n("run_time_us"),
+            n("net_out_bytes"),
+            n("net_in_bytes"),
+            n("denied")
+        );
+    }
+    for denial in &s.denials {
+        let _ = writeln!(out, "denied     {denial}");
+    }
+    let _ = writeln!(out, "history");
+    for event in &s.history {
+        let when = event["at_ms"]
+            .as_u64()
+            .map_or_else(|| "?".into(), format::rfc3339);
+        let name = event["event"].as_str().unwrap_or("?");
+        let detail = match &event["detail"] {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(d) => format!("  {d}"),
+            other => format!("  {other}"),
+        };
+        let _ = writeln!(out, "  {when}  {name}{detail}");
+    }
+    out
 }
 
 /// Failures from the broker keep their category.

@@ -10,6 +10,7 @@ mod bench_redis;
 mod dead;
 mod deploy;
 mod enqueue;
+mod format;
 mod run;
 mod tenant;
 mod worker;
@@ -58,6 +59,9 @@ pub enum Command {
     Status {
         /// Job id.
         id: String,
+        /// Print JSON (times in ms, and as RFC 3339).
+        #[arg(long)]
+        json: bool,
     },
     /// Run a worker until SIGTERM (drains) or a second signal (stops now).
     Worker(worker::WorkerArgs),
@@ -106,7 +110,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Tasks => deploy::tasks(&cli.redis, &cli.tenant).await,
         Command::Enqueue(args) => enqueue::enqueue(&cli.redis, &cli.tenant, args).await,
         Command::Result(args) => enqueue::result(&cli.redis, &cli.tenant, args).await,
-        Command::Status { id } => enqueue::status(&cli.redis, &cli.tenant, &id).await,
+        Command::Status { id, json } => enqueue::status(&cli.redis, &cli.tenant, &id, json).await,
         Command::Worker(args) => worker::worker(&cli.redis, &cli.tenant, args).await,
         Command::Dead(command) => dead::dead(&cli.redis, &cli.tenant, command).await,
         Command::Bench(args) => bench::bench(&cli.redis, args).await,
@@ -120,7 +124,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             ExitCode::from(1)
         }
         Err(CliError::Other(e)) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {}", format::error_chain(&e));
             ExitCode::from(2)
         }
     }

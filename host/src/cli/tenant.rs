@@ -25,10 +25,12 @@ pub enum TenantCommand {
         /// Tenant.
         name: String,
     },
-    /// List tenants with a record.
+    /// List tenants: `default` and every tenant with a record.
     List,
-    /// What tenant NAME's jobs consumed: runs, fuel, wall time, memory
-    /// byte-seconds (summed by the workers, for billing).
+    /// What tenant NAME's jobs consumed (runs, fuel, wall and run time,
+    /// memory byte-seconds, network bytes, denied capabilities; runs whose
+    /// outcome was refused as `wasted_*`) and what it holds now (stored
+    /// bytes and entries, idempotency keys, child jobs this minute).
     Usage {
         /// Tenant.
         name: String,
@@ -167,8 +169,14 @@ pub async fn tenant(redis: &str, command: TenantCommand) -> Result<(), CliError>
             Ok(())
         }
         TenantCommand::List => {
+            // `default` is a tenant whether or not it has a record.
             let broker = Broker::connect(redis).await?;
-            for name in broker.tenant_names().await? {
+            let mut names = broker.tenant_names().await?;
+            if !names.iter().any(|n| n == "default") {
+                println!("default (no record: uncapped)");
+            }
+            names.sort();
+            for name in names {
                 println!("{name}");
             }
             Ok(())
@@ -212,6 +220,15 @@ async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
         "memory_byte_seconds",
         "net_out_bytes",
         "net_in_bytes",
+        "denied",
+        "wasted_runs",
+        "wasted_fuel",
+        "wasted_wall_time_us",
+        "wasted_run_time_us",
+        "store_bytes",
+        "store_keys",
+        "idempotency_keys",
+        "children_this_minute",
     ] {
         usage.insert(field.into(), 0.into());
     }

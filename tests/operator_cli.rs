@@ -1,0 +1,95 @@
+//! What an operator sees from the CLI: times as RFC 3339 (ms in `--json`),
+//! when a delayed job is due, "none" for empty lists, the `default` tenant
+//! listed, an error's cause named once, and no colour codes in a log that
+//! is not a terminal.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::cli::{text, wasmq};
+use common::redis::RedisServer;
+use common::{guest, wasmq_bin};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_when_a_delayed_job_is_due_in_rfc3339_and_ms() {
+    let redis = RedisServer::start();
+    let deploy = wasmq(
+        &redis.url,
+        "acme",
+        &["deploy", guest("noop").to_str().unwrap(), "--name", "noop"],
+    );
+    assert!(deploy.status.success(), "{}", text(&deploy.stderr));
+    let enqueued = wasmq(
+        &redis.url,
+        "acme",
+        &["enqueue", "noop", "{}", "--countdown", "90s"],
+    );
+    assert!(enqueued.status.success(), "{}", text(&enqueued.stderr));
+    let id = text(&enqueued.stdout);
+
+    let human = text(&wasmq(&redis.url, "acme", &["status", &id]).stdout);
+    let due_line = human.lines().find(|l| l.starts_with("state")).unwrap();
+    assert!(due_line.contains("scheduled, due 20"), "{human}");
+    assert!(due_line.ends_with('Z'), "RFC 3339, UTC: {due_line}");
+    assert!(
+        human.lines().any(|l| l.starts_with("enqueued   20")),
+        "{human}"
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&text(
+        &wasmq(&redis.url, "acme", &["status", &id, "--json"]).stdout,
+    ))
+    .unwrap();
+    let (due, enqueued_at) = (
+        json["due_at_ms"].as_u64().unwrap(),
+        json["enqueued_at_ms"].as_u64().unwrap(),
+    );
+    assert_eq!(due - enqueued_at, 90_000, "the same clock reading: {json}");
+    assert!(json["due_at"].as_str().unwrap().ends_with('Z'), "{json}");
+    assert!(json["history"][0]["at"].is_string(), "{json}");
+}
+
+#[test]
+fn empty_lists_say_none_and_the_default_tenant_is_listed() {
+    let redis = RedisServer::start();
+    let dead = wasmq(&redis.url, "acme", &["dead", "list"]);
+    assert!(dead.status.success());
+    assert_eq!(text(&dead.stdout), "none");
+    let dead_json = wasmq(&redis.url, "acme", &["dead", "list", "--json"]);
+    assert_eq!(text(&dead_json.stdout), "", "no lines for machines");
+    let tenants = wasmq(&redis.url, "default", &["tenant", "list"]);
+    assert_eq!(text(&tenants.stdout), "default (no record: uncapped)");
+}
+
+#[test]
+fn an_error_names_its_cause_once() {
+    // Nothing listens on port 1.
+    let out = wasmq("redis://127.0.0.1:1", "acme", &["tasks"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+}
+
+#[test]
+fn a_worker_log_that_is_not_a_terminal_has_no_colour_codes() {
+    let redis = RedisServer::start();
+    let mut worker = Command::new(wasmq_bin())
+        .args(["--redis", &redis.url, "worker", "--concurrency", "1"])
+        .env("WASMQ_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    worker.kill().unwrap();
+    let out = worker.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("serving"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+}
