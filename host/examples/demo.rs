@@ -7,6 +7,7 @@
 //! enqueued three times for user 7 plus a mail-API outage, sending exactly one
 //! email; and a hostile guest stopped by its fuel budget.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,17 +30,24 @@ async fn main() -> anyhow::Result<()> {
     let mail_calls = Arc::new(AtomicU64::new(0));
     let mail = {
         let (emails, calls) = (emails.clone(), mail_calls.clone());
-        serve(move |_path| {
+        // Like a real mail API, it honours `Idempotency-Key`: a request with
+        // a key it has already sent for is answered, not sent again (the
+        // onboard task's requests carry its step's key).
+        let sent: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+        serve(move |_path, key| {
             // The mail provider is down for the first request.
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 return (503, "try later".to_string());
             }
-            emails.fetch_add(1, Ordering::SeqCst);
+            let new = key.is_none_or(|k| sent.lock().unwrap().insert(k.to_string()));
+            if new {
+                emails.fetch_add(1, Ordering::SeqCst);
+            }
             (200, "{\"queued\":true}".to_string())
         })
         .await?
     };
-    let site = serve(|path| {
+    let site = serve(|path, _| {
         (
             200,
             format!("<h1>{path}</h1><a href='/a'>a</a> <a href='/b'>b</a>"),
@@ -177,6 +185,98 @@ async fn main() -> anyhow::Result<()> {
         emails.load(Ordering::SeqCst) == 1,
         "expected exactly one welcome email"
     );
+    chaos(&broker, &redis_url, tenant).await
+}
+
+/// Onboard users through two `wasmq worker` processes while one of them is
+/// killed with SIGKILL every second: no job is lost, and the mail API, which
+/// honours `Idempotency-Key`, sends one email per user, though some POSTs
+/// were sent twice (their worker died before the step was recorded).
+async fn chaos(broker: &Broker, redis_url: &str, tenant: &str) -> anyhow::Result<()> {
+    const USERS: u64 = 100;
+    let wasmq = std::path::Path::new("target/debug/wasmq");
+    anyhow::ensure!(
+        wasmq.exists(),
+        "{} is missing (run `make build`)",
+        wasmq.display()
+    );
+    let spawn = || {
+        std::process::Command::new(wasmq)
+            .args(["--redis", redis_url, "--tenant", tenant, "worker"])
+            .args(["--concurrency", "4", "--lease", "2s"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+    };
+    // A mail API that takes 200 ms per email, so kills land mid-request,
+    // and honours `Idempotency-Key`.
+    let (emails, calls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mail = {
+        let (emails, calls) = (emails.clone(), calls.clone());
+        let sent: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+        serve_slowly(Duration::from_millis(200), move |_path, key| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if key.is_none_or(|k| sent.lock().unwrap().insert(k.to_string())) {
+                emails.fetch_add(1, Ordering::SeqCst);
+            }
+            (200, "{\"queued\":true}".to_string())
+        })
+        .await?
+    };
+    broker
+        .deploy(
+            tenant,
+            "onboard-chaos",
+            &std::fs::read(format!("{GUESTS}/onboard.wasm"))?,
+            &{
+                let mut p = TaskPolicy::default();
+                p.sandbox.allow_http = vec![mail.clone()];
+                p.retry.auto_retry_kinds = vec!["network".into(), "mail-api".into()];
+                p
+            },
+        )
+        .await?;
+    let mut ids = Vec::new();
+    for user in 1000..1000 + USERS {
+        let request = EnqueueRequest {
+            tenant: tenant.into(),
+            task: "onboard-chaos".into(),
+            payload: json!({"user_id": user, "mail_api": format!("http://{mail}/send")}),
+            ..EnqueueRequest::default()
+        };
+        ids.push(broker.enqueue(request).await?.id);
+    }
+    let started = Instant::now();
+    let mut workers = [spawn()?, spawn()?];
+    let mut kills = 0;
+    loop {
+        let mut done = 0;
+        for id in &ids {
+            if matches!(broker.result(tenant, id, None).await?, ResultState::Ignored) {
+                done += 1;
+            }
+        }
+        if done == ids.len() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "only {done} of {USERS} onboarded in 120 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let victim = kills % 2;
+        workers[victim] = spawn()?;
+        kills += 1;
+    }
+    let (sent, posts) = (emails.load(Ordering::SeqCst), calls.load(Ordering::SeqCst));
+    println!(
+        "chaos: {USERS} users onboarded by two workers, one killed with SIGKILL every second ({kills} kills), {:.1} s: {posts} POSTs, {sent} welcome emails (the mail API honours Idempotency-Key)",
+        started.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(
+        sent == USERS,
+        "expected one welcome email per user, got {sent}"
+    );
     Ok(())
 }
 
@@ -231,9 +331,18 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Serve HTTP on a free loopback port; the handler maps a path to (status, body).
+/// Serve HTTP on a free loopback port; the handler maps a path and the
+/// request's `Idempotency-Key` (if any) to (status, body).
 async fn serve(
-    handler: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
+    handler: impl Fn(&str, Option<&str>) -> (u16, String) + Send + Sync + 'static,
+) -> anyhow::Result<String> {
+    serve_slowly(Duration::ZERO, handler).await
+}
+
+/// [`serve`], answering each request `delay` after reading it.
+async fn serve_slowly(
+    delay: Duration,
+    handler: impl Fn(&str, Option<&str>) -> (u16, String) + Send + Sync + 'static,
 ) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -250,8 +359,14 @@ async fn serve(
                         // client still sends its body makes the client see
                         // a broken request for an email that was sent.
                         let path = req.uri().path().to_string();
+                        let key = req
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from);
                         let _ = req.into_body().collect().await;
-                        let (status, body) = handler(&path);
+                        let (status, body) = handler(&path, key.as_deref());
+                        tokio::time::sleep(delay).await;
                         Ok::<_, std::convert::Infallible>(
                             Response::builder()
                                 .status(status)

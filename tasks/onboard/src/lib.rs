@@ -5,7 +5,12 @@
 //! (`welcome-email:<user_id>`). If the job is retried, redelivered after a
 //! worker crash, or enqueued twice for the same user, the step is already
 //! done: the mail API is not called again and the recorded output is
-//! returned. A retry policy listing `"network"` in its auto-retry kinds
+//! returned. One window is left: a worker killed after the POST but before
+//! the step was recorded. For that, the POST carries the step's
+//! idempotency token (the same on every delivery) as its `Idempotency-Key`
+//! header, which the host adds to every request made inside a step, and in
+//! the body for APIs that read it there: a mail API that honours it sends
+//! the email once. A retry policy listing `"network"` in its auto-retry kinds
 //! retries connection failures; a mail API that answers with an error
 //! status fails the job with kind `"mail-api"`.
 
@@ -46,9 +51,14 @@ struct Out {
 #[wasmq_guest::task]
 fn run(job: &Job, args: Args) -> Result<Out, TaskError> {
     let mut ran_here = false;
-    let sent = once(&format!("welcome-email:{}", args.user_id), || {
+    let step = format!("welcome-email:{}", args.user_id);
+    let sent = once(&step, || {
         ran_here = true;
-        let body = serde_json::json!({ "to_user": args.user_id, "template": "welcome" });
+        let body = serde_json::json!({
+            "to_user": args.user_id,
+            "template": "welcome",
+            "idempotency_key": wasmq_guest::step_token(&step),
+        });
         // `?` maps connection failures and timeouts to kind "network".
         let resp = http::post_json(&args.mail_api, &body)?;
         if !resp.is_success() {
