@@ -128,11 +128,17 @@ impl From<TaskError> for wit::TaskError {
 /// Failure of a host call (key-value, counter, lock, step, enqueue).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostError {
-    /// The capability or name is not granted to this task.
+    /// The capability or name is not granted to this task, or the call
+    /// would pass one of its tenant's quotas (stored bytes or entries, child
+    /// jobs per minute, idempotency keys).
     Denied(String),
-    /// An argument was malformed (empty name, oversized value, ...).
+    /// An argument was malformed or out of range (empty name, oversized
+    /// value, a counter that would overflow, ...): the same call fails the
+    /// same way again.
     Invalid(String),
-    /// The backing store could not be reached; retrying later may work.
+    /// The host could not serve the call (its store is unreachable, out of
+    /// memory, ...): not the task's fault. A job that fails after this is
+    /// retried without using one of its attempts.
     Unavailable(String),
 }
 
