@@ -39,7 +39,7 @@ async fn setup(redis: &RedisServer) -> Broker {
             .deploy(tenant, "noop", &guest_bytes("noop"), &TaskPolicy::default())
             .await
             .unwrap();
-        ProducerAcl::new(tenant)
+        ProducerAcl::new(tenant, &["default".to_string()])
             .unwrap()
             .apply(&mut admin.connection(), &format!("pw-{tenant}"))
             .await
@@ -214,6 +214,11 @@ async fn a_producer_cannot_reach_another_tenant_or_run_admin_commands() {
     refused!(
         "ZADD b ready",
         redis::cmd("ZADD").arg(b.ready("default")).arg(1).arg("x")
+    );
+    // Its own tenant's queues that no deployed task uses.
+    refused!(
+        "ZADD a's undeployed queue",
+        redis::cmd("ZADD").arg(a.ready("cpu-only")).arg(1).arg("x")
     );
     // Commands no producer needs, on any key.
     refused!("KEYS", redis::cmd("KEYS").arg("*"));

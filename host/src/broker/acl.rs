@@ -6,11 +6,14 @@
 //! The user gets exactly the commands those paths send, on exactly the key
 //! kinds they touch, all under the tenant's prefix:
 //!
-//! - read only: `task:*` (the enqueue looks up the task), `result:*`,
-//!   `history:*`;
+//! - read only: `task:*` (the enqueue looks up the task), `tenant` (its
+//!   quotas), `result:*`, `history:*`;
 //! - read and write: `job:*` (the enqueue, and the `notify` mark of
-//!   `result --wait`), `idem:*`, `done:*`,
-//!   `queue:*:ready`, `queue:*:delayed`, `queue:*:signal`, `queue:*:seq`.
+//!   `result --wait`), `idem:*`, `idem-index`, `done:*`, and the `ready`,
+//!   `delayed`, `signal` and `seq` keys of the queues of the tenant's
+//!   deployed tasks only (named one by one when the ACL is made: a producer
+//!   cannot put a job on a queue no task of its tenant is deployed to; a
+//!   deploy to a new queue says to make the ACL again).
 //!
 //! Nothing else: not `component:*`, `tasks` or writes to `task:*` (a
 //! producer cannot deploy, and so cannot grant itself directories or hosts),
@@ -83,11 +86,14 @@ pub struct ProducerAcl {
     pub write_keys: Vec<String>,
     /// Commands (and `command|subcommand`s) granted on top of `-@all`.
     pub commands: Vec<&'static str>,
+    /// The queues it may put jobs on.
+    pub queues: Vec<String>,
 }
 
 impl ProducerAcl {
-    /// The producer ACL of `tenant`; fails on an invalid tenant name.
-    pub fn new(tenant: &str) -> Result<Self, String> {
+    /// The producer ACL of `tenant`, whose tasks are deployed to `queues`;
+    /// fails on an invalid tenant or queue name.
+    pub fn new(tenant: &str, queues: &[String]) -> Result<Self, String> {
         valid_tenant(tenant)?;
         let keys = Keys::new(tenant);
         // Patterns are built by the key builder itself, with `*` for the
@@ -98,16 +104,29 @@ impl ProducerAcl {
             keys.result("*"),
             keys.history("*"),
         ];
-        let write_keys = vec![
+        let mut write_keys = vec![
             keys.job("*"),
             keys.idempotency_pattern(),
             keys.idempotency_index(),
             keys.done("*"),
-            keys.ready("*"),
-            keys.delayed("*"),
-            keys.signal("*"),
-            keys.seq("*"),
         ];
+        let mut queues: Vec<String> = queues.to_vec();
+        queues.sort();
+        queues.dedup();
+        for queue in &queues {
+            // Queue names go into patterns: no glob characters.
+            if queue.is_empty() || queue.contains(['*', '?', '[', ']', '\\']) {
+                return Err(format!(
+                    "queue name {queue:?} cannot go into an ACL pattern (no * ? [ ] \\)"
+                ));
+            }
+            write_keys.extend([
+                keys.ready(queue),
+                keys.delayed(queue),
+                keys.signal(queue),
+                keys.seq(queue),
+            ]);
+        }
         let commands = [
             CONNECTION_COMMANDS,
             READ_COMMANDS,
@@ -122,6 +141,7 @@ impl ProducerAcl {
             read_keys,
             write_keys,
             commands,
+            queues,
         })
     }
 
@@ -157,7 +177,8 @@ impl ProducerAcl {
         let mut out = format!(
             "# Redis ACL user for producers of wasmq tenant {:?} (Redis 7.0 or later).\n\
              # Allows: enqueue (the ENQUEUE script or MULTI/EXEC), result, status, on keys\n\
-             # under {:?} only; read-only on task:* and result:*.\n\
+             # under {:?} only, on the queues of its deployed tasks ({}); read-only on\n\
+             # task:*, tenant, result:* and history:*. Deploying to a new queue: make it again.\n\
              # Denies: other tenants' keys, deploys (component:*, tasks, writing task:*),\n\
              # guest state (kv, counter, lock, fence, step), dead, queue:*:leased, and every\n\
              # other command (KEYS, SCAN, FLUSHALL, CONFIG, ACL, SCRIPT FLUSH/KILL, ...).\n\
@@ -168,6 +189,11 @@ impl ProducerAcl {
              # Run the ACL SETUSER line in redis-cli as an admin, or use --apply.\n",
             self.tenant,
             Keys::new(&self.tenant).prefix(),
+            if self.queues.is_empty() {
+                "none yet".to_string()
+            } else {
+                self.queues.join(", ")
+            },
         );
         out.push_str(&format!("ACL SETUSER {}", self.user));
         for rule in self.rules(password) {
@@ -210,21 +236,23 @@ mod tests {
 
     #[test]
     fn patterns_stay_in_the_tenant() {
-        let acl = ProducerAcl::new("acme").unwrap();
+        let acl = ProducerAcl::new("acme", &["default".into(), "email".into()]).unwrap();
         assert_eq!(acl.user, "wasmq-producer-acme");
         for p in acl.read_keys.iter().chain(&acl.write_keys) {
             assert!(p.starts_with("wasmq:{acme}:"), "{p}");
         }
         assert!(acl
             .write_keys
-            .contains(&"wasmq:{acme}:queue:*:ready".to_string()));
+            .contains(&"wasmq:{acme}:queue:email:ready".to_string()));
+        assert!(!acl.write_keys.iter().any(|p| p.contains("queue:*")));
         assert!(!acl.write_keys.iter().any(|p| p.contains("leased")));
         let rules = acl.rules("pw");
         assert_eq!(rules[0], "reset");
         assert!(!rules
             .iter()
             .any(|r| r.contains("pw") && !r.starts_with('#')));
-        assert!(ProducerAcl::new("a*").is_err());
-        assert!(ProducerAcl::new("a}b").is_err());
+        assert!(ProducerAcl::new("a*", &[]).is_err());
+        assert!(ProducerAcl::new("a}b", &[]).is_err());
+        assert!(ProducerAcl::new("a", &["q*".into()]).is_err());
     }
 }

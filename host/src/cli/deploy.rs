@@ -52,12 +52,36 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
     let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?;
     sandbox.prepare(&bytes)?;
     let broker = Broker::connect(redis).await?;
+    let queues_before: Vec<String> = broker
+        .tasks(tenant)
+        .await?
+        .into_iter()
+        .map(|t| t.policy.queue)
+        .collect();
     let task = broker.deploy(tenant, &args.name, &bytes, &policy).await?;
     println!(
         "{}",
         serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue})
     );
+    if !queues_before.contains(&task.policy.queue) && producer_acl_exists(&broker, tenant).await {
+        eprintln!(
+            "note: queue {:?} is new to tenant {tenant:?}: its producers may enqueue on it once \
+             `wasmq tenant acl {tenant} --apply` has run again",
+            task.policy.queue
+        );
+    }
     Ok(())
+}
+
+/// Whether tenant `tenant` has a producer ACL user (false when this
+/// connection may not ask).
+async fn producer_acl_exists(broker: &Broker, tenant: &str) -> bool {
+    let user: redis::RedisResult<redis::Value> = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(crate::broker::acl::producer_user(tenant))
+        .query_async(&mut broker.connection())
+        .await;
+    matches!(user, Ok(v) if v != redis::Value::Nil)
 }
 
 /// List deployed tasks, one JSON line each.

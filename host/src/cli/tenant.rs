@@ -14,7 +14,9 @@ use crate::tenants::{Tenant, TenantLimits};
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
     /// Print the Redis ACL user (`wasmq-producer-NAME`) that lets a producer
-    /// enqueue and read results in tenant NAME only; with --apply, install it.
+    /// enqueue (on the queues of NAME's deployed tasks) and read results in
+    /// tenant NAME only; with --apply, install it. Run it again after a
+    /// deploy to a new queue.
     Acl(AclArgs),
     /// Create tenant NAME with these caps (replacing any record).
     Create(LimitArgs),
@@ -240,7 +242,17 @@ async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
 }
 
 async fn acl(redis: &str, args: AclArgs) -> Result<(), CliError> {
-    let acl = ProducerAcl::new(&args.name).map_err(anyhow::Error::msg)?;
+    crate::keys::valid_tenant(&args.name).map_err(anyhow::Error::msg)?;
+    // The producer may put jobs on the queues of the tenant's deployed
+    // tasks, and on no other.
+    let broker = Broker::connect(redis).await?;
+    let queues: Vec<String> = broker
+        .tasks(&args.name)
+        .await?
+        .into_iter()
+        .map(|t| t.policy.queue)
+        .collect();
+    let acl = ProducerAcl::new(&args.name, &queues).map_err(anyhow::Error::msg)?;
     let generated = args.password.is_none();
     let password = args.password.unwrap_or_else(random_password);
     print!("{}", acl.script(&password));
@@ -248,7 +260,6 @@ async fn acl(redis: &str, args: AclArgs) -> Result<(), CliError> {
         println!("# password of {} (shown once): {password}", acl.user);
     }
     if args.apply {
-        let broker = Broker::connect(redis).await?;
         acl.apply(&mut broker.connection(), &password).await?;
         println!(
             "# applied: producers connect as redis://{}:PASSWORD@HOST:PORT with --tenant {}",
