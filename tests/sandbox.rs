@@ -378,6 +378,45 @@ async fn granted_directories_and_nothing_else() {
     );
 }
 
+/// `wasmq run --dir` refuses a host path with `..` on one stderr line
+/// before running anything, and takes a relative one from the current
+/// directory.
+#[test]
+fn wasmq_run_refuses_a_dir_that_climbs_in_one_line() {
+    let hostile = guest("hostile");
+    let echo = r#"{"mode":"echo"}"#;
+    let out = wasmq_run(&[path(&hostile), echo, "--dir", "/tmp/../etc::/etc:ro"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: --dir \"/tmp/../etc::/etc:ro\": directory grant /tmp/../etc contains `..`"
+        ),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing ran");
+
+    let dir = TempDir::new("relative");
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/hello.txt"), "relative grant").unwrap();
+    let out = Command::new(wasmq_bin())
+        .current_dir(dir.path())
+        .args([
+            "run",
+            path(&hostile),
+            r#"{"mode":"read-file","path":"/data/hello.txt"}"#,
+        ])
+        .args(["--dir", "data::/data:ro"])
+        .env(
+            "WASMQ_CACHE_DIR",
+            std::env::temp_dir().join("wasmq-test-cache"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out), json!("relative grant"));
+}
+
 #[test]
 fn invalid_components_are_named() {
     let sb = sandbox();
