@@ -39,7 +39,9 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 32;
 /// Its host path must be absolute and free of `..` ([`DirGrant::check`]):
 /// a grant names a directory, it never climbs out of one. Deploys check
 /// that, and workers check it again before every job (a task record in
-/// Redis may have been written by hand).
+/// Redis may have been written by hand); where the grant must lie beneath
+/// a tenant's directories, see [`crate::tenants::TenantLimits::grant_refusal`]
+/// and [`crate::dir_caps`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirGrant {
     /// Directory on the host.

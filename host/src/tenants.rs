@@ -6,13 +6,20 @@
 //! that exceed a cap are refused with a message naming each excess, and
 //! workers clamp every job to the tenant's *current* caps, so lowering a cap
 //! takes effect without redeploying.
+//!
+//! Directory grants are refused, never dropped: a grant outside the
+//! tenant's directories (`..`, not beneath an `--allow-dir`, a symlink out
+//! of one) fails the deploy, and fails a job `denied` if the record changed
+//! (or the task record was written by hand) since ([`TenantLimits::grant_refusal`]; the worker opens
+//! grants beneath the caps, see [`crate::dir_caps`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{SandboxPolicy, TaskPolicy};
+use crate::dir_caps::{self, OpenError};
+use crate::policy::{DirGrant, SandboxPolicy, TaskPolicy};
 use crate::pools::PoolKind;
 
 /// A tenant's caps. `None` means "no cap" for that limit.
@@ -34,7 +41,7 @@ pub struct TenantLimits {
     /// `host:port` strings); `None`: any.
     pub allow_http: Option<Vec<String>>,
     /// Host directories (and everything below them) a task may be granted;
-    /// `None`: any.
+    /// `None`: any. Grants are opened beneath them (see [`crate::dir_caps`]).
     pub allow_dirs: Option<Vec<PathBuf>>,
     /// Whether a task may set `allow_private_networks`.
     pub allow_private_networks: bool,
@@ -108,16 +115,12 @@ impl TenantLimits {
                 out.push(format!("outbound HTTP to {entry:?} is not in tenant {tenant:?}'s allowed hosts {allowed:?}"));
             }
         }
-        if let Some(allowed) = &self.allow_dirs {
-            for dir in s
-                .dirs
-                .iter()
-                .filter(|d| !allowed.iter().any(|a| d.host_path.starts_with(a)))
+        for grant in &s.dirs {
+            if let Some(refusal) = self
+                .grant_refusal(tenant, grant)
+                .or_else(|| self.escape_on_this_host(tenant, grant))
             {
-                out.push(format!(
-                    "directory {} is not under tenant {tenant:?}'s allowed directories {allowed:?}",
-                    dir.host_path.display()
-                ));
+                out.push(refusal);
             }
         }
         if s.allow_private_networks && !self.allow_private_networks {
@@ -144,7 +147,49 @@ impl TenantLimits {
         })
     }
 
+    /// Why `grant` may not be given to a job of this tenant, judged from
+    /// the paths alone: its host path is relative or has `..`, or it is not
+    /// under one of the tenant's allowed directories. Deploys check this, and workers
+    /// again before every job against the tenant's current record; the
+    /// worker then opens the grant beneath its cap, which refuses symlinks
+    /// out of it.
+    pub fn grant_refusal(&self, tenant: &str, grant: &DirGrant) -> Option<String> {
+        if let Err(problem) = grant.check() {
+            return Some(problem);
+        }
+        if let Some(allowed) = &self.allow_dirs {
+            if dir_caps::outermost_cap(&grant.host_path, allowed).is_none() {
+                let names: Vec<String> = allowed.iter().map(|a| a.display().to_string()).collect();
+                return Some(format!(
+                    "directory grant {} is not beneath tenant {tenant:?}'s allowed directories ({})",
+                    grant.host_path.display(),
+                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                ));
+            }
+        }
+        None
+    }
+
+    /// At deploy, where the grant's cap and path exist on this machine: why
+    /// opening it beneath its cap fails because a symlink leads out of the
+    /// cap. A path missing here, or unreadable by the deployer, is left to
+    /// the worker, which opens every grant beneath its cap anyway.
+    fn escape_on_this_host(&self, tenant: &str, grant: &DirGrant) -> Option<String> {
+        let cap = dir_caps::outermost_cap(&grant.host_path, self.allow_dirs.as_ref()?)?;
+        match dir_caps::open_beneath(cap, &grant.host_path) {
+            Err(escape @ OpenError::Escapes(_)) => Some(format!(
+                "directory grant {} escapes tenant {tenant:?}'s allowed directory {}: {escape}",
+                grant.host_path.display(),
+                cap.display()
+            )),
+            Ok(_) | Err(OpenError::Missing(_) | OpenError::Failed(_)) => None,
+        }
+    }
+
     /// `policy` cut down to these caps (what a worker runs a job with).
+    /// Directory grants are left as they are: one that does not fit is
+    /// refused when the job's sandbox opens it ([`Self::grant_refusal`]),
+    /// never silently dropped.
     pub fn clamp(&self, mut policy: SandboxPolicy) -> SandboxPolicy {
         if let Some(c) = self.max_fuel {
             policy.fuel = policy.fuel.min(c);
@@ -160,11 +205,6 @@ impl TenantLimits {
         }
         if let Some(allowed) = &self.allow_http {
             policy.allow_http.retain(|e| allowed.contains(e));
-        }
-        if let Some(allowed) = &self.allow_dirs {
-            policy
-                .dirs
-                .retain(|d| allowed.iter().any(|a| d.host_path.starts_with(a)));
         }
         policy.allow_private_networks &= self.allow_private_networks;
         policy
@@ -220,9 +260,40 @@ mod tests {
         let excesses = limits.excesses("acme", &policy);
         assert_eq!(excesses.len(), 3, "{excesses:?}");
         assert!(excesses[0].contains("fuel 5000 exceeds tenant \"acme\"'s cap of 1000"));
+        assert!(
+            excesses[2].contains("directory grant /etc is not beneath tenant \"acme\"'s allowed directories (/srv/acme)"),
+            "{excesses:?}"
+        );
         let clamped = limits.clamp(policy.sandbox);
         assert_eq!(clamped.fuel, 1_000);
         assert_eq!(clamped.allow_http, vec!["api.example:443".to_string()]);
-        assert_eq!(clamped.dirs.len(), 1);
+        assert_eq!(
+            clamped.dirs.len(),
+            2,
+            "grants are refused at run time, not dropped"
+        );
+    }
+
+    #[test]
+    fn grants_that_climb_are_refused() {
+        let limits = TenantLimits {
+            allow_dirs: Some(vec![PathBuf::from("/srv/acme")]),
+            ..TenantLimits::default()
+        };
+        let grant = |path: &str, read_only| DirGrant {
+            host_path: PathBuf::from(path),
+            guest_path: "/data".into(),
+            read_only,
+        };
+        let refusal = |g: DirGrant| limits.grant_refusal("acme", &g).unwrap_or_default();
+        assert!(refusal(grant("/srv/acme/../../../etc", true)).contains("contains `..`"));
+        assert!(refusal(grant("srv/acme/in", true)).contains("not an absolute path"));
+        assert!(refusal(grant("/srv/acme2", true)).contains("not beneath"));
+        assert_eq!(refusal(grant("/srv/acme/in", true)), "");
+        assert_eq!(refusal(grant("/srv/acme/out", false)), "");
+        // Without a record's dir caps, `..` is still refused.
+        assert!(TenantLimits::default()
+            .grant_refusal("acme", &grant("/tmp/../etc", true))
+            .is_some());
     }
 }

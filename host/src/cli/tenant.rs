@@ -60,8 +60,10 @@ pub struct LimitArgs {
     #[arg(long = "allow-http")]
     pub allow_http: Vec<String>,
     /// A host directory tasks may be granted, with what is below it
-    /// (repeatable); without any, directories are not capped.
-    #[arg(long = "allow-dir")]
+    /// (repeatable; an absolute path without `..`); without any,
+    /// directories are not capped. Workers open every grant beneath it: a
+    /// symlink out of it is refused.
+    #[arg(long = "allow-dir", value_name = "DIR", value_parser = parse_allowed_dir)]
     pub allow_dir: Vec<std::path::PathBuf>,
     /// Tasks may reach private networks.
     #[arg(long = "allow-private-networks")]
@@ -106,6 +108,19 @@ impl LimitArgs {
         limits.max_cluster_concurrency = self
             .max_cluster_concurrency
             .or(limits.max_cluster_concurrency);
+    }
+}
+
+/// An `--allow-dir`: grants are judged by path components under it, so it
+/// must be absolute and must not climb.
+fn parse_allowed_dir(text: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::path::PathBuf::from(text);
+    if crate::dir_caps::clean_absolute(&path) {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{text:?} must be an absolute path without `..` (e.g. /srv/tenants/acme)"
+        ))
     }
 }
 

@@ -10,9 +10,11 @@
 //! no sockets (`wasi:sockets` is linked so components built with std
 //! instantiate, but the context grants no address and no name lookup), HTTP
 //! only to the policy's allow-list. Guest stdout/stderr go to the job's
-//! bounded log.
+//! bounded log. Directory grants are opened beneath the tenant's caps
+//! ([`files`]).
 
 mod bindings;
+mod files;
 mod host_api;
 mod http;
 mod limiter;
@@ -26,16 +28,18 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::backend::Backend;
 use crate::component::{content_hash, CompiledCache};
 use crate::failure::{Category, Failure};
 use crate::policy::SandboxPolicy;
+use crate::tenants::TenantLimits;
 pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
 use bindings::{Task, TaskPre};
+use files::JobFiles;
 use http::{AllowListHooks, Denials};
 use limiter::JobLimiter;
 use output::JobLog;
@@ -147,6 +151,8 @@ impl Sandbox {
         // WASI p2: clocks, random, cli (stdio, no env), filesystem (no
         // preopens unless granted), sockets (no address granted), io.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Preopens from the handles we opened.
+        files::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         Task::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
         Ok(Sandbox {
@@ -216,12 +222,32 @@ impl Sandbox {
 
     /// Run one job in a fresh instance of `task`; with `compute`, a run
     /// that computes past its burst finishes on those threads (io pools:
-    /// see [`ComputeThreads`]).
+    /// see [`ComputeThreads`]). For a tenant without a record, as
+    /// [`Sandbox::run_capped`] with no caps.
     pub async fn run_paced(
         &self,
         task: &PreparedTask,
         job: &JobInput,
         policy: &SandboxPolicy,
+        backend: Arc<dyn Backend>,
+        compute: Option<&ComputeThreads>,
+    ) -> JobOutcome {
+        self.run_capped(task, job, policy, None, backend, compute)
+            .await
+    }
+
+    /// [`Sandbox::run_paced`] for a job whose tenant's current record is
+    /// `caps` (`None`: no record, uncapped). Its directory grants must then
+    /// fit the record, and are opened beneath its allowed directories; one
+    /// that does not fit fails the job
+    /// `denied`, naming the grant and the cap. (The caller clamps the other
+    /// limits into `policy`: [`TenantLimits::clamp`].)
+    pub async fn run_capped(
+        &self,
+        task: &PreparedTask,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        caps: Option<&TenantLimits>,
         backend: Arc<dyn Backend>,
         compute: Option<&ComputeThreads>,
     ) -> JobOutcome {
@@ -248,7 +274,12 @@ impl Sandbox {
             );
         }
         let clock = RunClock::default();
-        let mut store = match self.new_store(job, policy, &log, backend, &clock) {
+        let denials = Denials::default();
+        let store = match self.open_files(job, policy, caps) {
+            Ok(files) => self.new_store(job, policy, files, denials, &log, backend, &clock),
+            Err(failure) => Err(failure),
+        };
+        let mut store = match store {
             Ok(store) => store,
             Err(failure) => {
                 return finish(
@@ -326,38 +357,43 @@ impl Sandbox {
         finish(verdict, usage, host_fault)
     }
 
+    /// The job's directory grants, opened beneath `caps` (see [`files`]).
+    fn open_files(
+        &self,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        caps: Option<&TenantLimits>,
+    ) -> Result<JobFiles, Failure> {
+        if policy.dirs.is_empty() {
+            return Ok(JobFiles::default());
+        }
+        let preopens = files::open_grants(&job.tenant, caps, &policy.dirs)
+            .map_err(|m| Failure::new(Category::Denied, m))?;
+        Ok(JobFiles { preopens })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn new_store(
         &self,
         job: &JobInput,
         policy: &SandboxPolicy,
+        files: JobFiles,
+        denials: Denials,
         log: &JobLog,
         backend: Arc<dyn Backend>,
         clock: &RunClock,
     ) -> Result<Store<HostState>, Failure> {
         let denied = |m: String| Failure::new(Category::Denied, m);
-        let denials = Denials::default();
         let http_hooks = AllowListHooks::new(policy, denials.clone()).map_err(denied)?;
         let mut wasi = WasiCtxBuilder::new();
+        // No preopens here: ours come from `files` (see `files`).
         wasi.stdout(log.clone()).stderr(log.clone());
-        for dir in &policy.dirs {
-            let perms = if dir.read_only {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
-            wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)
-                .map_err(|e| {
-                    denied(format!(
-                        "granted directory {} could not be opened: {e:#}",
-                        dir.host_path.display()
-                    ))
-                })?;
-        }
         let state = HostState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             http_hooks,
             table: ResourceTable::new(),
+            files,
             limiter: JobLimiter::new(policy.memory_bytes, policy.max_table_elements),
             log: log.clone(),
             denials,

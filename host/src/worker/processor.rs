@@ -110,16 +110,18 @@ impl Processor {
             ));
         }
         // The tenant's current caps bound the deployed policy (lowering a
-        // cap takes effect without a redeploy).
-        let sandbox_policy = match self.catalog.tenant(&job.tenant).await {
+        // cap takes effect without a redeploy); the sandbox checks the
+        // directory grants against them and refuses what does not fit.
+        let (sandbox_policy, tenant) = match self.catalog.tenant(&job.tenant).await {
             Ok(Some(record)) => {
                 // A pool taken away after the deploy stops the task's jobs.
                 if let Some(refusal) = record.limits.pool_refusal(&job.tenant, task.policy.pool) {
                     return dead(Failure::new(Category::Denied, refusal));
                 }
-                Cow::Owned(record.limits.clamp(task.policy.sandbox.clone()))
+                let policy = Cow::Owned(record.limits.clamp(task.policy.sandbox.clone()));
+                (policy, Some(record))
             }
-            Ok(None) => Cow::Borrowed(&task.policy.sandbox),
+            Ok(None) => (Cow::Borrowed(&task.policy.sandbox), None),
             Err(e) => {
                 return (
                     retry_later(format!("reading the tenant's caps failed: {e:#}")),
@@ -145,10 +147,11 @@ impl Processor {
         let outcome = self
             .catalog
             .sandbox()
-            .run_paced(
+            .run_capped(
                 &prepared,
                 &input,
                 &sandbox_policy,
+                tenant.as_ref().map(|t| &t.limits),
                 backend,
                 self.compute.as_deref(),
             )

@@ -12,6 +12,7 @@
 //! | `huge-result` | returns an 8 MiB JSON string (result size cap) | |
 //! | `read-file` | returns the file's contents via `wasmq_guest::fs` (grants) | `path` |
 //! | `read-file-raw` | the same with plain `std::fs` | `path` |
+//! | `symlink` | creates the symlink `link` pointing at `target`, taken as is (e.g. `..`); with `replace: true`, removes the empty directory or file at `link` first | `target`, `link`, `replace` |
 //! | `http` | GETs the URL, returns `{"status"}` (HTTP allow-list) | `url` |
 //! | `print` | prints lines forever (output caps, timeout) | |
 //! | `enqueue-flood` | enqueues child jobs forever | `task` (default: this task) |
@@ -43,6 +44,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use wasmq_guest::__private::{dispatch, Guest, JobContext, WitTaskError};
 use wasmq_guest::{http, kv, Job, TaskError};
+
+mod files;
 
 struct Hostile;
 
@@ -88,6 +91,12 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
         "read-file-raw" => {
             let path: String = field(&args, "path")?;
             Ok(Value::String(std::fs::read_to_string(path)?))
+        }
+        "symlink" => {
+            let target: String = field(&args, "target")?;
+            let link: String = field(&args, "link")?;
+            let replace: Option<bool> = field(&args, "replace")?;
+            files::symlink(&target, &link, replace.unwrap_or(false))
         }
         "http" => {
             let url: String = field(&args, "url")?;
