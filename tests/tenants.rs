@@ -614,13 +614,14 @@ fn denied(result: ResultState) -> String {
     }
 }
 
-/// A tenant confined to a directory D with `--allow-dir`: deploys of grants
-/// that climb out with `..`, are relative, lie outside D, or leave D
-/// through a symlink that exists on the deploying machine are refused with
-/// one line naming the grant; a grant inside D deploys. An uncapped
-/// tenant's `..` grant is refused too.
+/// A tenant confined to a directory D with `--allow-dir` (and a disk quota
+/// with `--max-disk`): deploys of grants that climb out with `..`, are
+/// relative, lie outside D, leave D through a symlink that exists on the
+/// deploying machine, or write without a disk quota are refused with one
+/// line naming the grant; a grant inside D deploys. An uncapped tenant's
+/// `..` grant is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grants_that_climb_or_escape_are_refused_at_deploy() {
+async fn grants_that_climb_escape_or_write_without_a_quota_are_refused_at_deploy() {
     let redis = RedisServer::start();
     let url = redis.url.clone();
     let scratch = TempDir::new("deploy-dirs");
@@ -628,7 +629,11 @@ async fn grants_that_climb_or_escape_are_refused_at_deploy() {
     std::fs::create_dir_all(d.join("in")).unwrap();
     std::os::unix::fs::symlink("..", d.join("esc")).unwrap();
     let d_str = d.to_str().unwrap();
-    create_tenant(&url, "acme", &["--allow-dir", d_str]);
+    create_tenant(&url, "acme", &["--allow-dir", d_str, "--max-disk", "1MiB"]);
+    create_tenant(&url, "nodisk", &["--allow-dir", d_str]);
+    let show = wasmq(&url, "default", &["tenant", "show", "acme"]);
+    let record: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(record["limits"]["max_disk_bytes"], 1 << 20);
 
     let grant = |path: &str, read_only: bool| {
         format!("[sandbox]\ndirs = [{{ host_path = {path:?}, guest_path = \"/data\", read_only = {read_only} }}]\n")
@@ -649,6 +654,11 @@ async fn grants_that_climb_or_escape_are_refused_at_deploy() {
             grant(&escape, true),
             vec!["escapes tenant \"acme\"'s allowed directory", &escape],
         ),
+        (
+            "nodisk",
+            grant(&writable, false),
+            vec!["needs a disk quota", "--max-disk", &writable],
+        ),
     ];
     for (tenant, manifest, needles) in &cases {
         let out = deploy_with_manifest(&url, tenant, "grants", manifest, &scratch);
@@ -662,7 +672,7 @@ async fn grants_that_climb_or_escape_are_refused_at_deploy() {
     let out = deploy_with_manifest(&url, "acme", "grants", &grant(&writable, false), &scratch);
     assert!(
         out.status.success(),
-        "a writable grant inside D deploys: {}",
+        "a writable grant inside D under a quota deploys: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 
@@ -693,7 +703,11 @@ async fn a_grant_a_guest_turned_into_a_symlink_is_refused_at_run_time() {
     let d = scratch.path().join("d");
     std::fs::create_dir_all(d.join("esc")).unwrap();
     std::fs::write(scratch.path().join("secret.txt"), "outside D").unwrap();
-    create_tenant(&redis.url, "acme", &["--allow-dir", d.to_str().unwrap()]);
+    create_tenant(
+        &redis.url,
+        "acme",
+        &["--allow-dir", d.to_str().unwrap(), "--max-disk", "1MiB"],
+    );
     let bytes = guest_bytes("hostile");
     broker
         .deploy("acme", "writer", &bytes, &granting(&d, false))
@@ -780,9 +794,10 @@ async fn a_dotdot_grant_written_straight_into_redis_is_refused_at_run_time() {
 }
 
 /// Grants are checked against the tenant's record as it is when the job
-/// runs: after its allowed directory moves, a grant deployed under the old
-/// one is refused (`denied`, naming both), not dropped silently, and the job
-/// does not write.
+/// runs: after the record loses its disk quota, a writable grant deployed
+/// under it is refused (`denied`, saying to set `--max-disk`); after its
+/// allowed directory moves, the grant is refused naming both. Neither is
+/// dropped silently, and neither job writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_are_checked_against_the_tenants_current_record_at_run_time() {
     let redis = RedisServer::start();
@@ -792,7 +807,11 @@ async fn grants_are_checked_against_the_tenants_current_record_at_run_time() {
     std::fs::create_dir_all(&d).unwrap();
     std::fs::create_dir_all(&other).unwrap();
     let (d_str, other_str) = (d.to_str().unwrap(), other.to_str().unwrap());
-    create_tenant(&redis.url, "acme", &["--allow-dir", d_str]);
+    create_tenant(
+        &redis.url,
+        "acme",
+        &["--allow-dir", d_str, "--max-disk", "1MiB"],
+    );
     broker
         .deploy(
             "acme",
@@ -802,12 +821,26 @@ async fn grants_are_checked_against_the_tenants_current_record_at_run_time() {
         )
         .await
         .unwrap();
-    let write = json!({"mode": "symlink", "target": "x", "link": "/data/x"});
+    let write = json!({"mode": "write-file", "path": "/data/x", "bytes": 10});
     let ok = run_one(&broker, "acme", "writer", write.clone()).await;
     assert!(matches!(ok, ResultState::Ready(_)), "{ok:?}");
     std::fs::remove_file(d.join("x")).unwrap();
 
-    create_tenant(&redis.url, "acme", &["--allow-dir", other_str]);
+    // `create` replaces the record: no quota now.
+    create_tenant(&redis.url, "acme", &["--allow-dir", d_str]);
+    let message = denied(run_one(&broker, "acme", "writer", write.clone()).await);
+    assert!(
+        message.contains(&format!(
+            "writable directory grant {d_str} needs a disk quota"
+        )) && message.contains("--max-disk"),
+        "{message}"
+    );
+
+    create_tenant(
+        &redis.url,
+        "acme",
+        &["--allow-dir", other_str, "--max-disk", "1MiB"],
+    );
     let message = denied(run_one(&broker, "acme", "writer", write).await);
     assert!(
         message.contains(&format!(
@@ -815,8 +848,91 @@ async fn grants_are_checked_against_the_tenants_current_record_at_run_time() {
         )),
         "{message}"
     );
+    assert!(!d.join("x").exists(), "no refused job wrote");
+}
+
+/// Two tenants on one worker, each with a 1 MiB disk quota: one writes
+/// without end and is stopped (`denied`, naming its quota, with at most its
+/// quota on disk), while the other's jobs, writing beside it, all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_disk_quota_is_stopped_while_another_keeps_writing() {
+    const QUOTA: u64 = 1 << 20;
+    const TIDY_JOBS: usize = 8;
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let scratch = TempDir::new("two-tenants");
+    for tenant in ["hog", "tidy"] {
+        let dir = scratch.path().join(tenant);
+        std::fs::create_dir_all(&dir).unwrap();
+        create_tenant(
+            &redis.url,
+            tenant,
+            &["--allow-dir", dir.to_str().unwrap(), "--max-disk", "1MiB"],
+        );
+        broker
+            .deploy(
+                tenant,
+                "files",
+                &guest_bytes("hostile"),
+                &granting(&dir, false),
+            )
+            .await
+            .unwrap();
+    }
+    let (stop, worker) = common::workers::start_in_process_for(
+        &broker,
+        &["hog", "tidy"],
+        4,
+        Duration::from_secs(10),
+        "disk",
+    );
+    let enqueue = |tenant: &str, payload: serde_json::Value| {
+        let req = EnqueueRequest {
+            tenant: tenant.into(),
+            task: "files".into(),
+            payload,
+            store_result: Some(true),
+            ..EnqueueRequest::default()
+        };
+        let broker = broker.clone();
+        async move { broker.enqueue(req).await.unwrap().id }
+    };
+    let hog = enqueue(
+        "hog",
+        json!({"mode": "write-loop", "via": "std", "path": "/data/big"}),
+    )
+    .await;
+    let mut tidy = Vec::new();
+    for i in 0..TIDY_JOBS {
+        let write = json!({"mode": "write-file", "path": format!("/data/f{i}"), "bytes": 64 << 10});
+        tidy.push(enqueue("tidy", write).await);
+    }
+    let wait = Some(Duration::from_secs(60));
+    let message = denied(broker.result("hog", &hog, wait).await.unwrap());
     assert!(
-        d.join("x").symlink_metadata().is_err(),
-        "the refused job did not write"
+        message.contains(&format!("disk quota of {QUOTA} bytes for tenant \"hog\"")),
+        "{message}"
+    );
+    for id in &tidy {
+        match broker.result("tidy", id, wait).await.unwrap() {
+            ResultState::Ready(v) => assert_eq!(v["written"], 64 << 10),
+            other => panic!("a tidy job ended {other:?}"),
+        }
+    }
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    let (hog_bytes, tidy_bytes) = (
+        common::disk_use(&scratch.path().join("hog")),
+        common::disk_use(&scratch.path().join("tidy")),
+    );
+    println!("disk: hog {hog_bytes} bytes, tidy {tidy_bytes} bytes, quota {QUOTA} each");
+    assert!(hog_bytes <= QUOTA, "hog has {hog_bytes} bytes on disk");
+    assert!(
+        hog_bytes >= QUOTA / 2,
+        "hog was stopped by the quota: {hog_bytes}"
+    );
+    assert_eq!(
+        tidy_bytes,
+        TIDY_JOBS as u64 * ((64 << 10) + wasmq::sandbox::DISK_ENTRY_BYTES)
     );
 }

@@ -9,8 +9,9 @@
 //!
 //! Directory grants are refused, never dropped: a grant outside the
 //! tenant's directories (`..`, not beneath an `--allow-dir`, a symlink out
-//! of one) fails the deploy, and fails a job `denied` if the record changed
-//! (or the task record was written by hand) since ([`TenantLimits::grant_refusal`]; the worker opens
+//! of one) or a writable grant without a disk quota fails the deploy, and
+//! fails a job `denied` if the record changed (or the task record was
+//! written by hand) since ([`TenantLimits::grant_refusal`]; the worker opens
 //! grants beneath the caps, see [`crate::dir_caps`]).
 
 use std::path::PathBuf;
@@ -43,6 +44,11 @@ pub struct TenantLimits {
     /// Host directories (and everything below them) a task may be granted;
     /// `None`: any. Grants are opened beneath them (see [`crate::dir_caps`]).
     pub allow_dirs: Option<Vec<PathBuf>>,
+    /// Most bytes the tenant's writable directory grants may hold on a
+    /// worker host (every file, directory and link counts 4 KiB, a file its
+    /// length on top; see `sandbox::disk`). A tenant with a record needs one
+    /// for any writable grant; `None`: writable grants are refused.
+    pub max_disk_bytes: Option<u64>,
     /// Whether a task may set `allow_private_networks`.
     pub allow_private_networks: bool,
     /// Pools the tenant's tasks may run on; `None`: any. A platform puts
@@ -148,8 +154,9 @@ impl TenantLimits {
     }
 
     /// Why `grant` may not be given to a job of this tenant, judged from
-    /// the paths alone: its host path is relative or has `..`, or it is not
-    /// under one of the tenant's allowed directories. Deploys check this, and workers
+    /// the paths alone: its host path is relative or has `..`, it is not
+    /// under one of the tenant's allowed directories, or it is writable
+    /// while the tenant has no disk quota. Deploys check this, and workers
     /// again before every job against the tenant's current record; the
     /// worker then opens the grant beneath its cap, which refuses symlinks
     /// out of it.
@@ -166,6 +173,13 @@ impl TenantLimits {
                     if names.is_empty() { "none".into() } else { names.join(", ") }
                 ));
             }
+        }
+        if !grant.read_only && self.max_disk_bytes.is_none() {
+            return Some(format!(
+                "writable directory grant {} needs a disk quota, and tenant {tenant:?} has none: \
+                 set one with `wasmq tenant set-limits {tenant} --max-disk SIZE`, or grant it read-only (`:ro`)",
+                grant.host_path.display()
+            ));
         }
         None
     }
@@ -275,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn grants_that_climb_are_refused() {
+    fn grants_that_climb_or_write_without_a_quota_are_refused() {
         let limits = TenantLimits {
             allow_dirs: Some(vec![PathBuf::from("/srv/acme")]),
             ..TenantLimits::default()
@@ -289,8 +303,19 @@ mod tests {
         assert!(refusal(grant("/srv/acme/../../../etc", true)).contains("contains `..`"));
         assert!(refusal(grant("srv/acme/in", true)).contains("not an absolute path"));
         assert!(refusal(grant("/srv/acme2", true)).contains("not beneath"));
+        let writable = refusal(grant("/srv/acme/out", false));
+        assert!(
+            writable.contains("needs a disk quota") && writable.contains("--max-disk"),
+            "{writable}"
+        );
         assert_eq!(refusal(grant("/srv/acme/in", true)), "");
-        assert_eq!(refusal(grant("/srv/acme/out", false)), "");
+        let with_quota = TenantLimits {
+            max_disk_bytes: Some(1 << 20),
+            ..limits.clone()
+        };
+        assert!(with_quota
+            .grant_refusal("acme", &grant("/srv/acme/out", false))
+            .is_none());
         // Without a record's dir caps, `..` is still refused.
         assert!(TenantLimits::default()
             .grant_refusal("acme", &grant("/tmp/../etc", true))

@@ -65,6 +65,12 @@ pub struct LimitArgs {
     /// symlink out of it is refused.
     #[arg(long = "allow-dir", value_name = "DIR", value_parser = parse_allowed_dir)]
     pub allow_dir: Vec<std::path::PathBuf>,
+    /// Disk quota of the tasks' writable directory grants, e.g. `64MiB`:
+    /// what the tenant may keep under them on a worker host (4 KiB per
+    /// file, directory or link, plus file lengths). Writes past it fail and
+    /// the job ends `denied`; without a quota, writable grants are refused.
+    #[arg(long = "max-disk", value_name = "SIZE", value_parser = crate::policy::parse_size)]
+    pub max_disk: Option<u64>,
     /// Tasks may reach private networks.
     #[arg(long = "allow-private-networks")]
     pub allow_private_networks: bool,
@@ -100,6 +106,7 @@ impl LimitArgs {
         if !self.allow_dir.is_empty() {
             limits.allow_dirs = Some(self.allow_dir.clone());
         }
+        limits.max_disk_bytes = self.max_disk.or(limits.max_disk_bytes);
         limits.allow_private_networks |= self.allow_private_networks;
         if !self.allow_pool.is_empty() {
             limits.allow_pools = Some(self.allow_pool.clone());

@@ -10,10 +10,11 @@
 //! no sockets (`wasi:sockets` is linked so components built with std
 //! instantiate, but the context grants no address and no name lookup), HTTP
 //! only to the policy's allow-list. Guest stdout/stderr go to the job's
-//! bounded log. Directory grants are opened beneath the tenant's caps
-//! ([`files`]).
+//! bounded log. Directory grants are opened beneath the tenant's caps and
+//! writes under them are charged to its disk quota ([`files`], [`disk`]).
 
 mod bindings;
+mod disk;
 mod files;
 mod host_api;
 mod http;
@@ -39,6 +40,8 @@ use crate::tenants::TenantLimits;
 pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
 use bindings::{Task, TaskPre};
+use disk::DiskLedgers;
+pub use disk::{ENTRY_BYTES as DISK_ENTRY_BYTES, MEASURE_EVERY as DISK_MEASURE_EVERY};
 use files::JobFiles;
 use http::{AllowListHooks, Denials};
 use limiter::JobLimiter;
@@ -142,6 +145,9 @@ pub struct Sandbox {
     linker: Linker<HostState>,
     cache: CompiledCache,
     prepared: Mutex<HashMap<String, PreparedTask>>,
+    /// Every tenant's disk use in this process (one sandbox per worker
+    /// process, so the jobs of a tenant share one account).
+    disks: DiskLedgers,
 }
 
 impl Sandbox {
@@ -151,7 +157,7 @@ impl Sandbox {
         // WASI p2: clocks, random, cli (stdio, no env), filesystem (no
         // preopens unless granted), sockets (no address granted), io.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        // Preopens from the handles we opened.
+        // Preopens from the handles we opened, and writes metered.
         files::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         Task::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
@@ -160,6 +166,7 @@ impl Sandbox {
             linker,
             cache,
             prepared: Mutex::new(HashMap::new()),
+            disks: DiskLedgers::default(),
         })
     }
 
@@ -238,8 +245,8 @@ impl Sandbox {
 
     /// [`Sandbox::run_paced`] for a job whose tenant's current record is
     /// `caps` (`None`: no record, uncapped). Its directory grants must then
-    /// fit the record, and are opened beneath its allowed directories; one
-    /// that does not fit fails the job
+    /// fit the record, and are opened beneath its allowed directories and
+    /// metered against its disk quota; one that does not fit fails the job
     /// `denied`, naming the grant and the cap. (The caller clamps the other
     /// limits into `policy`: [`TenantLimits::clamp`].)
     pub async fn run_capped(
@@ -275,7 +282,7 @@ impl Sandbox {
         }
         let clock = RunClock::default();
         let denials = Denials::default();
-        let store = match self.open_files(job, policy, caps) {
+        let store = match self.open_files(job, policy, caps, &denials).await {
             Ok(files) => self.new_store(job, policy, files, denials, &log, backend, &clock),
             Err(failure) => Err(failure),
         };
@@ -353,23 +360,45 @@ impl Sandbox {
             },
             (verdict, None) => verdict,
         };
+        // Past the disk quota the job is refused whatever the guest made of
+        // the error: some of what it wrote is not there.
+        let verdict = match state.files.quota_refusal() {
+            Some(refusal) => failed(Category::Denied, format!("{refusal} was refused")),
+            None => verdict,
+        };
         let host_fault = state.host_fault.get().cloned();
         finish(verdict, usage, host_fault)
     }
 
-    /// The job's directory grants, opened beneath `caps` (see [`files`]).
-    fn open_files(
+    /// The job's directory grants, opened beneath `caps` (see [`files`]),
+    /// and for writable ones under a quota, its tenant's disk account.
+    async fn open_files(
         &self,
         job: &JobInput,
         policy: &SandboxPolicy,
         caps: Option<&TenantLimits>,
+        denials: &Denials,
     ) -> Result<JobFiles, Failure> {
         if policy.dirs.is_empty() {
             return Ok(JobFiles::default());
         }
-        let preopens = files::open_grants(&job.tenant, caps, &policy.dirs)
+        let opened = files::open_grants(&job.tenant, caps, &policy.dirs)
             .map_err(|m| Failure::new(Category::Denied, m))?;
-        Ok(JobFiles { preopens })
+        let quota = caps.and_then(|c| c.max_disk_bytes);
+        let disk = match quota {
+            Some(quota) if !opened.writable.is_empty() => Some(
+                self.disks
+                    .job(&job.tenant, quota, opened.writable, denials.clone())
+                    .await,
+            ),
+            // No record (uncapped), or nothing writable: nothing to meter.
+            // (A record without a quota has had its writable grants refused.)
+            _ => None,
+        };
+        Ok(JobFiles {
+            preopens: opened.preopens,
+            disk,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
