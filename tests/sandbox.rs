@@ -19,6 +19,7 @@ use wasmq::failure::Category;
 use wasmq::policy::{DirGrant, SandboxPolicy};
 use wasmq::pools::CpuPriority;
 use wasmq::sandbox::{ComputeThreads, PreparedTask, Sandbox, Verdict, COMPUTE_BURST};
+use wasmq::tenants::TenantLimits;
 
 /// `wasmq run` with these arguments.
 fn wasmq_run(args: &[&str]) -> Output {
@@ -376,6 +377,179 @@ async fn granted_directories_and_nothing_else() {
         Category::Denied,
         "a symlink out of the grant is refused by the host"
     );
+}
+
+/// A tenant's writable grant under a disk quota: whichever call the guest
+/// writes through (descriptor.write, write-via-stream, append-via-stream,
+/// set-size, std::fs, or creating empty files), it is stopped at the quota,
+/// the job ends `denied` naming the quota although the guest swallowed the
+/// error and returned a result, and what is on disk stays within the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_of_writing_stops_at_the_disk_quota() {
+    const QUOTA: u64 = 256 << 10;
+    let sb = sandbox();
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    for via in [
+        "write",
+        "stream",
+        "append",
+        "set-size",
+        "std",
+        "create-files",
+    ] {
+        let cap = TempDir::new("quota");
+        let (limits, policy, out) = quota_grant(&cap, QUOTA);
+        let path = if via == "create-files" {
+            "/out"
+        } else {
+            "/out/big"
+        };
+        let payload = json!({"mode": "write-loop", "via": via, "path": path, "chunk": 16384});
+        // One tenant per way, so each starts from an empty account.
+        let tenant = format!("quota-{via}");
+        let outcome = run_as(&sb, &hostile, &tenant, payload, &policy, &limits).await;
+        let (category, message) = failure(&outcome);
+        assert_eq!(category, Category::Denied, "{via}: {message}");
+        let quota = format!("disk quota of {QUOTA} bytes for tenant \"quota-{via}\"");
+        assert!(message.contains(&quota), "{via}: {message}");
+        let used = common::disk_use(&out);
+        println!("{via}: {used} bytes on disk under a quota of {QUOTA}");
+        assert!(used <= QUOTA, "{via}: {used} bytes on disk, over the quota");
+        assert!(
+            used >= QUOTA / 2,
+            "{via}: only {used} bytes written: the quota stopped it, not something else"
+        );
+    }
+}
+
+/// A capped tenant with one writable grant `/out` under a quota.
+fn quota_grant(cap: &TempDir, quota: u64) -> (TenantLimits, SandboxPolicy, std::path::PathBuf) {
+    let out = cap.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let limits = TenantLimits {
+        allow_dirs: Some(vec![cap.path().to_path_buf()]),
+        max_disk_bytes: Some(quota),
+        ..TenantLimits::default()
+    };
+    let policy = SandboxPolicy {
+        dirs: vec![DirGrant::parse(&format!("{}::/out", out.display())).unwrap()],
+        ..SandboxPolicy::default()
+    };
+    (limits, policy, out)
+}
+
+/// Run `payload` as a job of `tenant` under `limits`.
+async fn run_as(
+    sb: &Sandbox,
+    task: &PreparedTask,
+    tenant: &str,
+    payload: Value,
+    policy: &SandboxPolicy,
+    limits: &TenantLimits,
+) -> wasmq::sandbox::JobOutcome {
+    let mut input = job(&payload.to_string());
+    input.tenant = tenant.into();
+    let backend = Arc::new(MemoryBackend::new());
+    sb.run_capped(task, &input, policy, Some(limits), backend, None)
+        .await
+}
+
+/// What is on disk when a job starts counts: with 200 KiB of a 256 KiB
+/// quota used, a job gets the rest and no more; a write that would leave a
+/// hole past the quota is refused outright; once the files are gone (and
+/// the figure has aged), the whole quota is free again. Jobs of one tenant
+/// running at once share the quota rather than each getting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_quota_counts_what_is_there_and_is_shared_by_a_tenants_jobs() {
+    const QUOTA: u64 = 256 << 10;
+    let sb = Arc::new(sandbox());
+    let hostile = sb.prepare(&guest_bytes("hostile")).unwrap();
+    let cap = TempDir::new("quota-used");
+    let (limits, policy, out) = quota_grant(&cap, QUOTA);
+    std::fs::write(out.join("old"), vec![0u8; 200 << 10]).unwrap();
+    let loop_ =
+        |file: &str| json!({"mode": "write-loop", "via": "write", "path": file, "chunk": 4096});
+    let outcome = run_as(&sb, &hostile, "used", loop_("/out/new"), &policy, &limits).await;
+    assert_eq!(failure(&outcome).0, Category::Denied);
+    let new = std::fs::metadata(out.join("new")).unwrap().len();
+    println!("with 200 KiB used, a job wrote {new} bytes under a {QUOTA}-byte quota");
+    assert!(common::disk_use(&out) <= QUOTA);
+    assert!(new >= 40 << 10, "it got the free space: {new}");
+
+    let hole =
+        json!({"mode": "write-loop", "via": "hole", "path": "/out/sparse", "limit": 1 << 30});
+    let outcome = run_as(&sb, &hostile, "used", hole, &policy, &limits).await;
+    assert_eq!(failure(&outcome).0, Category::Denied);
+    assert_eq!(
+        std::fs::metadata(out.join("sparse")).map_or(0, |m| m.len()),
+        0
+    );
+
+    for file in ["old", "new", "sparse"] {
+        let _ = std::fs::remove_file(out.join(file));
+    }
+    tokio::time::sleep(wasmq::sandbox::DISK_MEASURE_EVERY).await;
+    let fill = json!({"mode": "write-file", "path": "/out/again", "bytes": 200 << 10});
+    success(&run_as(&sb, &hostile, "used", fill, &policy, &limits).await);
+
+    // Four writers of one tenant at once, on a fresh grant.
+    let cap = TempDir::new("quota-shared");
+    let (limits, policy, out) = quota_grant(&cap, QUOTA);
+    let writers: Vec<_> = (0..4)
+        .map(|i| {
+            let (sb, task, policy, limits) =
+                (sb.clone(), hostile.clone(), policy.clone(), limits.clone());
+            let payload = loop_(&format!("/out/w{i}"));
+            tokio::spawn(
+                async move { run_as(&sb, &task, "shared", payload, &policy, &limits).await },
+            )
+        })
+        .collect();
+    for writer in writers {
+        assert_eq!(failure(&writer.await.unwrap()).0, Category::Denied);
+    }
+    let used = common::disk_use(&out);
+    println!("four writers at once: {used} bytes on disk under a {QUOTA}-byte quota");
+    assert!(used <= QUOTA, "{used} bytes: the writers shared one quota");
+}
+
+/// `wasmq run --dir` refuses a host path with `..` on one stderr line
+/// before running anything, and takes a relative one from the current
+/// directory.
+#[test]
+fn wasmq_run_refuses_a_dir_that_climbs_in_one_line() {
+    let hostile = guest("hostile");
+    let echo = r#"{"mode":"echo"}"#;
+    let out = wasmq_run(&[path(&hostile), echo, "--dir", "/tmp/../etc::/etc:ro"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: --dir \"/tmp/../etc::/etc:ro\": directory grant /tmp/../etc contains `..`"
+        ),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing ran");
+
+    let dir = TempDir::new("relative");
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/hello.txt"), "relative grant").unwrap();
+    let out = Command::new(wasmq_bin())
+        .current_dir(dir.path())
+        .args([
+            "run",
+            path(&hostile),
+            r#"{"mode":"read-file","path":"/data/hello.txt"}"#,
+        ])
+        .args(["--dir", "data::/data:ro"])
+        .env(
+            "WASMQ_CACHE_DIR",
+            std::env::temp_dir().join("wasmq-test-cache"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out), json!("relative grant"));
 }
 
 #[test]

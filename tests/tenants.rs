@@ -568,3 +568,371 @@ async fn a_cluster_wide_cap_holds_across_workers() {
         b.completed
     );
 }
+
+/// `wasmq deploy TASK --name NAME --manifest M` of the hostile guest as
+/// `tenant`, with `manifest` written into `dir`.
+fn deploy_with_manifest(
+    redis: &str,
+    tenant: &str,
+    name: &str,
+    manifest: &str,
+    dir: &TempDir,
+) -> std::process::Output {
+    let path = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, manifest).unwrap();
+    let hostile = guest("hostile");
+    wasmq(
+        redis,
+        tenant,
+        &[
+            "deploy",
+            hostile.to_str().unwrap(),
+            "--name",
+            name,
+            "--manifest",
+            path.to_str().unwrap(),
+        ],
+    )
+}
+
+/// A task policy granting `host_path` at `/data` (read-only or not).
+fn granting(host_path: &std::path::Path, read_only: bool) -> TaskPolicy {
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.dirs = vec![wasmq::policy::DirGrant {
+        host_path: host_path.to_path_buf(),
+        guest_path: "/data".into(),
+        read_only,
+    }];
+    policy
+}
+
+/// The failure of a job that must have been refused as `denied`.
+fn denied(result: ResultState) -> String {
+    match result {
+        ResultState::Failed(f) if f.category == Category::Denied => f.message,
+        other => panic!("expected denied, got {other:?}"),
+    }
+}
+
+/// A tenant confined to a directory D with `--allow-dir` (and a disk quota
+/// with `--max-disk`): deploys of grants that climb out with `..`, are
+/// relative, lie outside D, leave D through a symlink that exists on the
+/// deploying machine, or write without a disk quota are refused with one
+/// line naming the grant; a grant inside D deploys. An uncapped tenant's
+/// `..` grant is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_that_climb_escape_or_write_without_a_quota_are_refused_at_deploy() {
+    let redis = RedisServer::start();
+    let url = redis.url.clone();
+    let scratch = TempDir::new("deploy-dirs");
+    let d = scratch.path().join("d");
+    std::fs::create_dir_all(d.join("in")).unwrap();
+    std::os::unix::fs::symlink("..", d.join("esc")).unwrap();
+    let d_str = d.to_str().unwrap();
+    create_tenant(&url, "acme", &["--allow-dir", d_str, "--max-disk", "1MiB"]);
+    create_tenant(&url, "nodisk", &["--allow-dir", d_str]);
+    let show = wasmq(&url, "default", &["tenant", "show", "acme"]);
+    let record: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(record["limits"]["max_disk_bytes"], 1 << 20);
+
+    let grant = |path: &str, read_only: bool| {
+        format!("[sandbox]\ndirs = [{{ host_path = {path:?}, guest_path = \"/data\", read_only = {read_only} }}]\n")
+    };
+    let climb = format!("{d_str}/../../../etc");
+    let escape = format!("{d_str}/esc");
+    let writable = format!("{d_str}/in");
+    let cases = [
+        ("acme", grant(&climb, true), vec!["contains `..`", &climb]),
+        ("acme", grant("in", true), vec!["not an absolute path"]),
+        (
+            "acme",
+            grant("/etc", true),
+            vec!["directory grant /etc is not beneath tenant \"acme\"'s allowed directories"],
+        ),
+        (
+            "acme",
+            grant(&escape, true),
+            vec!["escapes tenant \"acme\"'s allowed directory", &escape],
+        ),
+        (
+            "nodisk",
+            grant(&writable, false),
+            vec!["needs a disk quota", "--max-disk", &writable],
+        ),
+    ];
+    for (tenant, manifest, needles) in &cases {
+        let out = deploy_with_manifest(&url, tenant, "grants", manifest, &scratch);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{manifest} deployed");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{stderr} should mention {needle}");
+        }
+    }
+    let out = deploy_with_manifest(&url, "acme", "grants", &grant(&writable, false), &scratch);
+    assert!(
+        out.status.success(),
+        "a writable grant inside D under a quota deploys: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A tenant without a record is uncapped, but never climbs.
+    let broker = Broker::connect(&url).await.unwrap();
+    let err = broker
+        .deploy(
+            "free",
+            "grants",
+            &guest_bytes("hostile"),
+            &granting(std::path::Path::new(&climb), true),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("contains `..`"), "{err}");
+}
+
+/// Deploying is not enough: a tenant's guest with a writable grant on D
+/// replaces D/esc, a plain directory when another task's grant of it was
+/// deployed, with a symlink to `..`. The next job with the D/esc grant is
+/// refused as `denied`, naming the grant and D, and reads nothing outside D.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_a_guest_turned_into_a_symlink_is_refused_at_run_time() {
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let scratch = TempDir::new("swap");
+    let d = scratch.path().join("d");
+    std::fs::create_dir_all(d.join("esc")).unwrap();
+    std::fs::write(scratch.path().join("secret.txt"), "outside D").unwrap();
+    create_tenant(
+        &redis.url,
+        "acme",
+        &["--allow-dir", d.to_str().unwrap(), "--max-disk", "1MiB"],
+    );
+    let bytes = guest_bytes("hostile");
+    broker
+        .deploy("acme", "writer", &bytes, &granting(&d, false))
+        .await
+        .unwrap();
+    broker
+        .deploy("acme", "reader", &bytes, &granting(&d.join("esc"), true))
+        .await
+        .unwrap();
+    let echo = run_one(&broker, "acme", "reader", json!({"mode": "echo"})).await;
+    assert!(matches!(echo, ResultState::Ready(_)), "{echo:?}");
+
+    let swap = json!({"mode": "symlink", "target": "..", "link": "/data/esc", "replace": true});
+    let swapped = run_one(&broker, "acme", "writer", swap).await;
+    assert!(matches!(swapped, ResultState::Ready(_)), "{swapped:?}");
+    assert_eq!(
+        std::fs::read_link(d.join("esc")).unwrap(),
+        std::path::PathBuf::from(".."),
+        "the guest planted the symlink"
+    );
+
+    let read = json!({"mode": "read-file", "path": "/data/secret.txt"});
+    let message = denied(run_one(&broker, "acme", "reader", read).await);
+    assert!(
+        message.contains(&format!(
+            "directory grant {} escapes tenant \"acme\"'s allowed directory {}",
+            d.join("esc").display(),
+            d.display()
+        )),
+        "{message}"
+    );
+    assert!(!message.contains("outside D"), "{message}");
+}
+
+/// A task record holding a `..` grant, written straight into Redis (past
+/// every deploy check), is refused when its job runs, for an uncapped
+/// tenant as for a capped one, and the job reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dotdot_grant_written_straight_into_redis_is_refused_at_run_time() {
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let scratch = TempDir::new("dotdot");
+    create_tenant(
+        &redis.url,
+        "capped",
+        &["--allow-dir", scratch.path().to_str().unwrap()],
+    );
+    let climb = format!("{}/../../../../../../../../etc", scratch.path().display());
+    for tenant in ["uncapped", "capped"] {
+        broker
+            .deploy(
+                tenant,
+                "peek",
+                &guest_bytes("hostile"),
+                &granting(scratch.path(), true),
+            )
+            .await
+            .unwrap();
+        let key = wasmq::keys::Keys::new(tenant).task("peek");
+        let mut conn = broker.connection();
+        let spec: String = redis::cmd("HGET")
+            .arg(&key)
+            .arg("spec")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+        spec["policy"]["sandbox"]["dirs"][0]["host_path"] = json!(climb);
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("spec")
+            .arg(spec.to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let read = json!({"mode": "read-file", "path": "/data/passwd"});
+        let message = denied(run_one(&broker, tenant, "peek", read).await);
+        assert!(
+            message.contains(&format!("directory grant {climb} contains `..`")),
+            "{tenant}: {message}"
+        );
+        assert!(!message.contains("root:"), "{tenant}: {message}");
+    }
+}
+
+/// Grants are checked against the tenant's record as it is when the job
+/// runs: after the record loses its disk quota, a writable grant deployed
+/// under it is refused (`denied`, saying to set `--max-disk`); after its
+/// allowed directory moves, the grant is refused naming both. Neither is
+/// dropped silently, and neither job writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_are_checked_against_the_tenants_current_record_at_run_time() {
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let scratch = TempDir::new("current");
+    let (d, other) = (scratch.path().join("d"), scratch.path().join("other"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let (d_str, other_str) = (d.to_str().unwrap(), other.to_str().unwrap());
+    create_tenant(
+        &redis.url,
+        "acme",
+        &["--allow-dir", d_str, "--max-disk", "1MiB"],
+    );
+    broker
+        .deploy(
+            "acme",
+            "writer",
+            &guest_bytes("hostile"),
+            &granting(&d, false),
+        )
+        .await
+        .unwrap();
+    let write = json!({"mode": "write-file", "path": "/data/x", "bytes": 10});
+    let ok = run_one(&broker, "acme", "writer", write.clone()).await;
+    assert!(matches!(ok, ResultState::Ready(_)), "{ok:?}");
+    std::fs::remove_file(d.join("x")).unwrap();
+
+    // `create` replaces the record: no quota now.
+    create_tenant(&redis.url, "acme", &["--allow-dir", d_str]);
+    let message = denied(run_one(&broker, "acme", "writer", write.clone()).await);
+    assert!(
+        message.contains(&format!(
+            "writable directory grant {d_str} needs a disk quota"
+        )) && message.contains("--max-disk"),
+        "{message}"
+    );
+
+    create_tenant(
+        &redis.url,
+        "acme",
+        &["--allow-dir", other_str, "--max-disk", "1MiB"],
+    );
+    let message = denied(run_one(&broker, "acme", "writer", write).await);
+    assert!(
+        message.contains(&format!(
+            "directory grant {d_str} is not beneath tenant \"acme\"'s allowed directories ({other_str})"
+        )),
+        "{message}"
+    );
+    assert!(!d.join("x").exists(), "no refused job wrote");
+}
+
+/// Two tenants on one worker, each with a 1 MiB disk quota: one writes
+/// without end and is stopped (`denied`, naming its quota, with at most its
+/// quota on disk), while the other's jobs, writing beside it, all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_disk_quota_is_stopped_while_another_keeps_writing() {
+    const QUOTA: u64 = 1 << 20;
+    const TIDY_JOBS: usize = 8;
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let scratch = TempDir::new("two-tenants");
+    for tenant in ["hog", "tidy"] {
+        let dir = scratch.path().join(tenant);
+        std::fs::create_dir_all(&dir).unwrap();
+        create_tenant(
+            &redis.url,
+            tenant,
+            &["--allow-dir", dir.to_str().unwrap(), "--max-disk", "1MiB"],
+        );
+        broker
+            .deploy(
+                tenant,
+                "files",
+                &guest_bytes("hostile"),
+                &granting(&dir, false),
+            )
+            .await
+            .unwrap();
+    }
+    let (stop, worker) = common::workers::start_in_process_for(
+        &broker,
+        &["hog", "tidy"],
+        4,
+        Duration::from_secs(10),
+        "disk",
+    );
+    let enqueue = |tenant: &str, payload: serde_json::Value| {
+        let req = EnqueueRequest {
+            tenant: tenant.into(),
+            task: "files".into(),
+            payload,
+            store_result: Some(true),
+            ..EnqueueRequest::default()
+        };
+        let broker = broker.clone();
+        async move { broker.enqueue(req).await.unwrap().id }
+    };
+    let hog = enqueue(
+        "hog",
+        json!({"mode": "write-loop", "via": "std", "path": "/data/big"}),
+    )
+    .await;
+    let mut tidy = Vec::new();
+    for i in 0..TIDY_JOBS {
+        let write = json!({"mode": "write-file", "path": format!("/data/f{i}"), "bytes": 64 << 10});
+        tidy.push(enqueue("tidy", write).await);
+    }
+    let wait = Some(Duration::from_secs(60));
+    let message = denied(broker.result("hog", &hog, wait).await.unwrap());
+    assert!(
+        message.contains(&format!("disk quota of {QUOTA} bytes for tenant \"hog\"")),
+        "{message}"
+    );
+    for id in &tidy {
+        match broker.result("tidy", id, wait).await.unwrap() {
+            ResultState::Ready(v) => assert_eq!(v["written"], 64 << 10),
+            other => panic!("a tidy job ended {other:?}"),
+        }
+    }
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    let (hog_bytes, tidy_bytes) = (
+        common::disk_use(&scratch.path().join("hog")),
+        common::disk_use(&scratch.path().join("tidy")),
+    );
+    println!("disk: hog {hog_bytes} bytes, tidy {tidy_bytes} bytes, quota {QUOTA} each");
+    assert!(hog_bytes <= QUOTA, "hog has {hog_bytes} bytes on disk");
+    assert!(
+        hog_bytes >= QUOTA / 2,
+        "hog was stopped by the quota: {hog_bytes}"
+    );
+    assert_eq!(
+        tidy_bytes,
+        TIDY_JOBS as u64 * ((64 << 10) + wasmq::sandbox::DISK_ENTRY_BYTES)
+    );
+}

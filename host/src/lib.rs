@@ -8,6 +8,7 @@
 //! - [`backend`]: the host-side state behind the guest's host interfaces
 //!   (key-value, counters, locks, step markers, child jobs).
 //! - [`policy`]: the limits and grants a job runs under.
+//! - [`dir_caps`]: opening a directory grant beneath its tenant's cap.
 //! - [`failure`]: the failure categories users see.
 //! - [`keys`]: every Redis key name, built in one place.
 //! - [`limits`]: every bound on what crosses into the host, in one table.
@@ -27,6 +28,7 @@ pub mod backend;
 pub mod broker;
 pub mod cli;
 pub mod component;
+pub mod dir_caps;
 pub mod engine;
 pub mod failure;
 pub mod fence;

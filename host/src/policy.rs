@@ -35,6 +35,13 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 << 20;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 32;
 
 /// A directory the guest may open, granted as a capability handle.
+///
+/// Its host path must be absolute and free of `..` ([`DirGrant::check`]):
+/// a grant names a directory, it never climbs out of one. Deploys check
+/// that, and workers check it again before every job (a task record in
+/// Redis may have been written by hand); where the grant must lie beneath
+/// a tenant's directories, see [`crate::tenants::TenantLimits::grant_refusal`]
+/// and [`crate::dir_caps`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirGrant {
     /// Directory on the host.
@@ -58,11 +65,48 @@ impl DirGrant {
         if host.is_empty() || guest.is_empty() {
             return Err(format!("--dir {spec:?}: both paths must be non-empty"));
         }
-        Ok(DirGrant {
+        let grant = DirGrant {
             host_path: PathBuf::from(host),
             guest_path: guest.to_string(),
             read_only,
-        })
+        };
+        // A relative path is fine here: `wasmq run` makes it absolute
+        // against its working directory. `..` is not.
+        if let Some(problem) = grant.parent_dir_problem() {
+            return Err(format!("--dir {spec:?}: {problem}"));
+        }
+        Ok(grant)
+    }
+
+    /// Whether the host path may be opened as it stands: absolute (a grant
+    /// never depends on a worker's working directory) and without `..`
+    /// (which could climb out of the directory a tenant is confined to).
+    /// The error names the grant and the fix.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(problem) = self.parent_dir_problem() {
+            return Err(problem);
+        }
+        if !self.host_path.is_absolute() {
+            return Err(format!(
+                "directory grant {} is not an absolute path; name the host directory from the root (e.g. /srv/data)",
+                self.host_path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why the host path is refused for naming a parent directory, if it does.
+    fn parent_dir_problem(&self) -> Option<String> {
+        self.host_path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+            .then(|| {
+                format!(
+                    "directory grant {} contains `..`; name the directory itself \
+                     (a grant may not climb out of a directory)",
+                    self.host_path.display()
+                )
+            })
     }
 }
 
@@ -208,6 +252,37 @@ mod tests {
         assert!(!DirGrant::parse("/tmp::/tmp").unwrap().read_only);
         assert!(DirGrant::parse("/tmp").is_err());
     }
+
+    #[test]
+    fn dir_grants_never_climb_with_dotdot() {
+        for spec in [
+            "/srv/acme/../../../etc::/etc",
+            "../data::/data",
+            "/srv/acme/..::/up:ro",
+            "data/../../x::/x",
+        ] {
+            let err = DirGrant::parse(spec).unwrap_err();
+            assert!(err.contains("contains `..`"), "{spec}: {err}");
+            assert!(err.contains("--dir"), "{spec}: {err}");
+        }
+        // A `..` inside a name is just a name.
+        assert!(DirGrant::parse("/srv/a..b::/x").is_ok());
+        // Relative paths parse (`wasmq run` makes them absolute) but a
+        // deployed grant must be absolute.
+        let relative = DirGrant::parse("data::/data").unwrap();
+        assert!(relative
+            .check()
+            .unwrap_err()
+            .contains("not an absolute path"));
+        let manifest = "[sandbox]\ndirs = [{ host_path = \"/srv/acme/../../etc\", guest_path = \"/etc\", read_only = true }]\n";
+        let err = TaskPolicy::from_toml(manifest).unwrap_err();
+        assert!(
+            err.starts_with(
+                "task manifest: sandbox.dirs[0]: directory grant /srv/acme/../../etc contains `..`"
+            ),
+            "{err}"
+        );
+    }
 }
 
 /// Default attempts per job (the first run plus two retries).
@@ -307,6 +382,22 @@ impl Default for TaskPolicy {
 impl TaskPolicy {
     /// Parse a `task.toml` manifest; unknown fields are errors that name them.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| format!("task manifest: {e}"))
+        let policy: TaskPolicy = toml::from_str(text).map_err(|e| format!("task manifest: {e}"))?;
+        policy
+            .check_grants()
+            .map_err(|e| format!("task manifest: {e}"))?;
+        Ok(policy)
+    }
+
+    /// Whether every directory grant names an absolute path without `..`
+    /// ([`DirGrant::check`]); the first one that does not, named. A deploy
+    /// refuses a policy that fails this.
+    pub fn check_grants(&self) -> Result<(), String> {
+        for (i, grant) in self.sandbox.dirs.iter().enumerate() {
+            grant
+                .check()
+                .map_err(|e| format!("sandbox.dirs[{i}]: {e}"))?;
+        }
+        Ok(())
     }
 }

@@ -6,13 +6,21 @@
 //! that exceed a cap are refused with a message naming each excess, and
 //! workers clamp every job to the tenant's *current* caps, so lowering a cap
 //! takes effect without redeploying.
+//!
+//! Directory grants are refused, never dropped: a grant outside the
+//! tenant's directories (`..`, not beneath an `--allow-dir`, a symlink out
+//! of one) or a writable grant without a disk quota fails the deploy, and
+//! fails a job `denied` if the record changed (or the task record was
+//! written by hand) since ([`TenantLimits::grant_refusal`]; the worker opens
+//! grants beneath the caps, see [`crate::dir_caps`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{SandboxPolicy, TaskPolicy};
+use crate::dir_caps::{self, OpenError};
+use crate::policy::{DirGrant, SandboxPolicy, TaskPolicy};
 use crate::pools::PoolKind;
 
 /// A tenant's caps. `None` means "no cap" for that limit.
@@ -34,8 +42,13 @@ pub struct TenantLimits {
     /// `host:port` strings); `None`: any.
     pub allow_http: Option<Vec<String>>,
     /// Host directories (and everything below them) a task may be granted;
-    /// `None`: any.
+    /// `None`: any. Grants are opened beneath them (see [`crate::dir_caps`]).
     pub allow_dirs: Option<Vec<PathBuf>>,
+    /// Most bytes the tenant's writable directory grants may hold on a
+    /// worker host (every file, directory and link counts 4 KiB, a file its
+    /// length on top; see `sandbox::disk`). A tenant with a record needs one
+    /// for any writable grant; `None`: writable grants are refused.
+    pub max_disk_bytes: Option<u64>,
     /// Whether a task may set `allow_private_networks`.
     pub allow_private_networks: bool,
     /// Pools the tenant's tasks may run on; `None`: any. A platform puts
@@ -124,16 +137,12 @@ impl TenantLimits {
                 out.push(format!("outbound HTTP to {entry:?} is not in tenant {tenant:?}'s allowed hosts {allowed:?}"));
             }
         }
-        if let Some(allowed) = &self.allow_dirs {
-            for dir in s
-                .dirs
-                .iter()
-                .filter(|d| !allowed.iter().any(|a| d.host_path.starts_with(a)))
+        for grant in &s.dirs {
+            if let Some(refusal) = self
+                .grant_refusal(tenant, grant)
+                .or_else(|| self.escape_on_this_host(tenant, grant))
             {
-                out.push(format!(
-                    "directory {} is not under tenant {tenant:?}'s allowed directories {allowed:?}",
-                    dir.host_path.display()
-                ));
+                out.push(refusal);
             }
         }
         if s.allow_private_networks && !self.allow_private_networks {
@@ -178,7 +187,57 @@ impl TenantLimits {
         }
     }
 
+    /// Why `grant` may not be given to a job of this tenant, judged from
+    /// the paths alone: its host path is relative or has `..`, it is not
+    /// under one of the tenant's allowed directories, or it is writable
+    /// while the tenant has no disk quota. Deploys check this, and workers
+    /// again before every job against the tenant's current record; the
+    /// worker then opens the grant beneath its cap, which refuses symlinks
+    /// out of it.
+    pub fn grant_refusal(&self, tenant: &str, grant: &DirGrant) -> Option<String> {
+        if let Err(problem) = grant.check() {
+            return Some(problem);
+        }
+        if let Some(allowed) = &self.allow_dirs {
+            if dir_caps::outermost_cap(&grant.host_path, allowed).is_none() {
+                let names: Vec<String> = allowed.iter().map(|a| a.display().to_string()).collect();
+                return Some(format!(
+                    "directory grant {} is not beneath tenant {tenant:?}'s allowed directories ({})",
+                    grant.host_path.display(),
+                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                ));
+            }
+        }
+        if !grant.read_only && self.max_disk_bytes.is_none() {
+            return Some(format!(
+                "writable directory grant {} needs a disk quota, and tenant {tenant:?} has none: \
+                 set one with `wasmq tenant set-limits {tenant} --max-disk SIZE`, or grant it read-only (`:ro`)",
+                grant.host_path.display()
+            ));
+        }
+        None
+    }
+
+    /// At deploy, where the grant's cap and path exist on this machine: why
+    /// opening it beneath its cap fails because a symlink leads out of the
+    /// cap. A path missing here, or unreadable by the deployer, is left to
+    /// the worker, which opens every grant beneath its cap anyway.
+    fn escape_on_this_host(&self, tenant: &str, grant: &DirGrant) -> Option<String> {
+        let cap = dir_caps::outermost_cap(&grant.host_path, self.allow_dirs.as_ref()?)?;
+        match dir_caps::open_beneath(cap, &grant.host_path) {
+            Err(escape @ OpenError::Escapes(_)) => Some(format!(
+                "directory grant {} escapes tenant {tenant:?}'s allowed directory {}: {escape}",
+                grant.host_path.display(),
+                cap.display()
+            )),
+            Ok(_) | Err(OpenError::Missing(_) | OpenError::Failed(_)) => None,
+        }
+    }
+
     /// `policy` cut down to these caps (what a worker runs a job with).
+    /// Directory grants are left as they are: one that does not fit is
+    /// refused when the job's sandbox opens it ([`Self::grant_refusal`]),
+    /// never silently dropped.
     pub fn clamp(&self, mut policy: SandboxPolicy) -> SandboxPolicy {
         if let Some(c) = self.max_fuel {
             policy.fuel = policy.fuel.min(c);
@@ -194,11 +253,6 @@ impl TenantLimits {
         }
         if let Some(allowed) = &self.allow_http {
             policy.allow_http.retain(|e| allowed.contains(e));
-        }
-        if let Some(allowed) = &self.allow_dirs {
-            policy
-                .dirs
-                .retain(|d| allowed.iter().any(|a| d.host_path.starts_with(a)));
         }
         policy.allow_private_networks &= self.allow_private_networks;
         policy.literal_private_grants &= self.allow_private_networks;
@@ -255,9 +309,51 @@ mod tests {
         let excesses = limits.excesses("acme", &policy);
         assert_eq!(excesses.len(), 3, "{excesses:?}");
         assert!(excesses[0].contains("fuel 5000 exceeds tenant \"acme\"'s cap of 1000"));
+        assert!(
+            excesses[2].contains("directory grant /etc is not beneath tenant \"acme\"'s allowed directories (/srv/acme)"),
+            "{excesses:?}"
+        );
         let clamped = limits.clamp(policy.sandbox);
         assert_eq!(clamped.fuel, 1_000);
         assert_eq!(clamped.allow_http, vec!["api.example:443".to_string()]);
-        assert_eq!(clamped.dirs.len(), 1);
+        assert_eq!(
+            clamped.dirs.len(),
+            2,
+            "grants are refused at run time, not dropped"
+        );
+    }
+
+    #[test]
+    fn grants_that_climb_or_write_without_a_quota_are_refused() {
+        let limits = TenantLimits {
+            allow_dirs: Some(vec![PathBuf::from("/srv/acme")]),
+            ..TenantLimits::default()
+        };
+        let grant = |path: &str, read_only| DirGrant {
+            host_path: PathBuf::from(path),
+            guest_path: "/data".into(),
+            read_only,
+        };
+        let refusal = |g: DirGrant| limits.grant_refusal("acme", &g).unwrap_or_default();
+        assert!(refusal(grant("/srv/acme/../../../etc", true)).contains("contains `..`"));
+        assert!(refusal(grant("srv/acme/in", true)).contains("not an absolute path"));
+        assert!(refusal(grant("/srv/acme2", true)).contains("not beneath"));
+        let writable = refusal(grant("/srv/acme/out", false));
+        assert!(
+            writable.contains("needs a disk quota") && writable.contains("--max-disk"),
+            "{writable}"
+        );
+        assert_eq!(refusal(grant("/srv/acme/in", true)), "");
+        let with_quota = TenantLimits {
+            max_disk_bytes: Some(1 << 20),
+            ..limits.clone()
+        };
+        assert!(with_quota
+            .grant_refusal("acme", &grant("/srv/acme/out", false))
+            .is_none());
+        // Without a record's dir caps, `..` is still refused.
+        assert!(TenantLimits::default()
+            .grant_refusal("acme", &grant("/tmp/../etc", true))
+            .is_some());
     }
 }

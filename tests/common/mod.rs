@@ -59,3 +59,20 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Bytes under `dir` as a tenant's disk quota counts them: every file,
+/// directory and link one entry (`DISK_ENTRY_BYTES`), a file its length on
+/// top.
+pub fn disk_use(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        total += wasmq::sandbox::DISK_ENTRY_BYTES;
+        let meta = entry.path().symlink_metadata().unwrap();
+        if meta.is_dir() {
+            total += disk_use(&entry.path());
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    total
+}

@@ -21,7 +21,20 @@ pub fn start_in_process(
     lease: Duration,
     id: &str,
 ) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
-    let mut config = LaunchConfig::new(broker.url(), tenant, &["default"], concurrency);
+    start_in_process_for(broker, &[tenant], concurrency, lease, id)
+}
+
+/// [`start_in_process`] serving the `default` queues of several tenants in
+/// rotation, as `wasmq worker --tenants a,b` does.
+pub fn start_in_process_for(
+    broker: &Broker,
+    tenants: &[&str],
+    concurrency: usize,
+    lease: Duration,
+    id: &str,
+) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
+    let mut config = LaunchConfig::new(broker.url(), tenants[0], &["default"], concurrency);
+    config.tenants = tenants.iter().map(|t| t.to_string()).collect();
     config.lease = lease;
     config.drain_timeout = Duration::from_secs(10);
     config.id = id.into();

@@ -116,6 +116,10 @@ impl Broker {
             !name.is_empty() && name.len() <= 128 && !name.contains(char::is_whitespace),
             "task name {name:?} is invalid: use 1-128 characters without spaces"
         );
+        // Every tenant, capped or not: grants are absolute and never climb.
+        policy
+            .check_grants()
+            .map_err(|e| anyhow::anyhow!("task {name:?}: {e}"))?;
         if let Some(record) = self.tenant(tenant).await? {
             let excesses = record.limits.excesses(tenant, policy);
             anyhow::ensure!(

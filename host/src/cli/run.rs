@@ -44,9 +44,12 @@ pub struct RunArgs {
     /// that one address).
     #[arg(long = "allow-private-networks")]
     pub allow_private_networks: bool,
-    /// Grant a directory: HOST_PATH::GUEST_PATH, with `:ro` for read-only (repeatable).
-    #[arg(long = "dir", value_name = "HOST::GUEST[:ro]", value_parser = DirGrant::parse)]
-    pub dirs: Vec<DirGrant>,
+    /// Grant a directory: HOST_PATH::GUEST_PATH, with `:ro` for read-only
+    /// (repeatable). HOST_PATH may not contain `..`; a relative one is
+    /// taken from the current directory.
+    // Parsed in `policy`, not by clap, so a refusal is one stderr line.
+    #[arg(long = "dir", value_name = "HOST::GUEST[:ro]")]
+    pub dirs: Vec<String>,
     /// Largest result accepted, e.g. `1MiB`.
     #[arg(long = "max-result", value_parser = parse_size)]
     pub max_result: Option<u64>,
@@ -66,9 +69,18 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    fn policy(&self) -> SandboxPolicy {
+    fn policy(&self) -> anyhow::Result<SandboxPolicy> {
         let defaults = SandboxPolicy::default();
-        SandboxPolicy {
+        let mut dirs = Vec::with_capacity(self.dirs.len());
+        for spec in &self.dirs {
+            let mut grant = DirGrant::parse(spec).map_err(anyhow::Error::msg)?;
+            // The sandbox opens only absolute grants; `--dir data::/data`
+            // means ./data (lexically: parsing refused `..` already).
+            grant.host_path = std::path::absolute(&grant.host_path)
+                .with_context(|| format!("--dir {spec:?}: making the host path absolute"))?;
+            dirs.push(grant);
+        }
+        Ok(SandboxPolicy {
             fuel: self.fuel.unwrap_or(defaults.fuel),
             memory_bytes: self.memory.unwrap_or(defaults.memory_bytes),
             timeout: self.timeout.unwrap_or(defaults.timeout),
@@ -77,9 +89,9 @@ impl RunArgs {
                 .map_or(defaults.max_result_bytes, |m| m as usize),
             allow_http: self.allow_http.clone(),
             allow_private_networks: self.allow_private_networks,
-            dirs: self.dirs.clone(),
+            dirs,
             ..defaults
-        }
+        })
     }
 }
 
@@ -87,7 +99,7 @@ impl RunArgs {
 pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
     let bytes =
         std::fs::read(&args.task).with_context(|| format!("reading {}", args.task.display()))?;
-    let policy = args.policy();
+    let policy = args.policy()?;
     let limits = EngineLimits {
         instance_slots: 1,
         max_memory_bytes: policy

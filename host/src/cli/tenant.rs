@@ -64,9 +64,17 @@ pub struct LimitArgs {
     #[arg(long = "allow-http")]
     pub allow_http: Vec<String>,
     /// A host directory tasks may be granted, with what is below it
-    /// (repeatable); without any, directories are not capped.
-    #[arg(long = "allow-dir")]
+    /// (repeatable; an absolute path without `..`); without any,
+    /// directories are not capped. Workers open every grant beneath it: a
+    /// symlink out of it is refused.
+    #[arg(long = "allow-dir", value_name = "DIR", value_parser = parse_allowed_dir)]
     pub allow_dir: Vec<std::path::PathBuf>,
+    /// Disk quota of the tasks' writable directory grants, e.g. `64MiB`:
+    /// what the tenant may keep under them on a worker host (4 KiB per
+    /// file, directory or link, plus file lengths). Writes past it fail and
+    /// the job ends `denied`; without a quota, writable grants are refused.
+    #[arg(long = "max-disk", value_name = "SIZE", value_parser = crate::policy::parse_size)]
+    pub max_disk: Option<u64>,
     /// Tasks may reach private networks.
     #[arg(long = "allow-private-networks")]
     pub allow_private_networks: bool,
@@ -119,6 +127,7 @@ impl LimitArgs {
         if !self.allow_dir.is_empty() {
             limits.allow_dirs = Some(self.allow_dir.clone());
         }
+        limits.max_disk_bytes = self.max_disk.or(limits.max_disk_bytes);
         limits.allow_private_networks |= self.allow_private_networks;
         if !self.allow_pool.is_empty() {
             limits.allow_pools = Some(self.allow_pool.clone());
@@ -134,6 +143,19 @@ impl LimitArgs {
             .max_children_per_minute
             .or(limits.max_children_per_minute);
         limits.max_idempotency_keys = self.max_idempotency_keys.or(limits.max_idempotency_keys);
+    }
+}
+
+/// An `--allow-dir`: grants are judged by path components under it, so it
+/// must be absolute and must not climb.
+fn parse_allowed_dir(text: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::path::PathBuf::from(text);
+    if crate::dir_caps::clean_absolute(&path) {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{text:?} must be an absolute path without `..` (e.g. /srv/tenants/acme)"
+        ))
     }
 }
 

@@ -10,9 +10,12 @@
 //! no sockets (`wasi:sockets` is linked so components built with std
 //! instantiate, but the context grants no address and no name lookup), HTTP
 //! only to the policy's allow-list. Guest stdout/stderr go to the job's
-//! bounded log.
+//! bounded log. Directory grants are opened beneath the tenant's caps and
+//! writes under them are charged to its disk quota ([`files`], [`disk`]).
 
 mod bindings;
+mod disk;
+mod files;
 mod host_api;
 mod http;
 mod limiter;
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::backend::{Backend, Claimant};
@@ -35,9 +38,13 @@ use crate::component::{content_hash, CompiledCache};
 use crate::failure::{Category, Failure};
 use crate::fence::LeaseWatch;
 use crate::policy::SandboxPolicy;
+use crate::tenants::TenantLimits;
 pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
 use bindings::{Task, TaskPre};
+use disk::DiskLedgers;
+pub use disk::{ENTRY_BYTES as DISK_ENTRY_BYTES, MEASURE_EVERY as DISK_MEASURE_EVERY};
+use files::JobFiles;
 use http::{AllowListHooks, Denials};
 use limiter::JobLimiter;
 use output::JobLog;
@@ -180,6 +187,9 @@ pub struct Sandbox {
     linker: Linker<HostState>,
     cache: CompiledCache,
     prepared: Mutex<HashMap<String, PreparedTask>>,
+    /// Every tenant's disk use in this process (one sandbox per worker
+    /// process, so the jobs of a tenant share one account).
+    disks: DiskLedgers,
 }
 
 impl Sandbox {
@@ -189,6 +199,8 @@ impl Sandbox {
         // WASI p2: clocks, random, cli (stdio, no env), filesystem (no
         // preopens unless granted), sockets (no address granted), io.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Preopens from the handles we opened, and writes metered.
+        files::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         Task::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
         Ok(Sandbox {
@@ -196,6 +208,7 @@ impl Sandbox {
             linker,
             cache,
             prepared: Mutex::new(HashMap::new()),
+            disks: DiskLedgers::default(),
         })
     }
 
@@ -258,12 +271,32 @@ impl Sandbox {
 
     /// Run one job in a fresh instance of `task`; with `compute`, a run
     /// that computes past its burst finishes on those threads (io pools:
-    /// see [`ComputeThreads`]).
+    /// see [`ComputeThreads`]). For a tenant without a record, as
+    /// [`Sandbox::run_capped`] with no caps.
     pub async fn run_paced(
         &self,
         task: &PreparedTask,
         job: &JobInput,
         policy: &SandboxPolicy,
+        backend: Arc<dyn Backend>,
+        compute: Option<&ComputeThreads>,
+    ) -> JobOutcome {
+        self.run_capped(task, job, policy, None, backend, compute)
+            .await
+    }
+
+    /// [`Sandbox::run_paced`] for a job whose tenant's current record is
+    /// `caps` (`None`: no record, uncapped). Its directory grants must then
+    /// fit the record, and are opened beneath its allowed directories and
+    /// metered against its disk quota; one that does not fit fails the job
+    /// `denied`, naming the grant and the cap. (The caller clamps the other
+    /// limits into `policy`: [`TenantLimits::clamp`].)
+    pub async fn run_capped(
+        &self,
+        task: &PreparedTask,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        caps: Option<&TenantLimits>,
         backend: Arc<dyn Backend>,
         compute: Option<&ComputeThreads>,
     ) -> JobOutcome {
@@ -293,7 +326,12 @@ impl Sandbox {
             );
         }
         let clock = RunClock::default();
-        let mut store = match self.new_store(job, policy, &log, backend, &clock) {
+        let denials = Denials::default();
+        let store = match self.open_files(job, policy, caps, &denials).await {
+            Ok(files) => self.new_store(job, policy, files, denials, &log, backend, &clock),
+            Err(failure) => Err(failure),
+        };
+        let mut store = match store {
             Ok(store) => store,
             Err(failure) => {
                 return finish(
@@ -388,6 +426,12 @@ impl Sandbox {
             },
             (verdict, None) => verdict,
         };
+        // Past the disk quota the job is refused whatever the guest made of
+        // the error: some of what it wrote is not there.
+        let verdict = match state.files.quota_refusal() {
+            Some(refusal) => failed(Category::Denied, format!("{refusal} was refused")),
+            None => verdict,
+        };
         let host_fault = state.host_fault.get().cloned();
         let mut outcome = finish(verdict, usage, host_fault);
         outcome.waiting_on_step = state.waiting_on_step;
@@ -395,41 +439,62 @@ impl Sandbox {
         outcome
     }
 
+    /// The job's directory grants, opened beneath `caps` (see [`files`]),
+    /// and for writable ones under a quota, its tenant's disk account.
+    async fn open_files(
+        &self,
+        job: &JobInput,
+        policy: &SandboxPolicy,
+        caps: Option<&TenantLimits>,
+        denials: &Denials,
+    ) -> Result<JobFiles, Failure> {
+        if policy.dirs.is_empty() {
+            return Ok(JobFiles::default());
+        }
+        let opened = files::open_grants(&job.tenant, caps, &policy.dirs)
+            .map_err(|m| Failure::new(Category::Denied, m))?;
+        let quota = caps.and_then(|c| c.max_disk_bytes);
+        let disk = match quota {
+            Some(quota) if !opened.writable.is_empty() => Some(
+                self.disks
+                    .job(&job.tenant, quota, opened.writable, denials.clone())
+                    .await,
+            ),
+            // No record (uncapped), or nothing writable: nothing to meter.
+            // (A record without a quota has had its writable grants refused.)
+            _ => None,
+        };
+        Ok(JobFiles {
+            preopens: opened.preopens,
+            disk,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn new_store(
         &self,
         job: &JobInput,
         policy: &SandboxPolicy,
+        files: JobFiles,
+        denials: Denials,
         log: &JobLog,
         backend: Arc<dyn Backend>,
         clock: &RunClock,
     ) -> Result<Store<HostState>, Failure> {
         let denied = |m: String| Failure::new(Category::Denied, m);
-        let denials = Denials::default();
         let steps = OpenSteps::default();
         let http_hooks =
             AllowListHooks::new(policy, denials.clone(), steps.clone(), job.lease.clone())
                 .map_err(denied)?;
         let mut wasi = WasiCtxBuilder::new();
+        // No preopens here: ours come from `files` (see `files`).
         wasi.stdout(log.clone()).stderr(log.clone());
-        for dir in &policy.dirs {
-            let perms = if dir.read_only {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
-            wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)
-                .map_err(|e| {
-                    denied(format!(
-                        "granted directory {} could not be opened: {e:#}",
-                        dir.host_path.display()
-                    ))
-                })?;
-        }
         let state = HostState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             http_hooks,
             table: ResourceTable::new(),
+            files,
             limiter: JobLimiter::new(policy.memory_bytes, policy.max_table_elements),
             log: log.clone(),
             denials,

@@ -7,6 +7,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::files::JobFiles;
 use super::http::{AllowListHooks, Denials};
 use super::limiter::JobLimiter;
 use super::output::JobLog;
@@ -35,6 +36,8 @@ pub struct HostState {
     pub(crate) http: WasiHttpCtx,
     pub(crate) http_hooks: AllowListHooks,
     pub(crate) table: ResourceTable,
+    /// The job's directory grants, opened, and its disk account.
+    pub(crate) files: JobFiles,
     pub(crate) limiter: JobLimiter,
     pub(crate) log: JobLog,
     pub(crate) denials: Denials,

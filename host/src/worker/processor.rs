@@ -210,7 +210,8 @@ impl Processor {
             ));
         }
         // The tenant's current caps bound the deployed policy (lowering a
-        // cap takes effect without a redeploy).
+        // cap takes effect without a redeploy); the sandbox checks the
+        // directory grants against them and refuses what does not fit.
         let sandbox_policy = match &record {
             Some(record) => {
                 // A pool taken away after the deploy stops the task's jobs.
@@ -244,10 +245,11 @@ impl Processor {
         let outcome = self
             .catalog
             .sandbox()
-            .run_paced(
+            .run_capped(
                 &prepared,
                 &input,
                 &sandbox_policy,
+                record.as_ref().map(|t| &t.limits),
                 Arc::new(backend),
                 self.compute.as_deref(),
             )

@@ -12,6 +12,9 @@
 //! | `huge-result` | returns an 8 MiB JSON string (result size cap) | |
 //! | `read-file` | returns the file's contents via `wasmq_guest::fs` (grants) | `path` |
 //! | `read-file-raw` | the same with plain `std::fs` | `path` |
+//! | `write-file` | writes that many bytes to the file with `std::fs::write`; returns `{"written"}` | `path`, `bytes` |
+//! | `write-loop` | writes `chunk` bytes (default 65536) at a time through `via` until a call fails or `limit` bytes (default 1 GiB) are written, and returns `{"written", "error"}` (swallowing the error); `via`: `write` (descriptor.write), `stream` (write-via-stream), `append` (append-via-stream), `hole` (one chunk `limit` bytes past the start, once), `set-size`, `std` (`std::fs`), `create-files` (empty files in the directory `path`; `written` counts files) | `path`, `via`, `chunk`, `limit` |
+//! | `symlink` | creates the symlink `link` pointing at `target`, taken as is (e.g. `..`); with `replace: true`, removes the empty directory or file at `link` first | `target`, `link`, `replace` |
 //! | `http` | GETs the URL, returns `{"status"}` (HTTP allow-list) | `url` |
 //! | `print` | prints lines forever (output caps, timeout) | |
 //! | `enqueue-flood` | enqueues child jobs forever | `task` (default: this task) |
@@ -54,6 +57,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use wasmq_guest::__private::{dispatch, Guest, JobContext, WitTaskError};
 use wasmq_guest::{http, kv, Job, TaskError};
+
+mod files;
 
 struct Hostile;
 
@@ -108,6 +113,25 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
         "read-file-raw" => {
             let path: String = field(&args, "path")?;
             Ok(Value::String(std::fs::read_to_string(path)?))
+        }
+        "write-file" => files::write_file(&field::<String>(&args, "path")?, field(&args, "bytes")?),
+        "write-loop" => {
+            let path: String = field(&args, "path")?;
+            let via: String = field(&args, "via")?;
+            let chunk: Option<usize> = field(&args, "chunk")?;
+            let limit: Option<u64> = field(&args, "limit")?;
+            files::write_loop(
+                &path,
+                &via,
+                chunk.unwrap_or(64 << 10),
+                limit.unwrap_or(1 << 30),
+            )
+        }
+        "symlink" => {
+            let target: String = field(&args, "target")?;
+            let link: String = field(&args, "link")?;
+            let replace: Option<bool> = field(&args, "replace")?;
+            files::symlink(&target, &link, replace.unwrap_or(false))
         }
         "http" => {
             let url: String = field(&args, "url")?;
