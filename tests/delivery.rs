@@ -545,6 +545,8 @@ async fn outcomes_are_recorded_and_billed_once() {
         },
         usage,
         denials: Vec::new(),
+        idempotency_key: None,
+        task: "noop".into(),
     };
     assert_eq!(
         broker.complete_many(&[&done]).await.unwrap(),

@@ -123,6 +123,12 @@ fn denials_json(denials: &[String]) -> String {
     serde_json::to_string(kept).unwrap_or_default()
 }
 
+/// Memory held over time, the way a platform bills it: peak bytes times
+/// seconds of wall time.
+fn byte_seconds(u: &Usage) -> u64 {
+    (u.peak_memory_bytes as u128 * u.wall_time_us as u128 / 1_000_000) as u64
+}
+
 /// Milliseconds of `d`, saturating.
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -205,6 +211,8 @@ impl Broker {
             outcome: outcome.clone(),
             usage: *usage,
             denials: Vec::new(),
+            idempotency_key: None,
+            task: String::new(),
         };
         Ok(self.complete_many(&[&record]).await?[0])
     }
@@ -227,6 +235,22 @@ impl Broker {
             .key(keys.idempotency_index())
             .arg(keys.prefix())
             .arg(ms(FINISHED_RETENTION));
+        // The batch's usage, summed here so the script adds it once; it
+        // takes back the runs of jobs it does not record now.
+        let ran: Vec<&Usage> = completions
+            .iter()
+            .map(|c| &c.usage)
+            .filter(|u| u.wall_time_us > 0)
+            .collect();
+        let sum = |f: fn(&Usage) -> u64| -> u64 { ran.iter().map(|u| f(u)).sum() };
+        call.arg(ran.len())
+            .arg(sum(|u| u.fuel))
+            .arg(sum(|u| u.wall_time_us))
+            .arg(sum(|u| u.run_time_us))
+            .arg(sum(byte_seconds))
+            .arg(sum(|u| u.net_out_bytes))
+            .arg(sum(|u| u.net_in_bytes))
+            .arg(sum(|u| u.denied));
         for c in completions {
             debug_assert_eq!(c.job.tenant, first.job.tenant, "one tenant per batch");
             let error_json = |e: &Failure| serde_json::to_string(e).unwrap_or_default();
@@ -253,26 +277,22 @@ impl Broker {
                 Outcome::Dead(error) => ("dead", "", 0, 0, 0, error_json(error)),
                 Outcome::Release => ("release", "", 0, 0, 0, String::new()),
             };
-            let u = &c.usage;
-            // Memory held over time, the way a platform bills it.
-            let byte_seconds =
-                (u.peak_memory_bytes as u128 * u.wall_time_us as u128 / 1_000_000) as u64;
+            let idem = c
+                .idempotency_key
+                .as_deref()
+                .map(|k| keys.idempotency(&c.task, k))
+                .unwrap_or_default();
             call.arg(&c.job.id)
                 .arg(&c.job.queue)
                 .arg(&c.job.token)
                 .arg(name)
                 .arg(result)
                 .arg(store)
+                .arg(idem)
                 .arg(idem_ttl)
                 .arg(delay)
                 .arg(error)
-                .arg(serde_json::to_string(u).unwrap_or_default())
-                .arg(u.fuel)
-                .arg(u.wall_time_us)
-                .arg(u.run_time_us)
-                .arg(byte_seconds)
-                .arg(u.net_out_bytes)
-                .arg(u.net_in_bytes)
+                .arg(serde_json::to_string(&c.usage).unwrap_or_default())
                 .arg(denials_json(&c.denials));
         }
         let answers: Vec<String> = call.invoke_async(&mut self.connection()).await?;
@@ -300,4 +320,8 @@ pub struct Completion {
     /// Capabilities the run was refused (kept in the job's record, so a
     /// guest that swallowed a refusal still shows it).
     pub denials: Vec<String>,
+    /// The job's idempotency key, if any (its TTL restarts at a success).
+    pub idempotency_key: Option<String>,
+    /// The job's task name (scopes the idempotency key).
+    pub task: String,
 }

@@ -63,6 +63,15 @@ pub enum ResultState {
     Unknown,
 }
 
+/// The job record's `max_deliveries`: '' for the default (the fetch
+/// script's), so the common case writes no field for it.
+fn max_deliveries(policy: &crate::policy::TaskPolicy) -> String {
+    match policy.retry.max_deliveries {
+        crate::policy::DEFAULT_MAX_DELIVERIES => String::new(),
+        n => n.to_string(),
+    }
+}
+
 /// Who asks for a job: a producer, or a guest enqueueing a child job
 /// (whose enqueues the tenant's `max_children_per_minute` limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +179,7 @@ impl Broker {
             .arg(envelope.priority)
             .arg(delay.as_millis() as u64)
             .arg(req.not_before_ms.unwrap_or(0))
-            .arg(task.policy.retry.max_deliveries)
+            .arg(max_deliveries(&task.policy))
             .arg(caps.max_idempotency_keys.unwrap_or(0))
             .arg(children_per_minute)
             .invoke_async(&mut self.connection())
@@ -240,7 +249,7 @@ impl Broker {
                     .arg(0)
                     .arg(0)
                     .arg(0)
-                    .arg(deployed.policy.retry.max_deliveries)
+                    .arg(max_deliveries(&deployed.policy))
                     .arg(0)
                     .arg(0)
                     .ignore();

@@ -40,8 +40,7 @@ pub const MAX_HISTORY: usize = 100;
 /// ones), so a dead-lettered poison job says who died with it.
 pub const MAX_LOST_WORKERS: usize = 10;
 
-/// Lua shared by the scripts:
-/// - `clock()`: the server's time as (ms, "seconds+micros" string);
+/// Lua shared by the scripts that record history:
 /// - `history(job_key, history_key, at_ms, event, detail)` appends one
 ///   event, trims the list to the last [`MAX_HISTORY`], and marks the job
 ///   as having a history list (so its success also expires that list);
@@ -56,10 +55,6 @@ fn shared_lua() -> String {
     format!(
         r#"
 local MAX_HISTORY = {MAX_HISTORY}
-local function clock()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t[1] .. string.format('%06d', t[2])
-end
 local function history(job_key, history_key, at_ms, event, detail)
   redis.call('RPUSH', history_key, cjson.encode({{at_ms = at_ms, event = event, detail = detail}}))
   redis.call('LTRIM', history_key, -MAX_HISTORY, -1)
@@ -87,9 +82,23 @@ end
     )
 }
 
-/// A script whose source is [`shared_lua`] followed by `body`.
+/// `clock()`: the server's time as (ms, "seconds+micros" string).
+const CLOCK_LUA: &str = r#"
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t[1] .. string.format('%06d', t[2])
+end
+"#;
+
+/// A script whose source is [`CLOCK_LUA`], [`shared_lua`], then `body`.
 fn with_shared(body: &str) -> Script {
-    Script::new(&format!("{}{body}", shared_lua()))
+    Script::new(&format!("{CLOCK_LUA}{}{body}", shared_lua()))
+}
+
+/// A script whose source is [`CLOCK_LUA`] followed by `body` (scripts that
+/// write no history define nothing else on every call).
+fn with_clock(body: &str) -> Script {
+    Script::new(&format!("{CLOCK_LUA}{body}"))
 }
 
 /// Enqueue.
@@ -97,7 +106,7 @@ fn with_shared(body: &str) -> Script {
 /// idempotency index, children-rate or '' (guest enqueues only).
 /// ARGV: id, envelope, priority (0-9), delay_ms (from the server's now),
 /// eta_ms (unix ms; 0 = none, wins over the delay), max_deliveries (''
-/// = the worker's default), the tenant's `max_idempotency_keys` and (for
+/// = the default, 20), the tenant's `max_idempotency_keys` and (for
 /// guest enqueues) `max_children_per_minute` (0 = none).
 ///
 /// The ready-queue score is (9 - priority) * 2^44 + a per-queue sequence
@@ -108,16 +117,16 @@ fn with_shared(body: &str) -> Script {
 /// taken over. Returns {id, 'new'}, {existing_id, 'duplicate'}, or
 /// {'', 'refused', reason} when a quota says no.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    with_shared(
+    with_clock(
         r#"
 local id, priority = ARGV[1], tonumber(ARGV[3])
 local delay, eta = tonumber(ARGV[4]), tonumber(ARGV[5])
 local idem_quota, child_rate = tonumber(ARGV[7]), tonumber(ARGV[8])
-local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #('job:' .. id))
 local now, now_us = clock()
 local holder = nil
 if KEYS[5] ~= '' then
   holder = redis.call('GET', KEYS[5])
+  local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #('job:' .. id))
   if holder and redis.call('EXISTS', prefix .. 'job:' .. holder) == 1 then
     return {holder, 'duplicate'}
   end
@@ -148,12 +157,22 @@ if eta > 0 then due = eta elseif delay > 0 then due = now + delay end
 local state = 'queued'
 if due > now then state = 'scheduled' end
 local score = (9 - priority) * 17592186044416 + redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', state, 'attempts', 0,
-  'deliveries', 0, 'score', string.format('%.0f', score), 'enqueued_at_ms', now,
-  'enqueued_at_us', now_us, 'idem', KEYS[5])
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'max_deliveries', ARGV[6]) end
+-- One HSET, whatever the options: the enqueue is on every job's path.
+local score_text = string.format('%.0f', score)
+if KEYS[5] == '' and ARGV[6] == '' and state == 'queued' then
+  redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', state, 'attempts', 0,
+    'deliveries', 0, 'score', score_text, 'enqueued_at_ms', now, 'enqueued_at_us', now_us)
+else
+  local fields = {'envelope', ARGV[2], 'state', state, 'attempts', 0, 'deliveries', 0,
+    'score', score_text, 'enqueued_at_ms', now, 'enqueued_at_us', now_us}
+  if KEYS[5] ~= '' then fields[#fields + 1] = 'idem'; fields[#fields + 1] = KEYS[5] end
+  if ARGV[6] ~= '' then fields[#fields + 1] = 'max_deliveries'; fields[#fields + 1] = ARGV[6] end
+  if state == 'scheduled' then
+    fields[#fields + 1] = 'due_at_ms'; fields[#fields + 1] = string.format('%d', due)
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+end
 if state == 'scheduled' then
-  redis.call('HSET', KEYS[1], 'due_at_ms', string.format('%d', due))
   redis.call('ZADD', KEYS[3], due, id)
 else
   redis.call('ZADD', KEYS[2], score, id)
@@ -279,19 +298,21 @@ return out
 /// token1, ...
 /// Only jobs whose lease token still matches are extended (a job whose lease
 /// lapsed and was redelivered belongs to its new holder). Returns the ids
-/// whose lease this caller no longer holds.
+/// another delivery owns now (not those whose outcome this caller has just
+/// recorded: their lease ended with it).
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    with_shared(
+    with_clock(
         r#"
 local now = clock()
 local expiry = string.format('%d', now + tonumber(ARGV[2]))
 local lost = {}
 for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', ARGV[1] .. 'job:' .. id, 'lease') == token then
+  local f = redis.call('HMGET', ARGV[1] .. 'job:' .. id, 'lease', 'recorded')
+  if f[1] == token then
     redis.call('ZADD', KEYS[1], 'XX', expiry, id)
     redis.call('ZADD', KEYS[2], 'XX', expiry, id)
-  else
+  elseif f[2] ~= token then
     lost[#lost + 1] = id
   end
 end
@@ -301,27 +322,30 @@ return lost
 });
 
 /// Fields per job in [`COMPLETE`]'s ARGV.
-pub const COMPLETE_FIELDS: usize = 17;
+pub const COMPLETE_FIELDS: usize = 12;
 
 /// Record outcomes of many deliveries in one call (the worker batches
 /// whatever finished since its last call: fewer script invocations, which
 /// cost more than the commands they run).
 /// KEYS: usage, dead, idempotency index.
-/// ARGV: prefix, finished_ttl_ms, then per job [`COMPLETE_FIELDS`] fields:
-/// id, queue, token, outcome ('succeeded' | 'retry' | 'host-retry' |
-/// 'wait' | 'dead' | 'release'), result, result_ttl_ms (0 = do not store),
-/// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, then
-/// the run's fuel, wall_time_us, run_time_us, memory_byte_seconds,
-/// net_out_bytes, net_in_bytes, and its refusals as a JSON list ('' for
-/// none; kept as the job's `denials`, with their count summed into the
-/// tenant's `denied`).
+/// ARGV: prefix, finished_ttl_ms, the batch's usage totals over the runs
+/// that ran a sandbox (runs, fuel, wall_time_us, run_time_us,
+/// memory_byte_seconds, net_out_bytes, net_in_bytes, denied), then per job
+/// [`COMPLETE_FIELDS`] fields: id, queue, token, outcome ('succeeded' |
+/// 'retry' | 'host-retry' | 'wait' | 'dead' | 'release'), result,
+/// result_ttl_ms (0 = do not store), idempotency key or '',
+/// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, and the
+/// run's refusals as a JSON list ('' for none; kept as the job's
+/// `denials`).
 ///
 /// Returns per job 'ok' (recorded now), 'recorded' (this delivery's
 /// outcome was recorded before: a batch retried after its reply was lost),
 /// or 'stale' (the caller no longer holds the lease: the job belongs to
-/// whoever holds it now; its outcome is dropped). Usage is added to the
-/// tenant's totals once per recorded outcome; a stale delivery's run is
-/// added to the `wasted_*` totals instead (work done for nothing).
+/// whoever holds it now; its outcome is dropped). The batch's usage is
+/// added to the tenant's totals once, less the runs of jobs not recorded
+/// now (rare: a retried batch, a lost lease), so usage counts each
+/// recorded outcome once; a stale delivery's run goes to the `wasted_*`
+/// totals instead (work done for nothing).
 pub static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     with_shared(&format!(
         r#"
@@ -329,49 +353,53 @@ local FIELDS = {COMPLETE_FIELDS}
 local prefix, retention = ARGV[1], ARGV[2]
 local now, now_us = clock()
 local now_ms = string.format('%d', now)
-local used = {{runs = 0, fuel = 0, wall_time_us = 0, run_time_us = 0, memory_byte_seconds = 0,
-  net_out_bytes = 0, net_in_bytes = 0, denied = 0}}
+local names = {{'runs', 'fuel', 'wall_time_us', 'run_time_us', 'memory_byte_seconds',
+  'net_out_bytes', 'net_in_bytes', 'denied'}}
+local used = {{}}
+for n, name in ipairs(names) do used[name] = tonumber(ARGV[2 + n]) end
 local wasted = {{wasted_runs = 0, wasted_fuel = 0, wasted_wall_time_us = 0, wasted_run_time_us = 0}}
+-- A run not recorded now leaves the batch's totals (decoded only then).
+local function not_counted(usage, stale)
+  local u = cjson.decode(usage)
+  local wall = tonumber(u.wall_time_us) or 0
+  if wall == 0 then return end
+  local fuel, run = tonumber(u.fuel) or 0, tonumber(u.run_time_us) or 0
+  used.runs = used.runs - 1
+  used.fuel = used.fuel - fuel
+  used.wall_time_us = used.wall_time_us - wall
+  used.run_time_us = used.run_time_us - run
+  used.memory_byte_seconds = used.memory_byte_seconds -
+    math.floor((tonumber(u.peak_memory_bytes) or 0) * wall / 1000000)
+  used.net_out_bytes = used.net_out_bytes - (tonumber(u.net_out_bytes) or 0)
+  used.net_in_bytes = used.net_in_bytes - (tonumber(u.net_in_bytes) or 0)
+  used.denied = used.denied - (tonumber(u.denied) or 0)
+  if stale then
+    wasted.wasted_runs = wasted.wasted_runs + 1
+    wasted.wasted_fuel = wasted.wasted_fuel + fuel
+    wasted.wasted_wall_time_us = wasted.wasted_wall_time_us + wall
+    wasted.wasted_run_time_us = wasted.wasted_run_time_us + run
+  end
+end
 local out, unleased = {{}}, {{}}
-for i = 3, #ARGV, FIELDS do
+for i = 3 + #names, #ARGV, FIELDS do
   local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local result, result_ttl, idem_ttl = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
-  local delay, err, usage = tonumber(ARGV[i + 7]), ARGV[i + 8], ARGV[i + 9]
-  local fuel, wall, run = tonumber(ARGV[i + 10]), tonumber(ARGV[i + 11]), tonumber(ARGV[i + 12])
-  local byte_seconds, net_out, net_in = tonumber(ARGV[i + 13]), tonumber(ARGV[i + 14]), tonumber(ARGV[i + 15])
-  local denials = ARGV[i + 16]
+  local result, result_ttl = ARGV[i + 4], tonumber(ARGV[i + 5])
+  local idem, idem_ttl, delay, err = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local usage, denials = ARGV[i + 10], ARGV[i + 11]
   local job = prefix .. 'job:' .. id
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
   local f = redis.call('HMGET', job, 'lease', 'notify', 'capped', 'has_history',
-    'started_at_ms', 'attempt', 'worker', 'recorded', 'idem')
+    'started_at_ms', 'attempt', 'worker')
   if f[1] ~= token or token == '' then
-    if f[8] == token and token ~= '' then
+    if token ~= '' and redis.call('HGET', job, 'recorded') == token then
       out[#out + 1] = 'recorded'
+      not_counted(usage, false)
     else
       out[#out + 1] = 'stale'
-      if wall > 0 then
-        wasted.wasted_runs = wasted.wasted_runs + 1
-        wasted.wasted_fuel = wasted.wasted_fuel + fuel
-        wasted.wasted_wall_time_us = wasted.wasted_wall_time_us + wall
-        wasted.wasted_run_time_us = wasted.wasted_run_time_us + run
-      end
+      not_counted(usage, true)
     end
   else
-    if wall > 0 then
-      used.runs = used.runs + 1
-      used.fuel = used.fuel + fuel
-      used.wall_time_us = used.wall_time_us + wall
-      used.run_time_us = used.run_time_us + run
-      used.memory_byte_seconds = used.memory_byte_seconds + byte_seconds
-      used.net_out_bytes = used.net_out_bytes + net_out
-      used.net_in_bytes = used.net_in_bytes + net_in
-    end
-    if denials ~= '' then
-      redis.call('HSET', job, 'denials', denials)
-      local counted = cjson.decode(usage)
-      used.denied = used.denied + (tonumber(counted.denied) or 0)
-    end
     -- Off the lease set in one ZREM per queue after the loop.
     local ids = unleased[queue]
     if not ids then ids = {{}}; unleased[queue] = ids end
@@ -382,49 +410,54 @@ for i = 3, #ARGV, FIELDS do
       redis.call('LPUSH', q .. 'signal', '1')
       redis.call('LTRIM', q .. 'signal', 0, 63)
     end
+    if denials ~= '' then redis.call('HSET', job, 'denials', denials) end
     if outcome ~= 'succeeded' then started(job, h, f[5], f[6], f[7]) end
-    redis.call('HSET', job, 'lease', '', 'recorded', token)
+    -- A verdict ends attempt f[6] (the fetch set it to attempts + 1):
+    -- `attempts` becomes it, in the same HSET as the rest (one write per
+    -- job on the happy path).
+    local attempt = f[6] or '1'
     if outcome == 'release' then
       -- Shutdown before the job finished: back to the front of its queue.
-      redis.call('HSET', job, 'state', 'queued')
+      redis.call('HSET', job, 'state', 'queued', 'lease', '', 'recorded', token)
       redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
       history(job, h, now, 'released')
     elseif outcome == 'retry' or outcome == 'host-retry' or outcome == 'wait' then
       -- A host-side failure does not use up one of the task's attempts
       -- (it counts as a host retry); waiting for a step uses neither.
       if outcome == 'retry' then
-        redis.call('HINCRBY', job, 'attempts', 1)
+        redis.call('HSET', job, 'attempts', attempt)
       elseif outcome == 'host-retry' then
         redis.call('HINCRBY', job, 'host_retries', 1)
       end
-      local due = string.format('%d', now + delay)
-      redis.call('HSET', job, 'state', 'scheduled', 'last_error', err, 'usage', usage, 'due_at_ms', due)
+      local due = string.format('%d', now + tonumber(delay))
+      redis.call('HSET', job, 'state', 'scheduled', 'last_error', err, 'usage', usage, 'due_at_ms', due,
+        'lease', '', 'recorded', token)
       redis.call('ZADD', q .. 'delayed', due, id)
       redis.call('RPUSH', h, cjson.encode({{at_ms = now, event = outcome, detail = err,
         retry_at_ms = tonumber(due)}}))
       redis.call('LTRIM', h, -MAX_HISTORY, -1)
       redis.call('HSET', job, 'has_history', '1')
     elseif outcome == 'succeeded' then
-      redis.call('HINCRBY', job, 'attempts', 1)
       if result_ttl > 0 then
         redis.call('SET', prefix .. 'result:' .. id, result, 'PX', result_ttl)
-        redis.call('HSET', job, 'state', 'succeeded', 'usage', usage,
-          'finished_at_ms', now_ms, 'finished_at_us', now_us, 'result_stored', '1')
+        redis.call('HSET', job, 'state', 'succeeded', 'lease', '', 'recorded', token,
+          'attempts', attempt, 'usage', usage, 'finished_at_ms', now_ms, 'finished_at_us', now_us,
+          'result_stored', '1')
       else
-        redis.call('HSET', job, 'state', 'succeeded', 'usage', usage,
-          'finished_at_ms', now_ms, 'finished_at_us', now_us)
+        redis.call('HSET', job, 'state', 'succeeded', 'lease', '', 'recorded', token,
+          'attempts', attempt, 'usage', usage, 'finished_at_ms', now_ms, 'finished_at_us', now_us)
       end
       redis.call('PEXPIRE', job, retention)
       if f[4] == '1' then redis.call('PEXPIRE', h, retention) end
       -- The idempotency key now dedups for its TTL from the success.
-      if f[9] and f[9] ~= '' and redis.call('GET', f[9]) == id then
-        redis.call('PEXPIRE', f[9], idem_ttl)
-        redis.call('ZADD', KEYS[3], now + tonumber(idem_ttl), f[9])
+      if idem ~= '' and redis.call('GET', idem) == id then
+        redis.call('PEXPIRE', idem, idem_ttl)
+        redis.call('ZADD', KEYS[3], now + tonumber(idem_ttl), idem)
       end
     else
-      if outcome == 'dead' then redis.call('HINCRBY', job, 'attempts', 1) end
       redis.call('HSET', job, 'state', 'dead', 'last_error', err, 'usage', usage,
-        'finished_at_ms', now_ms, 'finished_at_us', now_us)
+        'finished_at_ms', now_ms, 'finished_at_us', now_us, 'lease', '', 'recorded', token,
+        'attempts', attempt)
       redis.call('ZADD', KEYS[2], now, id)
       history(job, h, now, 'dead', err)
       -- A failed job does not hold its idempotency key: a new enqueue may run.
@@ -437,7 +470,7 @@ end
 for queue, ids in pairs(unleased) do
   redis.call('ZREM', prefix .. 'queue:' .. queue .. ':leased', unpack(ids))
 end
--- The tenant's usage: one write per batch, not per job.
+-- The tenant's usage: one write per field per batch, not per job.
 for _, totals in ipairs({{used, wasted}}) do
   for field, value in pairs(totals) do
     if value > 0 then redis.call('HINCRBY', KEYS[1], field, string.format('%d', value)) end

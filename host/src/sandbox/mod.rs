@@ -368,7 +368,7 @@ impl Sandbox {
             };
             let result = tokio::select! {
                 result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)) => Some(result),
-                _ = lease.lost_or_lapsed() => None,
+                _ = lease.lost() => None,
             };
             (result, store)
         });

@@ -8,9 +8,10 @@
 //!
 //! Each held job has a [`LeaseWatch`]: a renewal that succeeds moves its
 //! end, one that finds the job owned by another delivery marks it lost, and
-//! a worker that cannot renew sees it lapse on its own clock. The running
-//! job stops as soon as its watch says the lease is gone, and drain uses
-//! the same switch to stop runs that outlast it.
+//! a worker that cannot renew sees it lapse on its own clock (no effect
+//! goes out from then on) and stops it at its next tick. The running job
+//! stops as soon as its watch says the lease is lost, and drain uses the
+//! same switch to stop runs that outlast it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,6 +94,18 @@ impl Leases {
                         tracing::warn!(error = %e, %tenant, %queue, "renewing leases failed; will retry")
                     }
                 }
+            }
+            self.stop_lapsed();
+        }
+    }
+
+    /// Stop the runs whose leases lapsed without a renewal (Redis was out
+    /// of reach for a whole lease, or this process was frozen): another
+    /// worker may run their jobs now.
+    fn stop_lapsed(&self) {
+        for held in self.lock().values() {
+            if !held.watch.held() {
+                held.watch.lose();
             }
         }
     }

@@ -129,19 +129,29 @@ impl Processor {
 
     /// Run `job`, delivered under `lease`, to an outcome.
     pub async fn process(&self, job: Arc<Fetched>, lease: Arc<LeaseWatch>) -> Completion {
-        let (outcome, usage, denials) = match Envelope::parse(&job.envelope) {
+        match Envelope::parse(&job.envelope) {
             Err(reason) => {
                 tracing::warn!(job = %job.id, %reason, "dead-lettering a malformed job");
-                let dead = Outcome::Dead(Failure::new(Category::BadPayload, reason));
-                (dead, Usage::default(), Vec::new())
+                Completion {
+                    job,
+                    outcome: Outcome::Dead(Failure::new(Category::BadPayload, reason)),
+                    usage: Usage::default(),
+                    denials: Vec::new(),
+                    idempotency_key: None,
+                    task: String::new(),
+                }
             }
-            Ok(envelope) => self.run(&job, &envelope, lease).await,
-        };
-        Completion {
-            job,
-            outcome,
-            usage,
-            denials,
+            Ok(envelope) => {
+                let (outcome, usage, denials) = self.run(&job, &envelope, lease).await;
+                Completion {
+                    job,
+                    outcome,
+                    usage,
+                    denials,
+                    idempotency_key: envelope.idempotency_key,
+                    task: envelope.task,
+                }
+            }
         }
     }
 
