@@ -1,10 +1,11 @@
 //! One job's run in a fresh, sandboxed instance.
 //!
 //! Owns: the [`Linker`] with WASI p2, `wasi:http` and the wasmq host
-//! interfaces; the cache of `InstancePre`s (one per task version); and
-//! [`Sandbox::run`], which builds a fresh `Store` for every job with its
-//! fuel, memory cap, wall-clock deadline and grants, calls the task, and
-//! files whatever happened under one verdict with a failure category.
+//! interfaces; the task versions prepared for it (`InstancePre`s, each
+//! compiled once per process: see `compiler.rs`); and [`Sandbox::run`],
+//! which builds a fresh `Store` for every job with its fuel, memory cap,
+//! wall-clock deadline and grants, calls the task, and files whatever
+//! happened under one verdict with a failure category.
 //!
 //! Nothing is granted by default: no preopened directories, no environment,
 //! no sockets (`wasi:sockets` is linked so components built with std
@@ -13,6 +14,7 @@
 //! bounded log.
 
 mod bindings;
+mod compiler;
 mod host_api;
 mod http;
 mod limiter;
@@ -20,8 +22,7 @@ mod output;
 mod pacing;
 mod state;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable};
@@ -30,12 +31,15 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::backend::Backend;
-use crate::component::{content_hash, CompiledCache};
+use crate::component::CompiledCache;
+use crate::engine::CompileSettings;
 use crate::failure::{Category, Failure};
 use crate::policy::SandboxPolicy;
 pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
 use bindings::{Task, TaskPre};
+pub use compiler::CompileStats;
+use compiler::Compiler;
 use http::{AllowListHooks, Denials};
 use limiter::JobLimiter;
 use output::JobLog;
@@ -117,6 +121,8 @@ pub struct JobOutcome {
 pub struct PreparedTask {
     /// sha256 of the component bytes.
     pub hash: String,
+    /// Size of the component (a tenant's cap applies to it on every job).
+    pub component_bytes: u64,
     pre: TaskPre<HostState>,
 }
 
@@ -137,11 +143,12 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<HostState>,
     cache: CompiledCache,
-    prepared: Mutex<HashMap<String, PreparedTask>>,
+    compiler: Compiler,
 }
 
 impl Sandbox {
-    /// A sandbox on `engine`, caching compiled components in `cache`.
+    /// A sandbox on `engine`, caching compiled components in `cache`,
+    /// compiling with the default [`CompileSettings`].
     pub fn new(engine: Engine, cache: CompiledCache) -> anyhow::Result<Self> {
         let mut linker = Linker::new(&engine);
         // WASI p2: clocks, random, cli (stdio, no env), filesystem (no
@@ -153,8 +160,20 @@ impl Sandbox {
             engine,
             linker,
             cache,
-            prepared: Mutex::new(HashMap::new()),
+            compiler: Compiler::new(CompileSettings::default()),
         })
+    }
+
+    /// The same sandbox, compiling with `settings` (a worker's priority,
+    /// budget and default size cap).
+    pub fn with_compile_settings(mut self, settings: CompileSettings) -> Self {
+        self.compiler = Compiler::new(settings);
+        self
+    }
+
+    /// Its compile settings.
+    pub fn compile_settings(&self) -> &CompileSettings {
+        self.compiler.settings()
     }
 
     /// The engine jobs run on.
@@ -162,44 +181,9 @@ impl Sandbox {
         &self.engine
     }
 
-    /// Validate and compile a component (or take it from the caches).
-    /// CPU-heavy on a cache miss: call from a blocking thread in async code.
-    pub fn prepare(&self, bytes: &[u8]) -> Result<PreparedTask, Failure> {
-        let hash = content_hash(bytes);
-        if let Some(p) = self.lock_prepared().get(&hash) {
-            return Ok(p.clone());
-        }
-        let component = self.cache.load_or_compile(&self.engine, bytes, &hash)?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            Failure::new(
-                Category::InvalidComponent,
-                format!("component needs imports the wasmq host does not provide: {e:#}"),
-            )
-        })?;
-        let pre = TaskPre::new(pre).map_err(|e| {
-            Failure::new(
-                Category::InvalidComponent,
-                format!(
-                    "component does not implement the wasmq:task world \
-                     (export `run: func(job, payload) -> result<string, task-error>`): {e:#}"
-                ),
-            )
-        })?;
-        let prepared = PreparedTask {
-            hash: hash.clone(),
-            pre,
-        };
-        self.lock_prepared().insert(hash, prepared.clone());
-        Ok(prepared)
-    }
-
     /// A task version already prepared in this process, by hash.
     pub fn cached(&self, hash: &str) -> Option<PreparedTask> {
-        self.lock_prepared().get(hash).cloned()
-    }
-
-    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, HashMap<String, PreparedTask>> {
-        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+        self.compiler.ready(hash)
     }
 
     /// Run one job in a fresh instance of `task`, unpaced (a cpu pool, or
