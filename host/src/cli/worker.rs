@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::CliError;
+use crate::engine::DEFAULT_COMPILE_BUDGET;
 use crate::launcher::{self, LaunchConfig};
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 
@@ -44,6 +45,12 @@ pub struct WorkerArgs {
     /// How long SIGTERM waits for running jobs before handing them back.
     #[arg(long = "drain-timeout", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
+    /// CPU time compiling one component may take, e.g. `60s`; past it the
+    /// component is refused (its jobs dead-lettered `invalid-component`)
+    /// and remembered until the worker restarts. Each compile runs once per
+    /// version, on a thread of its own at --cpu-priority.
+    #[arg(long = "compile-budget", default_value_t = DEFAULT_COMPILE_BUDGET.into())]
+    pub compile_budget: humantime::Duration,
 }
 
 impl WorkerArgs {
@@ -73,6 +80,7 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     config.lease = args.lease;
     config.drain_timeout = args.drain_timeout;
     config.cpu_priority = args.cpu_priority;
+    config.compile_budget = args.compile_budget.into();
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
     eprintln!(
         "wasmq worker stopped: {} job(s) completed, {} handed back",

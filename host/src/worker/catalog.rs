@@ -5,9 +5,9 @@
 //! Records are trusted for [`RECORD_TTL`], so a redeploy or a changed cap
 //! reaches workers within that time without a Redis read per job. A
 //! component is fetched by its content hash, checked against it, and
-//! compiled once per process (the sandbox keeps the compiled version, the
-//! on-disk cache shares it with other processes of the same engine
-//! settings).
+//! compiled once per process, off the runtime and within the compile
+//! budget (`sandbox::compiler`); the on-disk cache shares it with other
+//! processes of the same engine settings.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,34 +81,47 @@ impl Catalog {
         tenant: &str,
         task: &DeployedTask,
     ) -> Result<PreparedTask, Failure> {
-        let unavailable = |m: String| Failure::new(Category::TaskError, m);
         if let Some(p) = self.sandbox.cached(&task.hash) {
             return Ok(p);
         }
-        let bytes = self
-            .broker
-            .component(tenant, &task.hash)
-            .await
-            .map_err(|e| unavailable(format!("fetching component {}: {e:#}", task.hash)))?
-            .ok_or_else(|| {
-                Failure::new(
-                    Category::InvalidComponent,
-                    format!(
-                        "component {} of task {:?} is missing from Redis",
-                        task.hash, task.name
-                    ),
-                )
-            })?;
-        let actual = crate::component::content_hash(&bytes);
-        if actual != task.hash {
-            return Err(Failure::new(
-                Category::InvalidComponent,
-                format!("component of task {:?} does not match its hash (expected {}, got {actual}); redeploy it", task.name, task.hash),
-            ));
-        }
-        let sandbox = self.sandbox.clone();
-        tokio::task::spawn_blocking(move || sandbox.prepare(&bytes))
-            .await
-            .map_err(|e| unavailable(format!("compiling the component panicked: {e}")))?
+        let fetch = fetch_verified(self.broker.clone(), tenant.to_string(), task.clone());
+        self.sandbox.prepare_once(&task.hash, fetch).await
     }
+}
+
+/// A component's bytes, checked against its hash (for the one job that
+/// starts its compile: see `Sandbox::prepare_once`).
+async fn fetch_verified(
+    broker: Broker,
+    tenant: String,
+    task: DeployedTask,
+) -> Result<Vec<u8>, Failure> {
+    let bytes = broker
+        .component(&tenant, &task.hash)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                Category::TaskError,
+                format!("fetching component {}: {e:#}", task.hash),
+            )
+        })?
+        .ok_or_else(|| missing(&task))?;
+    let actual = crate::component::content_hash(&bytes);
+    if actual != task.hash {
+        return Err(Failure::new(
+            Category::InvalidComponent,
+            format!("component of task {:?} does not match its hash (expected {}, got {actual}); redeploy it", task.name, task.hash),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn missing(task: &DeployedTask) -> Failure {
+    Failure::new(
+        Category::InvalidComponent,
+        format!(
+            "component {} of task {:?} is missing from Redis",
+            task.hash, task.name
+        ),
+    )
 }
