@@ -46,6 +46,8 @@ pub struct LaunchConfig {
     /// CPU time one compile may take before its component is refused
     /// (`invalid-component`, remembered for the life of the process).
     pub compile_budget: Duration,
+    /// Largest component of a tenant without a cap of its own.
+    pub default_max_component_bytes: u64,
     /// This process's id in leases and history; each pool appends its
     /// kind and index.
     pub id: String,
@@ -68,6 +70,7 @@ impl LaunchConfig {
             cpu_priority: CpuPriority::default(),
             cache_dir: CompiledCache::default_dir(),
             compile_budget: crate::engine::DEFAULT_COMPILE_BUDGET,
+            default_max_component_bytes: crate::engine::DEFAULT_MAX_COMPONENT_BYTES,
             id: format!("{}-{}", hostname(), std::process::id()),
         }
     }
@@ -95,6 +98,7 @@ pub fn sandbox(config: &LaunchConfig) -> anyhow::Result<Arc<Sandbox>> {
     };
     let engine = build_engine(&limits)?;
     let compile = CompileSettings {
+        default_max_component_bytes: config.default_max_component_bytes,
         budget: config.compile_budget,
         priority: config.cpu_priority,
         ..CompileSettings::default()

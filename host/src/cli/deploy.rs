@@ -1,7 +1,8 @@
 //! `wasmq deploy` and `wasmq tasks`: put a validated component and its
 //! policy in Redis; list what is deployed.
 //!
-//! Deploy compiles a component as a worker would (one thread, the same engine
+//! Deploy refuses a component over its tenant's size cap before compiling
+//! it, then compiles it as a worker would (one thread, the same engine
 //! settings, so the disk cache it fills serves workers on this machine),
 //! giving up past the compile budget: a component deploy accepts compiles
 //! within the budget on workers as fast as this machine.
@@ -14,8 +15,9 @@ use clap::Args;
 
 use super::CliError;
 use crate::broker::Broker;
-use crate::component::{content_hash, CompiledCache};
+use crate::component::{check_header, content_hash, CompiledCache};
 use crate::engine::{build_engine, CompileSettings, EngineLimits, DEFAULT_COMPILE_BUDGET};
+use crate::failure::Failure;
 use crate::policy::TaskPolicy;
 use crate::sandbox::Sandbox;
 
@@ -55,6 +57,12 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
     if let Some(q) = args.queue {
         policy.queue = q;
     }
+    check_header(&bytes)?;
+    let broker = Broker::connect(redis).await?;
+    broker
+        .check_component_size(tenant, bytes.len() as u64)
+        .await
+        .map_err(job_failure)?;
     let engine = build_engine(&EngineLimits {
         instance_slots: 1,
         ..EngineLimits::default()
@@ -72,13 +80,24 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
     sandbox
         .prepare_once(&hash, std::future::ready(Ok(bytes.clone())))
         .await?;
-    let broker = Broker::connect(redis).await?;
-    let task = broker.deploy(tenant, &args.name, &bytes, &policy).await?;
+    let task = broker
+        .deploy(tenant, &args.name, &bytes, &policy)
+        .await
+        .map_err(job_failure)?;
     println!(
         "{}",
         serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue})
     );
     Ok(())
+}
+
+/// A refusal the broker reports as a [`Failure`] exits as one (category,
+/// exit code 1); anything else as an operational error.
+fn job_failure(e: anyhow::Error) -> CliError {
+    match e.downcast::<Failure>() {
+        Ok(failure) => CliError::Job(failure),
+        Err(e) => CliError::Other(e),
+    }
 }
 
 /// List deployed tasks, one JSON line each.

@@ -51,6 +51,11 @@ pub struct WorkerArgs {
     /// version, on a thread of its own at --cpu-priority.
     #[arg(long = "compile-budget", default_value_t = DEFAULT_COMPILE_BUDGET.into())]
     pub compile_budget: humantime::Duration,
+    /// Largest component, e.g. `32MiB`, this worker runs for tenants
+    /// without their own `--max-component` cap (default 16MiB, the cap
+    /// `wasmq deploy` applies to them).
+    #[arg(long = "default-max-component", value_parser = crate::policy::parse_size)]
+    pub default_max_component: Option<u64>,
 }
 
 impl WorkerArgs {
@@ -81,6 +86,9 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     config.drain_timeout = args.drain_timeout;
     config.cpu_priority = args.cpu_priority;
     config.compile_budget = args.compile_budget.into();
+    if let Some(cap) = args.default_max_component {
+        config.default_max_component_bytes = cap;
+    }
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
     eprintln!(
         "wasmq worker stopped: {} job(s) completed, {} handed back",
