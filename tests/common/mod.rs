@@ -1,10 +1,12 @@
-//! Fixtures shared by the integration tests: compiled guest components, a
-//! real local HTTP server, and (for broker tests) a private redis-server.
+//! Fixtures shared by the integration tests: compiled guest components (and
+//! generated ones), a real local HTTP server, and (for broker tests) a
+//! private redis-server.
 //!
 //! Every integration test file does `mod common;`; not every file uses every
 //! helper.
 #![allow(dead_code)]
 
+pub mod components;
 pub mod http;
 pub mod jobs;
 pub mod redis;
