@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::bindings::TaskPre;
 use super::{PreparedTask, Sandbox};
@@ -224,24 +224,22 @@ impl Sandbox {
         let settings = *self.compiler.settings();
         let abandoned = Arc::new(AtomicBool::new(false));
         let (finished, mut result) = oneshot::channel();
-        let (sandbox, thread_hash, thread_abandoned) =
-            (self.clone(), hash.to_string(), abandoned.clone());
-        self.compiler.running.fetch_add(1, Ordering::Relaxed);
+        let (thread_hash, thread_abandoned) = (hash.to_string(), abandoned.clone());
+        let slot = CompileSlot::take(self.clone(), permit);
         let spawned = std::thread::Builder::new()
             .name("wasmq-compile".into())
             .spawn(move || {
                 settings.priority.apply_to_current_thread();
-                let prepared = sandbox.compile_now(&bytes, &thread_hash, &thread_abandoned);
-                sandbox.compiler.running.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
+                let prepared = slot
+                    .sandbox
+                    .compile_now(&bytes, &thread_hash, &thread_abandoned);
+                // Counted as ended before the waiters hear of it.
+                drop(slot);
                 let _ = finished.send(prepared);
             });
         let thread = match spawned {
             Ok(thread) => thread,
-            Err(e) => {
-                self.compiler.running.fetch_sub(1, Ordering::Relaxed);
-                return host_error(format!("starting a compile thread: {e}"));
-            }
+            Err(e) => return host_error(format!("starting a compile thread: {e}")),
         };
         let decided = |prepared: Prepared| {
             let remember = prepared.is_err();
@@ -267,11 +265,15 @@ impl Sandbox {
                     if used < settings.budget {
                         continue;
                     }
-                    if let Ok(prepared) = result.try_recv() {
-                        return decided(prepared);
+                    match result.try_recv() {
+                        Ok(prepared) => return decided(prepared),
+                        // It ended without a result: the next poll says so.
+                        Err(oneshot::error::TryRecvError::Closed) => continue,
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            abandoned.store(true, Ordering::Relaxed);
+                            return decided(Err(too_slow(settings.budget)));
+                        }
                     }
-                    abandoned.store(true, Ordering::Relaxed);
-                    return decided(Err(too_slow(settings.budget)));
                 }
             }
         }
@@ -325,6 +327,33 @@ fn too_slow(budget: Duration) -> Failure {
             humantime::format_duration(budget)
         ),
     )
+}
+
+/// A compile thread's place: counted in [`CompileStats::running`] and
+/// holding one of the compile threads' permits until the thread ends,
+/// however it ends (a panic in Cranelift included).
+struct CompileSlot {
+    sandbox: Arc<Sandbox>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl CompileSlot {
+    fn take(sandbox: Arc<Sandbox>, permit: OwnedSemaphorePermit) -> Self {
+        sandbox.compiler.running.fetch_add(1, Ordering::Relaxed);
+        CompileSlot {
+            sandbox,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for CompileSlot {
+    fn drop(&mut self) {
+        self.sandbox
+            .compiler
+            .running
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Removes its flight if the leader stops before finishing (its runtime
