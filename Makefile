@@ -43,6 +43,7 @@ demo: setup guests build
 bench: setup guests
 	$(CARGO) run --release -p wasmq -- bench --local --jobs 200000
 	$(CARGO) bench -p wasmq --bench cpu
+	$(CARGO) bench -p wasmq --bench compile
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::guest_bytes;
 use common::http::{Reply, TestServer};
 use common::redis::RedisServer;
-use common::workers::{spawn_process, start_in_process, start_launcher, KillOnDrop};
+use common::workers::{spawn_process, start_configured, start_in_process, KillOnDrop};
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use wasmq::broker::{
@@ -476,7 +476,8 @@ async fn a_drained_library_worker_stops_its_guests_before_handing_jobs_back() {
     let mut config = LaunchConfig::new(&redis.url, TENANT, &["default"], 8);
     config.drain_timeout = Duration::from_millis(300);
     config.id = "drained".into();
-    let (stop, drained) = start_launcher(config);
+    config.cache_dir = None;
+    let (stop, drained, _) = start_configured(config);
     while ticks.count("/tick") < JOBS * 3 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -10,10 +10,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cli::{create_tenant, enqueue_and_wait, latencies_ms, percentile, text, wasmq};
 use common::http::{Reply, TestServer};
+use common::jobs::{enqueue_and_wait, latencies_ms, p50, p99};
 use common::redis::RedisServer;
 use common::workers::{spawn_process, start_in_process};
+use common::{create_tenant, text, wasmq};
 use common::{guest, guest_bytes};
 use serde_json::json;
 use wasmq::broker::{Broker, EnqueueRequest, LeaseTerms, Outcome, ResultState};
@@ -43,10 +44,7 @@ fn failed(state: ResultState) -> Failure {
 /// the floor while whatever else runs.
 async fn quiet_tenant_keeps_flowing(broker: &Broker, beside: &str) {
     let latencies = latencies_ms(broker, "quiet", "echo", 20).await;
-    let (p50, p99) = (
-        percentile(latencies.clone(), 0.5),
-        percentile(latencies, 0.99),
-    );
+    let (p50, p99) = (p50(&latencies), p99(&latencies));
     println!("quiet tenant beside {beside}: p50 {p50:.1} ms, p99 {p99:.1} ms");
     assert!(
         p99 < QUIET_P99_FLOOR_MS,

@@ -8,9 +8,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::cli::{text, wasmq};
 use common::redis::RedisServer;
-use common::{guest, wasmq_bin};
+use common::{guest, text, wasmq, wasmq_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_when_a_delayed_job_is_due_in_rfc3339_and_ms() {

@@ -4,39 +4,16 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
+use common::jobs::{latencies, p99, paced};
 use common::redis::RedisServer;
 use common::workers::KillOnDrop;
-use common::{guest, guest_bytes, wasmq_bin, TempDir};
+use common::{create_tenant, guest, guest_bytes, wasmq, TempDir};
 use serde_json::json;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
 use wasmq::failure::Category;
 use wasmq::policy::TaskPolicy;
-
-fn wasmq(redis: &str, tenant: &str, args: &[&str]) -> std::process::Output {
-    Command::new(wasmq_bin())
-        .args(["--redis", redis, "--tenant", tenant])
-        .args(args)
-        .env(
-            "WASMQ_CACHE_DIR",
-            std::env::temp_dir().join("wasmq-test-cache"),
-        )
-        .output()
-        .unwrap()
-}
-
-/// `wasmq tenant create NAME FLAGS...`, which must succeed.
-fn create_tenant(redis: &str, name: &str, flags: &[&str]) {
-    let args = [&["tenant", "create", name][..], flags].concat();
-    let created = wasmq(redis, "default", &args);
-    assert!(
-        created.status.success(),
-        "tenant create {name}: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-}
 
 /// Deploy guest `guest` as `tenant`'s task `name` with the default policy.
 async fn deploy_default(broker: &Broker, tenant: &str, name: &str, guest: &str) {
@@ -223,63 +200,6 @@ async fn a_guest_cannot_reach_another_tenants_state() {
         ResultState::Ready(v) => assert_eq!(v["value"], "alpha-only"),
         other => panic!("{other:?}"),
     }
-}
-
-/// e2e latencies (ms, Redis server clock) of `ids`, once all succeeded.
-async fn latencies(broker: &Broker, tenant: &str, ids: &[String]) -> Vec<f64> {
-    let keys = wasmq::keys::Keys::new(tenant);
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("HMGET")
-                .arg(keys.job(id))
-                .arg("state")
-                .arg("enqueued_at_us")
-                .arg("finished_at_us");
-        }
-        let rows: Vec<(Option<String>, Option<u64>, Option<u64>)> =
-            pipe.query_async(&mut broker.connection()).await.unwrap();
-        if rows.iter().all(|r| r.0.as_deref() == Some("succeeded")) {
-            let mut out: Vec<f64> = rows
-                .iter()
-                .map(|r| (r.2.unwrap() - r.1.unwrap()) as f64 / 1000.0)
-                .collect();
-            out.sort_by(f64::total_cmp);
-            return out;
-        }
-        let bad: Vec<_> = rows
-            .iter()
-            .filter(|r| r.0.as_deref() == Some("dead"))
-            .collect();
-        assert!(bad.is_empty(), "a {tenant} job failed");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{tenant} jobs did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn paced(broker: &Broker, tenant: &str, task: &str, n: usize, per_sec: u64) -> Vec<String> {
-    let interval = Duration::from_secs_f64(1.0 / per_sec as f64);
-    let start = tokio::time::Instant::now();
-    let mut ids = Vec::with_capacity(n);
-    for i in 0..n {
-        tokio::time::sleep_until(start + interval * i as u32).await;
-        let req = EnqueueRequest {
-            tenant: tenant.into(),
-            task: task.into(),
-            payload: json!({}),
-            ..EnqueueRequest::default()
-        };
-        ids.push(broker.enqueue(req).await.unwrap().id);
-    }
-    ids
-}
-
-fn p99(xs: &[f64]) -> f64 {
-    xs[((xs.len() as f64 - 1.0) * 0.99).round() as usize]
 }
 
 /// Where the noisy tenant's hostile task runs.

@@ -1,13 +1,17 @@
 //! Task components: identify them by content, reject what is not a task
-//! component with a message naming the problem, and compile each one once.
+//! component with a message naming the problem, and keep what compiling
+//! them produced on disk.
 //!
 //! Compiled code is cached on disk under a key made of the component's
 //! sha256 and the engine's compatibility hash (wasmtime version and every
 //! setting that affects code), so a restarted worker deserialises instead of
 //! recompiling, and a worker with other settings never loads stale code.
+//! When and where a compile runs (once per process, on a thread of its
+//! own, within a budget) is `sandbox::compiler`'s business.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -79,35 +83,49 @@ impl CompiledCache {
         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("wasmq"))
     }
 
-    /// Compile `bytes` (whose sha256 is `hash`), or load the compiled
-    /// artifact a previous run left on disk.
-    pub fn load_or_compile(
+    /// The compiled artifact a previous run left on disk for the component
+    /// whose sha256 is `hash`, if there is a usable one.
+    pub fn load(&self, engine: &Engine, hash: &str) -> Option<Component> {
+        let path = self.artifact_path(engine, hash)?;
+        // Read the artifact into memory rather than mmap it: a mapped file
+        // that someone truncates or rewrites in place would crash the worker
+        // with SIGBUS.
+        let artifact = std::fs::read(&path).ok()?;
+        // SAFETY: the artifact was written by `precompile_component` of an
+        // engine with the same compatibility hash (it is in the file name)
+        // into our own cache directory; wasmtime also checks the header and
+        // rejects an incompatible file, which we then recompile.
+        match unsafe { Component::deserialize(engine, &artifact) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "compiled cache entry unusable; recompiling");
+                None
+            }
+        }
+    }
+
+    /// Compile `bytes` (whose sha256 is `hash`, header already checked) and
+    /// store the artifact on disk, unless `abandoned` is set by the time
+    /// the compile ends: a compile its caller gave up on (past its budget)
+    /// leaves nothing behind that a restarted worker would load.
+    pub fn compile(
         &self,
         engine: &Engine,
         bytes: &[u8],
         hash: &str,
+        abandoned: &AtomicBool,
     ) -> Result<Component, Failure> {
-        check_header(bytes)?;
         let Some(path) = self.artifact_path(engine, hash) else {
-            return compile(engine, bytes);
+            return Component::new(engine, bytes)
+                .map_err(|e| invalid(format!("component does not compile: {e:#}")));
         };
-        // Read the artifact into memory rather than mmap it: a mapped file
-        // that someone truncates or rewrites in place would crash the worker
-        // with SIGBUS.
-        if let Ok(artifact) = std::fs::read(&path) {
-            // SAFETY: the artifact was written by `precompile_component` of an
-            // engine with the same compatibility hash (it is in the file name)
-            // into our own cache directory; wasmtime also checks the header
-            // and rejects an incompatible file, which we then recompile.
-            match unsafe { Component::deserialize(engine, &artifact) } {
-                Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e,
-                    "compiled cache entry unusable; recompiling"),
-            }
-        }
         let artifact = engine
             .precompile_component(bytes)
             .map_err(|e| invalid(format!("component does not compile: {e:#}")))?;
+        if abandoned.load(Ordering::Relaxed) {
+            return Err(invalid("compile abandoned past its budget"));
+        }
         if let Err(e) = write_atomically(&path, &artifact) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled cache");
         }
@@ -125,10 +143,6 @@ impl CompiledCache {
                 .join(format!("{hash}-{:016x}.cwasm", hasher.finish())),
         )
     }
-}
-
-fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, Failure> {
-    Component::new(engine, bytes).map_err(|e| invalid(format!("component does not compile: {e:#}")))
 }
 
 /// Write to a temporary file and rename, so a concurrent reader never sees a

@@ -1,8 +1,10 @@
 //! The one wasmtime [`Engine`] per process: every knob in one place.
 //!
 //! Owns: the engine configuration (component model, fuel, epochs, the
-//! pooling allocator with copy-on-write memory images) and the epoch ticker
-//! thread that turns wall-clock time into epoch deadlines.
+//! pooling allocator with copy-on-write memory images, single-threaded
+//! compilation), the epoch ticker thread that turns wall-clock time into
+//! epoch deadlines, and what compiling a component may cost
+//! ([`CompileSettings`]: the default size cap and the compile budget).
 //!
 //! Invariant: the pool has at least as many instance slots as the worker runs
 //! jobs at once ([`EngineLimits::instance_slots`]), plus every slot a finished
@@ -12,6 +14,8 @@
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::pools::CpuPriority;
 
 /// How often the ticker bumps the epoch. Each tick a running guest reaches
 /// its epoch deadline, yields to the async runtime and has its wall-clock
@@ -42,6 +46,59 @@ const DECOMMIT_BATCH: usize = 16;
 const MEMORIES_PER_COMPONENT: u32 = 2;
 const TABLES_PER_COMPONENT: u32 = 4;
 
+/// Largest component a tenant without its own cap (`wasmq tenant create
+/// --max-component`) may deploy and run. Task code compiles at about 1.4 s
+/// per MB on one core of our 2-core VM (noop, hostile), and the issue that
+/// led here saw 4-6 s per MB (5 MB: 20-29 s; 64 MB: almost 7 minutes): at
+/// those rates 16 MiB is 25-100 s, about [`DEFAULT_COMPILE_BUDGET`], so a
+/// bigger file would mostly be refused by the budget anyway, after costing
+/// a worker that much of a core and Redis 16+ MiB per version. Rust tasks
+/// built for release are 0.1-3 MiB (ours: 80-350 KiB). Python components
+/// (the interpreter included) are bigger: give those tenants a cap of
+/// their own.
+pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 16 << 20;
+
+/// CPU time one compile of a component may take before the component is
+/// refused (`invalid-component`). Our task components compile in 0.2-0.5 s
+/// (a 5 MB one in 20-29 s), so 60 s leaves room for big ones, and is what a
+/// worker spends, once per process, on a version it then refuses. It
+/// counts the compile thread's CPU time, not wall time, so a busy machine
+/// (compile threads run at a low priority) never turns a good component
+/// into a refused one; with one thread per compile, the two are the same on
+/// an idle machine.
+pub const DEFAULT_COMPILE_BUDGET: Duration = Duration::from_secs(60);
+
+/// What compiling a component may cost, and where it runs (see
+/// `sandbox::compiler`).
+#[derive(Debug, Clone, Copy)]
+pub struct CompileSettings {
+    /// Largest component of a tenant without its own cap.
+    pub default_max_component_bytes: u64,
+    /// CPU time one compile may take; past it the component is refused.
+    pub budget: Duration,
+    /// OS priority of the compile threads (workers: the cpu pools').
+    pub priority: CpuPriority,
+    /// Compiles running at once, each on a thread of its own (default: one
+    /// per core, at least two). A compile past its budget cannot be
+    /// interrupted (Cranelift has no way to stop one) and keeps its thread
+    /// until it ends: a second thread keeps one such compile from holding
+    /// up every new version, a bound keeps many from exhausting memory.
+    pub threads: usize,
+}
+
+impl Default for CompileSettings {
+    fn default() -> Self {
+        CompileSettings {
+            default_max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            budget: DEFAULT_COMPILE_BUDGET,
+            priority: CpuPriority::Normal,
+            threads: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2),
+        }
+    }
+}
+
 /// What the pool is sized for.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
@@ -54,6 +111,10 @@ pub struct EngineLimits {
     /// Meter fuel. Always on in workers; off only to measure what metering
     /// costs (`cargo bench`).
     pub consume_fuel: bool,
+    /// Let Cranelift compile a component's functions on every core. Off in
+    /// wasmq: see [`build_engine`]; on only to measure what that changes
+    /// (`cargo bench --bench compile`).
+    pub parallel_compilation: bool,
 }
 
 impl Default for EngineLimits {
@@ -63,6 +124,7 @@ impl Default for EngineLimits {
             max_memory_bytes: 1 << 30,
             max_table_elements: crate::policy::DEFAULT_MAX_TABLE_ELEMENTS,
             consume_fuel: true,
+            parallel_compilation: false,
         }
     }
 }
@@ -97,6 +159,15 @@ pub fn build_engine(limits: &EngineLimits) -> wasmtime::Result<Engine> {
     config.wasm_component_model(true);
     config.max_wasm_stack(MAX_WASM_STACK);
     config.async_stack_size(ASYNC_STACK);
+    // One compile, one thread. In parallel, Cranelift spreads a component's
+    // functions over rayon's threads, one per core at normal priority,
+    // where the compile thread's low priority and its CPU-time budget
+    // (`CompileSettings`) do not reach: a big compile would take every core
+    // from the io pools. On one thread a compile takes longer (thumbnail:
+    // 177 ms against 108 ms on a 2-core VM; `cargo bench --bench compile`)
+    // and runs on cycles nothing else wants. Not part of the compiled
+    // code's compatibility hash, so artifacts are shared either way.
+    config.parallel_compilation(limits.parallel_compilation);
     // Copy-on-write memory images: instantiation maps the initial heap
     // instead of copying data segments, which keeps fresh-instance-per-job
     // cheap.

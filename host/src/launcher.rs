@@ -6,7 +6,9 @@
 //!
 //! The CLI parses flags into a [`LaunchConfig`] and passes
 //! [`shutdown_signal`]; tests and embedding programs pass any future, as
-//! mini-redis passes its shutdown future to its server.
+//! mini-redis passes its shutdown future to its server. Those that want to
+//! watch the process's sandbox (its compile counts) build it with
+//! [`sandbox`] and hand it to [`run_on`].
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::broker::Broker;
 use crate::component::CompiledCache;
-use crate::engine::{build_engine, EngineLimits};
+use crate::engine::{build_engine, CompileSettings, EngineLimits};
 use crate::keys::valid_tenant;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
@@ -41,6 +43,11 @@ pub struct LaunchConfig {
     pub cpu_priority: CpuPriority,
     /// On-disk cache of compiled components (`None`: no disk cache).
     pub cache_dir: Option<PathBuf>,
+    /// CPU time one compile may take before its component is refused
+    /// (`invalid-component`, remembered for the life of the process).
+    pub compile_budget: Duration,
+    /// Largest component of a tenant without a cap of its own.
+    pub default_max_component_bytes: u64,
     /// This process's id in leases and history; each pool appends its
     /// kind and index.
     pub id: String,
@@ -64,6 +71,8 @@ impl LaunchConfig {
             drain_timeout: Duration::from_secs(30),
             cpu_priority: CpuPriority::default(),
             cache_dir: CompiledCache::default_dir(),
+            compile_budget: crate::engine::DEFAULT_COMPILE_BUDGET,
+            default_max_component_bytes: crate::engine::DEFAULT_MAX_COMPONENT_BYTES,
             id: format!("{}-{}", hostname(), std::process::id()),
             host_retries: HostRetries::default(),
         }
@@ -76,6 +85,39 @@ pub async fn run(
     config: LaunchConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<WorkerStats> {
+    let sandbox = sandbox(&config)?;
+    run_on(config, sandbox, shutdown).await
+}
+
+/// The sandbox a worker process of `config` runs every pool's jobs in: one
+/// engine for all pools, whose instance slots cover every pool's width (so
+/// no job ever waits for, or fails for want of, a slot), compiling at the
+/// cpu pools' priority within the compile budget.
+pub fn sandbox(config: &LaunchConfig) -> anyhow::Result<Arc<Sandbox>> {
+    let slots: usize = config.pools.iter().map(|p| p.width).sum();
+    let limits = EngineLimits {
+        instance_slots: slots as u32,
+        ..EngineLimits::default()
+    };
+    let engine = build_engine(&limits)?;
+    let compile = CompileSettings {
+        default_max_component_bytes: config.default_max_component_bytes,
+        budget: config.compile_budget,
+        priority: config.cpu_priority,
+        ..CompileSettings::default()
+    };
+    Ok(Arc::new(
+        Sandbox::new(engine, CompiledCache::new(config.cache_dir.clone()))?
+            .with_compile_settings(compile),
+    ))
+}
+
+/// [`run`], on a sandbox made by [`sandbox`] from the same `config`.
+pub async fn run_on(
+    config: LaunchConfig,
+    sandbox: Arc<Sandbox>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<WorkerStats> {
     anyhow::ensure!(!config.pools.is_empty(), "a worker needs at least one pool");
     anyhow::ensure!(
         !config.tenants.is_empty(),
@@ -84,18 +126,6 @@ pub async fn run(
     for t in &config.tenants {
         valid_tenant(t).map_err(anyhow::Error::msg)?;
     }
-    // One engine for all pools: its instance slots cover every pool's
-    // width, so no job ever waits for (or fails for want of) a slot.
-    let slots: usize = config.pools.iter().map(|p| p.width).sum();
-    let limits = EngineLimits {
-        instance_slots: slots as u32,
-        ..EngineLimits::default()
-    };
-    let engine = build_engine(&limits)?;
-    let sandbox = Arc::new(Sandbox::new(
-        engine,
-        CompiledCache::new(config.cache_dir.clone()),
-    )?);
     let broker = Broker::connect(&config.redis_url).await?;
     let lease = if config.lease.is_zero() {
         DEFAULT_LEASE

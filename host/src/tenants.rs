@@ -13,6 +13,10 @@
 //! fails a job `denied` if the record changed (or the task record was
 //! written by hand) since ([`TenantLimits::grant_refusal`]; the worker opens
 //! grants beneath the caps, see [`crate::dir_caps`]).
+//!
+//! The component size cap applies to tenants without a record too: a tenant
+//! without its own cap gets the engine's default (`engine.rs`), because
+//! compiling a big component costs the workers, not the tenant.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,6 +42,14 @@ pub struct TenantLimits {
     pub max_result_bytes: Option<usize>,
     /// Largest payload.
     pub max_payload_bytes: Option<usize>,
+    /// Largest component (`.wasm`) a task may have; `None`: the engine's
+    /// default ([`crate::engine::DEFAULT_MAX_COMPONENT_BYTES`] unless a
+    /// worker is configured otherwise). Checked at deploy and, against the
+    /// current cap, before a worker compiles or runs the component. Left
+    /// out of records when unset: workers before this field refuse records
+    /// with fields they do not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_component_bytes: Option<u64>,
     /// Outbound HTTP entries a task may be granted (exact `host` or
     /// `host:port` strings); `None`: any.
     pub allow_http: Option<Vec<String>>,
@@ -260,6 +272,45 @@ impl TenantLimits {
     }
 }
 
+/// Why a component of `size` bytes may not be deployed or run for
+/// `tenant` (`None`: it fits). `limits` is the tenant's record, if it has
+/// one; `engine_default` the cap of tenants without a cap of their own.
+pub fn component_refusal(
+    tenant: &str,
+    limits: Option<&TenantLimits>,
+    size: u64,
+    engine_default: u64,
+) -> Option<String> {
+    let own = limits.and_then(|l| l.max_component_bytes);
+    let cap = own.unwrap_or(engine_default);
+    if size <= cap {
+        return None;
+    }
+    let cap_text = format!("{} ({cap} bytes)", mib(cap));
+    let (over, fix) = match (own, limits) {
+        (Some(_), _) => (
+            format!("tenant {tenant:?}'s cap of {cap_text}"),
+            "set-limits",
+        ),
+        (None, Some(_)) => (default_cap(&cap_text), "set-limits"),
+        (None, None) => (default_cap(&cap_text), "create"),
+    };
+    Some(format!(
+        "component is {} ({size} bytes), over {over}; build it smaller (release profile, \
+         no debug info) or raise the cap with `wasmq tenant {fix} {tenant} --max-component SIZE`",
+        mib(size),
+    ))
+}
+
+fn default_cap(cap: &str) -> String {
+    format!("the engine's default cap of {cap} for tenants without a cap of their own")
+}
+
+/// `bytes` in MiB with one decimal, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
 /// `Option<Duration>` as "30s" or null.
 mod opt_duration {
     use std::time::Duration;
@@ -355,5 +406,47 @@ mod tests {
         assert!(TenantLimits::default()
             .grant_refusal("acme", &grant("/tmp/../etc", true))
             .is_some());
+    }
+
+    #[test]
+    fn components_fit_the_tenants_cap_or_else_the_engines_default() {
+        let default = 16 << 20;
+        let capped = TenantLimits {
+            max_component_bytes: Some(1 << 20),
+            ..TenantLimits::default()
+        };
+        let uncapped = TenantLimits::default();
+        assert_eq!(
+            component_refusal("acme", Some(&capped), 1 << 20, default),
+            None
+        );
+        let over = component_refusal("acme", Some(&capped), 3 << 20, default).unwrap();
+        assert!(
+            over.starts_with("component is 3.0 MiB (3145728 bytes), over tenant \"acme\"'s cap of 1.0 MiB (1048576 bytes)"),
+            "{over}"
+        );
+        assert!(
+            over.contains("wasmq tenant set-limits acme --max-component"),
+            "{over}"
+        );
+        // A cap of its own may be above the engine's default.
+        let generous = TenantLimits {
+            max_component_bytes: Some(64 << 20),
+            ..TenantLimits::default()
+        };
+        assert_eq!(
+            component_refusal("acme", Some(&generous), 32 << 20, default),
+            None
+        );
+        // Without a cap, with or without a record: the engine's default.
+        for (limits, fix) in [(Some(&uncapped), "set-limits"), (None, "create")] {
+            assert_eq!(component_refusal("acme", limits, default, default), None);
+            let over = component_refusal("acme", limits, default + 1, default).unwrap();
+            assert!(
+                over.contains("over the engine's default cap of 16.0 MiB (16777216 bytes)"),
+                "{over}"
+            );
+            assert!(over.contains(fix), "{over}");
+        }
     }
 }

@@ -1,12 +1,14 @@
-//! Fixtures shared by the integration tests: compiled guest components, a
-//! real local HTTP server, and (for broker tests) a private redis-server.
+//! Fixtures shared by the integration tests: compiled guest components (and
+//! generated ones), a real local HTTP server, and (for broker tests) a
+//! private redis-server.
 //!
 //! Every integration test file does `mod common;`; not every file uses every
 //! helper.
 #![allow(dead_code)]
 
-pub mod cli;
+pub mod components;
 pub mod http;
+pub mod jobs;
 pub mod redis;
 pub mod sandbox;
 pub mod workers;
@@ -34,6 +36,48 @@ pub fn guest_bytes(name: &str) -> Vec<u8> {
 /// The `wasmq` binary under test.
 pub fn wasmq_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_wasmq"))
+}
+
+/// The compiled-code cache the `wasmq` processes of tests share.
+pub fn shared_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("wasmq-test-cache")
+}
+
+/// `wasmq --redis REDIS --tenant TENANT ARGS...`, compiling into the
+/// shared test cache.
+pub fn wasmq(redis: &str, tenant: &str, args: &[&str]) -> std::process::Output {
+    wasmq_cached(redis, tenant, args, &shared_cache_dir())
+}
+
+/// [`wasmq`] with its compiled-code cache in `cache`.
+pub fn wasmq_cached(
+    redis: &str,
+    tenant: &str,
+    args: &[&str],
+    cache: &std::path::Path,
+) -> std::process::Output {
+    std::process::Command::new(wasmq_bin())
+        .args(["--redis", redis, "--tenant", tenant])
+        .args(args)
+        .env("WASMQ_CACHE_DIR", cache)
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout or stderr, trimmed.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_string()
+}
+
+/// `wasmq tenant create NAME FLAGS...`, which must succeed.
+pub fn create_tenant(redis: &str, name: &str, flags: &[&str]) {
+    let args = [&["tenant", "create", name][..], flags].concat();
+    let created = wasmq(redis, "default", &args);
+    assert!(
+        created.status.success(),
+        "tenant create {name}: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
 }
 
 /// A scratch directory removed on drop.

@@ -1,13 +1,16 @@
-//! Workers for tests: in this process (stoppable, returning their stats) or
-//! as `wasmq worker` processes, and the peak RSS of a process.
+//! Workers for tests: in this process (stoppable, returning their stats,
+//! with their sandbox to watch) or as `wasmq worker` processes, and the
+//! peak RSS of a process.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wasmq::broker::Broker;
 use wasmq::launcher::{self, LaunchConfig};
+use wasmq::sandbox::Sandbox;
 use wasmq::worker::WorkerStats;
 
 /// Start a worker process's pools in this process through the library
@@ -21,7 +24,26 @@ pub fn start_in_process(
     lease: Duration,
     id: &str,
 ) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
-    start_in_process_for(broker, &[tenant], concurrency, lease, id)
+    let (stop, handle, _) =
+        start_configured(in_process_config(broker, tenant, concurrency, lease, id));
+    (stop, handle)
+}
+
+/// The config `start_in_process` runs (no disk cache), to change before
+/// `start_configured`.
+pub fn in_process_config(
+    broker: &Broker,
+    tenant: &str,
+    concurrency: usize,
+    lease: Duration,
+    id: &str,
+) -> LaunchConfig {
+    let mut config = LaunchConfig::new(broker.url(), tenant, &["default"], concurrency);
+    config.lease = lease;
+    config.drain_timeout = Duration::from_secs(10);
+    config.cache_dir = None;
+    config.id = id.into();
+    config
 }
 
 /// [`start_in_process`] serving the `default` queues of several tenants in
@@ -33,28 +55,29 @@ pub fn start_in_process_for(
     lease: Duration,
     id: &str,
 ) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
-    let mut config = LaunchConfig::new(broker.url(), tenants[0], &["default"], concurrency);
+    let mut config = in_process_config(broker, tenants[0], concurrency, lease, id);
     config.tenants = tenants.iter().map(|t| t.to_string()).collect();
-    config.lease = lease;
-    config.drain_timeout = Duration::from_secs(10);
-    config.id = id.into();
-    start_launcher(config)
+    let (stop, handle, _) = start_configured(config);
+    (stop, handle)
 }
 
-/// Run `config` through the library launcher in this process (without a
-/// disk cache). Send on the returned channel to stop it (it drains); await
-/// the handle for its stats.
-pub fn start_launcher(mut config: LaunchConfig) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>) {
-    config.cache_dir = None;
+/// Start a worker process's pools of `config` in this process; stop and
+/// await it as with `start_in_process`. Also returns its sandbox (compile
+/// counts).
+pub fn start_configured(
+    config: LaunchConfig,
+) -> (oneshot::Sender<()>, JoinHandle<WorkerStats>, Arc<Sandbox>) {
+    let sandbox = launcher::sandbox(&config).expect("the worker's sandbox builds");
     let (stop, stopped) = oneshot::channel::<()>();
+    let worker_sandbox = sandbox.clone();
     let handle = tokio::spawn(async move {
-        launcher::run(config, async move {
+        launcher::run_on(config, worker_sandbox, async move {
             let _ = stopped.await;
         })
         .await
         .expect("the worker starts")
     });
-    (stop, handle)
+    (stop, handle, sandbox)
 }
 
 /// Spawn `wasmq --redis URL --tenant TENANT worker ARGS...` (output

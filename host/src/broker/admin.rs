@@ -9,8 +9,11 @@ use serde::Serialize;
 use super::envelope::Envelope;
 use super::registry::DeployedTask;
 use super::{now_ms, scripts, Broker};
+use crate::engine::DEFAULT_MAX_COMPONENT_BYTES;
+use crate::failure::{Category, Failure};
 use crate::keys::{valid_tenant, Keys};
 use crate::policy::TaskPolicy;
+use crate::tenants::component_refusal;
 
 /// What `wasmq status` shows. Times are unix milliseconds on the Redis
 /// server's clock (the CLI also prints them as RFC 3339).
@@ -103,7 +106,22 @@ fn full_history(
 }
 
 impl Broker {
+    /// Refuse a component of `size` bytes over `tenant`'s cap (or, for a
+    /// tenant without one, [`DEFAULT_MAX_COMPONENT_BYTES`]): the error is a
+    /// [`Failure`] (`invalid-component`) naming the size and the cap. Run
+    /// before compiling, so a too-big file costs no compile.
+    pub async fn check_component_size(&self, tenant: &str, size: u64) -> anyhow::Result<()> {
+        let record = self.tenant(tenant).await?;
+        let limits = record.as_ref().map(|r| &r.limits);
+        match component_refusal(tenant, limits, size, DEFAULT_MAX_COMPONENT_BYTES) {
+            Some(refusal) => Err(Failure::new(Category::InvalidComponent, refusal).into()),
+            None => Ok(()),
+        }
+    }
+
     /// Record a task version (the component must already be validated).
+    /// A component over its tenant's size cap is refused with a
+    /// [`Failure`] (see [`Broker::check_component_size`]).
     pub async fn deploy(
         &self,
         tenant: &str,
@@ -120,6 +138,8 @@ impl Broker {
         policy
             .check_grants()
             .map_err(|e| anyhow::anyhow!("task {name:?}: {e}"))?;
+        self.check_component_size(tenant, component.len() as u64)
+            .await?;
         if let Some(record) = self.tenant(tenant).await? {
             let excesses = record.limits.excesses(tenant, policy);
             anyhow::ensure!(

@@ -44,6 +44,14 @@ impl Broker {
             .transpose()
     }
 
+    /// A component's size by hash, without fetching it; 0 if it is missing.
+    pub async fn component_size(&self, tenant: &str, hash: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .connection()
+            .strlen(Keys::new(tenant).component(hash))
+            .await?)
+    }
+
     /// A component's bytes by hash.
     pub async fn component(&self, tenant: &str, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self

@@ -1,15 +1,23 @@
 //! `wasmq deploy` and `wasmq tasks`: put a validated component and its
 //! policy in Redis; list what is deployed.
+//!
+//! Deploy refuses a component over its tenant's size cap before compiling
+//! it, then compiles it as a worker would (one thread, the same engine
+//! settings, so the disk cache it fills serves workers on this machine),
+//! giving up past the compile budget: a component deploy accepts compiles
+//! within the budget on workers as fast as this machine.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 
+use super::enqueue::into_cli;
 use super::CliError;
 use crate::broker::Broker;
-use crate::component::CompiledCache;
-use crate::engine::{build_engine, EngineLimits};
+use crate::component::{check_header, content_hash, CompiledCache};
+use crate::engine::{build_engine, CompileSettings, EngineLimits, DEFAULT_COMPILE_BUDGET};
 use crate::policy::TaskPolicy;
 use crate::sandbox::Sandbox;
 
@@ -27,6 +35,11 @@ pub struct DeployArgs {
     /// `task.toml` with the task's policy (see GUIDE.md).
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+    /// CPU time compiling the component may take before it is refused
+    /// (`invalid-component`), e.g. `60s`. Keep it the same as the workers'
+    /// `--compile-budget`, so what deploys compiles on them.
+    #[arg(long = "compile-budget", default_value_t = DEFAULT_COMPILE_BUDGET.into())]
+    pub compile_budget: humantime::Duration,
 }
 
 /// Validate against the WIT world, then store content-addressed with its policy.
@@ -44,21 +57,39 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
     if let Some(q) = args.queue {
         policy.queue = q;
     }
+    check_header(&bytes)?;
+    let broker = Broker::connect(redis).await?;
+    broker
+        .check_component_size(tenant, bytes.len() as u64)
+        .await
+        .map_err(into_cli)?;
     let engine = build_engine(&EngineLimits {
         instance_slots: 1,
         ..EngineLimits::default()
     })
     .map_err(anyhow::Error::from)?;
-    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?;
-    sandbox.prepare(&bytes)?;
-    let broker = Broker::connect(redis).await?;
+    let compile = CompileSettings {
+        budget: args.compile_budget.into(),
+        ..CompileSettings::default()
+    };
+    let sandbox = Arc::new(
+        Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?
+            .with_compile_settings(compile),
+    );
+    let hash = content_hash(&bytes);
+    sandbox
+        .prepare_once(&hash, std::future::ready(Ok(bytes.clone())))
+        .await?;
     let queues_before: Vec<String> = broker
         .tasks(tenant)
         .await?
         .into_iter()
         .map(|t| t.policy.queue)
         .collect();
-    let task = broker.deploy(tenant, &args.name, &bytes, &policy).await?;
+    let task = broker
+        .deploy(tenant, &args.name, &bytes, &policy)
+        .await
+        .map_err(into_cli)?;
     println!(
         "{}",
         serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue})

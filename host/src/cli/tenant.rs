@@ -59,6 +59,12 @@ pub struct LimitArgs {
     /// Largest payload, e.g. `256KiB`.
     #[arg(long = "max-payload", value_parser = crate::policy::parse_size)]
     pub max_payload: Option<u64>,
+    /// Largest component (`.wasm`) a task may have, e.g. `16MiB`: deploys
+    /// of bigger ones are refused, and workers refuse to compile or run a
+    /// deployed one over the current cap (`invalid-component`). Without it,
+    /// the engine's default (16MiB) applies.
+    #[arg(long = "max-component", value_parser = crate::policy::parse_size)]
+    pub max_component: Option<u64>,
     /// An outbound HTTP entry tasks may be granted (repeatable); without
     /// any, hosts are not capped.
     #[arg(long = "allow-http")]
@@ -121,6 +127,7 @@ impl LimitArgs {
             .max_payload
             .map(|b| b as usize)
             .or(limits.max_payload_bytes);
+        limits.max_component_bytes = self.max_component.or(limits.max_component_bytes);
         if !self.allow_http.is_empty() {
             limits.allow_http = Some(self.allow_http.clone());
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::CliError;
+use crate::engine::DEFAULT_COMPILE_BUDGET;
 use crate::launcher::{self, LaunchConfig};
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::worker::HostRetries;
@@ -53,6 +54,17 @@ pub struct WorkerArgs {
     /// How long SIGTERM waits for running jobs before handing them back.
     #[arg(long = "drain-timeout", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
+    /// CPU time compiling one component may take, e.g. `60s`; past it the
+    /// component is refused (its jobs dead-lettered `invalid-component`)
+    /// and remembered until the worker restarts. Each compile runs once per
+    /// version, on a thread of its own at --cpu-priority.
+    #[arg(long = "compile-budget", default_value_t = DEFAULT_COMPILE_BUDGET.into())]
+    pub compile_budget: humantime::Duration,
+    /// Largest component, e.g. `32MiB`, this worker runs for tenants
+    /// without their own `--max-component` cap (default 16MiB, the cap
+    /// `wasmq deploy` applies to them).
+    #[arg(long = "default-max-component", value_parser = crate::policy::parse_size)]
+    pub default_max_component: Option<u64>,
 }
 
 impl WorkerArgs {
@@ -87,6 +99,10 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
         delay: args.host_retry_delay,
         ..HostRetries::default()
     };
+    config.compile_budget = args.compile_budget.into();
+    if let Some(cap) = args.default_max_component {
+        config.default_max_component_bytes = cap;
+    }
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
     eprintln!(
         "wasmq worker stopped: {} job(s) completed, {} handed back",

@@ -1,10 +1,11 @@
 //! One job's run in a fresh, sandboxed instance.
 //!
 //! Owns: the [`Linker`] with WASI p2, `wasi:http` and the wasmq host
-//! interfaces; the cache of `InstancePre`s (one per task version); and
-//! [`Sandbox::run`], which builds a fresh `Store` for every job with its
-//! fuel, memory cap, wall-clock deadline and grants, calls the task, and
-//! files whatever happened under one verdict with a failure category.
+//! interfaces; the task versions prepared for it (`InstancePre`s, each
+//! compiled once per process: see `compiler.rs`); and [`Sandbox::run`],
+//! which builds a fresh `Store` for every job with its fuel, memory cap,
+//! wall-clock deadline and grants, calls the task, and files whatever
+//! happened under one verdict with a failure category.
 //!
 //! Nothing is granted by default: no preopened directories, no environment,
 //! no sockets (`wasi:sockets` is linked so components built with std
@@ -14,6 +15,7 @@
 //! writes under them are charged to its disk quota ([`files`], [`disk`]).
 
 mod bindings;
+mod compiler;
 mod disk;
 mod files;
 mod host_api;
@@ -24,8 +26,7 @@ mod pacing;
 mod state;
 mod steps;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable};
@@ -34,7 +35,8 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::backend::{Backend, Claimant};
-use crate::component::{content_hash, CompiledCache};
+use crate::component::CompiledCache;
+use crate::engine::CompileSettings;
 use crate::failure::{Category, Failure};
 use crate::fence::LeaseWatch;
 use crate::policy::SandboxPolicy;
@@ -42,6 +44,8 @@ use crate::tenants::TenantLimits;
 pub use crate::usage::Usage;
 use bindings::wasmq::task::types::{JobContext, TaskError};
 use bindings::{Task, TaskPre};
+pub use compiler::CompileStats;
+use compiler::Compiler;
 use disk::DiskLedgers;
 pub use disk::{ENTRY_BYTES as DISK_ENTRY_BYTES, MEASURE_EVERY as DISK_MEASURE_EVERY};
 use files::JobFiles;
@@ -166,6 +170,8 @@ pub struct JobOutcome {
 pub struct PreparedTask {
     /// sha256 of the component bytes.
     pub hash: String,
+    /// Size of the component (a tenant's cap applies to it on every job).
+    pub component_bytes: u64,
     pre: TaskPre<HostState>,
 }
 
@@ -186,14 +192,15 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<HostState>,
     cache: CompiledCache,
-    prepared: Mutex<HashMap<String, PreparedTask>>,
+    compiler: Compiler,
     /// Every tenant's disk use in this process (one sandbox per worker
     /// process, so the jobs of a tenant share one account).
     disks: DiskLedgers,
 }
 
 impl Sandbox {
-    /// A sandbox on `engine`, caching compiled components in `cache`.
+    /// A sandbox on `engine`, caching compiled components in `cache`,
+    /// compiling with the default [`CompileSettings`].
     pub fn new(engine: Engine, cache: CompiledCache) -> anyhow::Result<Self> {
         let mut linker = Linker::new(&engine);
         // WASI p2: clocks, random, cli (stdio, no env), filesystem (no
@@ -207,9 +214,21 @@ impl Sandbox {
             engine,
             linker,
             cache,
-            prepared: Mutex::new(HashMap::new()),
+            compiler: Compiler::new(CompileSettings::default()),
             disks: DiskLedgers::default(),
         })
+    }
+
+    /// The same sandbox, compiling with `settings` (a worker's priority,
+    /// budget and default size cap).
+    pub fn with_compile_settings(mut self, settings: CompileSettings) -> Self {
+        self.compiler = Compiler::new(settings);
+        self
+    }
+
+    /// Its compile settings.
+    pub fn compile_settings(&self) -> &CompileSettings {
+        self.compiler.settings()
     }
 
     /// The engine jobs run on.
@@ -217,44 +236,9 @@ impl Sandbox {
         &self.engine
     }
 
-    /// Validate and compile a component (or take it from the caches).
-    /// CPU-heavy on a cache miss: call from a blocking thread in async code.
-    pub fn prepare(&self, bytes: &[u8]) -> Result<PreparedTask, Failure> {
-        let hash = content_hash(bytes);
-        if let Some(p) = self.lock_prepared().get(&hash) {
-            return Ok(p.clone());
-        }
-        let component = self.cache.load_or_compile(&self.engine, bytes, &hash)?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            Failure::new(
-                Category::InvalidComponent,
-                format!("component needs imports the wasmq host does not provide: {e:#}"),
-            )
-        })?;
-        let pre = TaskPre::new(pre).map_err(|e| {
-            Failure::new(
-                Category::InvalidComponent,
-                format!(
-                    "component does not implement the wasmq:task world \
-                     (export `run: func(job, payload) -> result<string, task-error>`): {e:#}"
-                ),
-            )
-        })?;
-        let prepared = PreparedTask {
-            hash: hash.clone(),
-            pre,
-        };
-        self.lock_prepared().insert(hash, prepared.clone());
-        Ok(prepared)
-    }
-
     /// A task version already prepared in this process, by hash.
     pub fn cached(&self, hash: &str) -> Option<PreparedTask> {
-        self.lock_prepared().get(hash).cloned()
-    }
-
-    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, HashMap<String, PreparedTask>> {
-        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+        self.compiler.ready(hash)
     }
 
     /// Run one job in a fresh instance of `task`, unpaced (a cpu pool, or

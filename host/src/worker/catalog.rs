@@ -4,10 +4,12 @@
 //!
 //! Records are trusted for [`RECORD_TTL`], so a redeploy or a changed cap
 //! reaches workers within that time without a Redis read per job. A
-//! component is fetched by its content hash, checked against it, and
-//! compiled once per process (the sandbox keeps the compiled version, the
+//! component over its tenant's current size cap is refused on every job,
+//! before it is fetched or compiled. Otherwise it is fetched by its content
+//! hash, checked against it, and compiled once per process, off the
+//! runtime and within the compile budget (`sandbox::compiler`); the
 //! on-disk cache shares it with other processes of the same engine
-//! settings).
+//! settings.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use crate::broker::{Broker, DeployedTask};
 use crate::failure::{Category, Failure};
 use crate::sandbox::{PreparedTask, Sandbox};
-use crate::tenants::Tenant;
+use crate::tenants::{component_refusal, Tenant};
 use crate::ttl_cache::TtlCache;
 
 /// How long a deployed task's or a tenant's record is trusted before it is
@@ -75,40 +77,83 @@ impl Catalog {
         Ok(task)
     }
 
-    /// The compiled task version: fetched by hash, verified, compiled once.
+    /// The compiled task version: size-checked against the tenant's
+    /// current cap, fetched by hash, verified, compiled once.
     pub async fn prepared(
         &self,
         tenant: &str,
         task: &DeployedTask,
     ) -> Result<PreparedTask, Failure> {
         let unavailable = |m: String| Failure::new(Category::TaskError, m);
+        let record = self
+            .tenant(tenant)
+            .await
+            .map_err(|e| unavailable(format!("reading the tenant's caps failed: {e:#}")))?;
+        let fits = |size: u64| match component_refusal(
+            tenant,
+            record.as_ref().map(|r| &r.limits),
+            size,
+            self.sandbox.compile_settings().default_max_component_bytes,
+        ) {
+            Some(refusal) => Err(Failure::new(Category::InvalidComponent, refusal)),
+            None => Ok(()),
+        };
         if let Some(p) = self.sandbox.cached(&task.hash) {
+            fits(p.component_bytes)?;
             return Ok(p);
         }
-        let bytes = self
+        let size = self
             .broker
-            .component(tenant, &task.hash)
+            .component_size(tenant, &task.hash)
             .await
-            .map_err(|e| unavailable(format!("fetching component {}: {e:#}", task.hash)))?
-            .ok_or_else(|| {
-                Failure::new(
-                    Category::InvalidComponent,
-                    format!(
-                        "component {} of task {:?} is missing from Redis",
-                        task.hash, task.name
-                    ),
-                )
+            .map_err(|e| {
+                unavailable(format!(
+                    "reading the size of component {}: {e:#}",
+                    task.hash
+                ))
             })?;
-        let actual = crate::component::content_hash(&bytes);
-        if actual != task.hash {
-            return Err(Failure::new(
-                Category::InvalidComponent,
-                format!("component of task {:?} does not match its hash (expected {}, got {actual}); redeploy it", task.name, task.hash),
-            ));
+        if size == 0 {
+            return Err(missing(task));
         }
-        let sandbox = self.sandbox.clone();
-        tokio::task::spawn_blocking(move || sandbox.prepare(&bytes))
-            .await
-            .map_err(|e| unavailable(format!("compiling the component panicked: {e}")))?
+        fits(size)?;
+        let fetch = fetch_verified(self.broker.clone(), tenant.to_string(), task.clone());
+        self.sandbox.prepare_once(&task.hash, fetch).await
     }
+}
+
+/// A component's bytes, checked against its hash (for the one job that
+/// starts its compile: see `Sandbox::prepare_once`).
+async fn fetch_verified(
+    broker: Broker,
+    tenant: String,
+    task: DeployedTask,
+) -> Result<Vec<u8>, Failure> {
+    let bytes = broker
+        .component(&tenant, &task.hash)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                Category::TaskError,
+                format!("fetching component {}: {e:#}", task.hash),
+            )
+        })?
+        .ok_or_else(|| missing(&task))?;
+    let actual = crate::component::content_hash(&bytes);
+    if actual != task.hash {
+        return Err(Failure::new(
+            Category::InvalidComponent,
+            format!("component of task {:?} does not match its hash (expected {}, got {actual}); redeploy it", task.name, task.hash),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn missing(task: &DeployedTask) -> Failure {
+    Failure::new(
+        Category::InvalidComponent,
+        format!(
+            "component {} of task {:?} is missing from Redis",
+            task.hash, task.name
+        ),
+    )
 }

@@ -1,0 +1,67 @@
+//! Components made in the test instead of committed: a real task with a
+//! version of its own, and valid components that take long to compile.
+
+/// `bytes` (a component) with a custom section naming `tag` appended: the
+/// same task, a new content hash, so no cache of another test has it.
+pub fn unique_version(bytes: &[u8], tag: &str) -> Vec<u8> {
+    let name = b"wasmq-test-version";
+    let mut payload = leb128(name.len() as u64);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    payload.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.extend(leb128(payload.len() as u64));
+    out.extend(payload);
+    out
+}
+
+/// A valid component (not a task: it exports nothing) of one core module
+/// with `functions` functions, each one long chain of arithmetic over 512
+/// locals, which Cranelift's register allocator takes superlinear time
+/// over: about 240 KiB and 1.8 s of one core per function (2-core VM,
+/// `cargo bench --bench compile` measures it), where task code of that
+/// size compiles in about 0.3 s. Small and slow: the hostile case a size
+/// cap alone does not stop.
+pub fn slow_to_compile(functions: usize, tag: &str) -> Vec<u8> {
+    const LOCALS: usize = 512;
+    const STEPS: usize = 20_000;
+    let mut wat = String::from("(component (core module\n");
+    for f in 0..functions {
+        wat.push_str(&format!("(func $f{f} (param i64) (result i64)"));
+        wat.push_str(&format!(" (local{})\n", " i64".repeat(LOCALS)));
+        for step in 0..STEPS {
+            // Indices that wander, so many values stay live at once.
+            let (a, b, c) = (
+                1 + (step * 7 + f) % LOCALS,
+                1 + (step * 13 + 3) % LOCALS,
+                1 + (step * 29 + 5) % LOCALS,
+            );
+            wat.push_str(&format!(
+                "local.get {a} local.get {b} i64.mul local.get 0 i64.xor local.set {c}\n"
+            ));
+        }
+        // Everything computed flows into the result, so none of it is
+        // dead code for Cranelift to drop.
+        wat.push_str("local.get 1\n");
+        for l in 2..=LOCALS {
+            wat.push_str(&format!("local.get {l} i64.add\n"));
+        }
+        wat.push_str(")\n");
+    }
+    wat.push_str("))");
+    unique_version(&wat::parse_str(&wat).expect("generated wat parses"), tag)
+}
+
+fn leb128(mut n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
