@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::guest_bytes;
 use common::http::{Reply, TestServer};
+use common::jobs::redis_with_task;
 use common::redis::RedisServer;
 use common::workers::{spawn_process, start_configured, start_in_process, KillOnDrop};
 use redis::aio::ConnectionManager;
@@ -511,12 +512,7 @@ async fn a_drained_library_worker_stops_its_guests_before_handing_jobs_back() {
 /// refused and billed as wasted work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_are_recorded_and_billed_once() {
-    let redis = RedisServer::start();
-    let broker = Broker::connect(&redis.url).await.unwrap();
-    broker
-        .deploy(TENANT, "noop", &guest_bytes("noop"), &TaskPolicy::default())
-        .await
-        .unwrap();
+    let (_redis, broker) = redis_with_task(TENANT, "noop", "noop", &TaskPolicy::default()).await;
     let id = broker.enqueue(request("noop", json!({}))).await.unwrap().id;
     let terms = LeaseTerms {
         worker: "w",
@@ -580,12 +576,7 @@ async fn outcomes_are_recorded_and_billed_once() {
 /// countdown, exactly, and `status` says when it is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_countdown_is_due_exactly_its_length_after_the_enqueue() {
-    let redis = RedisServer::start();
-    let broker = Broker::connect(&redis.url).await.unwrap();
-    broker
-        .deploy(TENANT, "noop", &guest_bytes("noop"), &TaskPolicy::default())
-        .await
-        .unwrap();
+    let (_redis, broker) = redis_with_task(TENANT, "noop", "noop", &TaskPolicy::default()).await;
     let mut delayed = request("noop", json!({}));
     delayed.countdown = Some(Duration::from_millis(4321));
     let id = broker.enqueue(delayed).await.unwrap().id;
@@ -691,12 +682,7 @@ async fn idempotency_keys_follow_their_job() {
 /// instead of spinning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_keeps_its_connections_and_backs_off_when_waits_fail() {
-    let redis = RedisServer::start();
-    let broker = Broker::connect(&redis.url).await.unwrap();
-    broker
-        .deploy(TENANT, "noop", &guest_bytes("noop"), &TaskPolicy::default())
-        .await
-        .unwrap();
+    let (redis, broker) = redis_with_task(TENANT, "noop", "noop", &TaskPolicy::default()).await;
     let mut admin = redis.connect().await;
     let connections = |info: String| -> u64 {
         info.lines()

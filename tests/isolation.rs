@@ -54,6 +54,25 @@ async fn quiet_tenant_keeps_flowing(broker: &Broker, beside: &str) {
 
 // --------------------------------------------------------------- network
 
+/// `wasmq deploy` of the hostile guest as tenant `capped`'s task `t`, with
+/// a manifest (in `dir`) allowing outbound HTTP to `entry`.
+fn deploy_allowing(redis: &str, dir: &common::TempDir, entry: &str) -> std::process::Output {
+    let manifest = dir.path().join("task.toml");
+    std::fs::write(&manifest, format!("[sandbox]\nallow_http = [{entry:?}]\n")).unwrap();
+    wasmq(
+        redis,
+        "capped",
+        &[
+            "deploy",
+            guest("hostile").to_str().unwrap(),
+            "--name",
+            "t",
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+    )
+}
+
 /// A tenant that may not reach private networks cannot get there through
 /// any allow-list entry: deploy refuses IP literals of loopback, private,
 /// link-local (the cloud metadata address) and unspecified addresses in
@@ -74,20 +93,7 @@ async fn deploy_refuses_entries_that_reach_private_networks() {
         "10.0.0.5:8025",
         "localhost:3000",
     ] {
-        let manifest = dir.path().join("task.toml");
-        std::fs::write(&manifest, format!("[sandbox]\nallow_http = [{entry:?}]\n")).unwrap();
-        let out = wasmq(
-            &redis.url,
-            "capped",
-            &[
-                "deploy",
-                guest("hostile").to_str().unwrap(),
-                "--name",
-                "t",
-                "--manifest",
-                manifest.to_str().unwrap(),
-            ],
-        );
+        let out = deploy_allowing(&redis.url, &dir, entry);
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{entry} deployed");
         assert!(
@@ -95,24 +101,7 @@ async fn deploy_refuses_entries_that_reach_private_networks() {
             "{entry}: {err}"
         );
     }
-    let manifest = dir.path().join("task.toml");
-    std::fs::write(
-        &manifest,
-        "[sandbox]\nallow_http = [\"api.example.com:443\"]\n",
-    )
-    .unwrap();
-    let out = wasmq(
-        &redis.url,
-        "capped",
-        &[
-            "deploy",
-            guest("hostile").to_str().unwrap(),
-            "--name",
-            "t",
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ],
-    );
+    let out = deploy_allowing(&redis.url, &dir, "api.example.com:443");
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 

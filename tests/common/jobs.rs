@@ -5,6 +5,26 @@ use std::time::Duration;
 
 use serde_json::json;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
+use wasmq::policy::TaskPolicy;
+
+use super::redis::RedisServer;
+
+/// A private redis-server, a broker on it, and guest `guest` deployed as
+/// `tenant`'s task `name` under `policy`.
+pub async fn redis_with_task(
+    tenant: &str,
+    name: &str,
+    guest: &str,
+    policy: &TaskPolicy,
+) -> (RedisServer, Broker) {
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    broker
+        .deploy(tenant, name, &super::guest_bytes(guest), policy)
+        .await
+        .unwrap();
+    (redis, broker)
+}
 
 /// e2e latencies (ms, Redis server clock) of `ids`, sorted, once all
 /// succeeded; panics if one is dead or they take over 90 s.
