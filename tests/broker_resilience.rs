@@ -286,7 +286,12 @@ impl WorkerProcess {
             .split(|c: char| !c.is_ascii_digit())
             .filter_map(|w| w.parse().ok())
             .collect();
-        assert_eq!(numbers.len(), 2, "unexpected line {line:?}");
+        assert_eq!(numbers.len(), 5, "unexpected line {line:?}");
+        assert_eq!(
+            numbers[0],
+            numbers[2] + numbers[3],
+            "completed = succeeded + dead: {line}"
+        );
         (numbers[0], numbers[1])
     }
 }

@@ -264,7 +264,12 @@ async fn a_job_whose_workers_died_twice_still_gets_all_its_retries() {
     );
     assert_eq!(status.lost_workers, vec!["doomed", "doomed"]);
     stop.send(()).unwrap();
-    worker.await.unwrap();
+    let stats = worker.await.unwrap();
+    assert_eq!(
+        (stats.completed, stats.dead, stats.retried),
+        (1, 1, 2),
+        "the worker counts one job completed (its outcome), not its three attempts: {stats:?}"
+    );
 }
 
 /// A mail API that answers in 200 ms, onboarding 300 users while workers

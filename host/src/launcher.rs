@@ -186,8 +186,7 @@ pub async fn run_on(
     let mut total = WorkerStats::default();
     for handle in running {
         let stats = handle.await?;
-        total.completed += stats.completed;
-        total.released += stats.released;
+        total.add(stats);
     }
     for runtime in cpu_runtimes {
         runtime.shutdown_background();

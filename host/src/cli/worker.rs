@@ -105,8 +105,8 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     }
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
     eprintln!(
-        "wasmq worker stopped: {} job(s) completed, {} handed back",
-        total.completed, total.released
+        "wasmq worker stopped: {} job(s) completed, {} handed back ({} succeeded, {} dead-lettered; {} run(s) ended in a retry)",
+        total.completed, total.released, total.succeeded, total.dead, total.retried
     );
     Ok(())
 }

@@ -57,14 +57,32 @@ pub struct WorkerConfig {
     pub host_retries: HostRetries,
 }
 
-/// What a worker did, returned when it stops.
+/// What a worker did, returned when it stops. Each outcome is counted
+/// once, however often its batch was sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkerStats {
-    /// Outcomes recorded (succeeded, retried or dead-lettered), each once:
-    /// a job retried twice and then succeeded counts three.
+    /// Jobs that reached their outcome here: succeeded or dead-lettered (a
+    /// job retried twice, then succeeded, counts once).
     pub completed: u64,
+    /// Of those, the ones that succeeded.
+    pub succeeded: u64,
+    /// Of those, the ones dead-lettered.
+    pub dead: u64,
+    /// Runs that ended in a retry (the task's, the host's, or a wait).
+    pub retried: u64,
     /// Jobs handed back at shutdown.
     pub released: u64,
+}
+
+impl WorkerStats {
+    /// Both pools' stats together.
+    pub fn add(&mut self, other: WorkerStats) {
+        self.completed += other.completed;
+        self.succeeded += other.succeeded;
+        self.dead += other.dead;
+        self.retried += other.retried;
+        self.released += other.released;
+    }
 }
 
 /// One pool: see the module docs.
@@ -105,9 +123,11 @@ impl Worker {
         })
     }
 
-    /// Outcomes this worker has recorded so far.
+    /// Jobs that reached their outcome here so far (succeeded or
+    /// dead-lettered).
     pub fn completed(&self) -> u64 {
-        self.recorder.recorded()
+        let counts = self.recorder.counts();
+        counts.succeeded + counts.dead
     }
 
     /// Run until `shutdown` resolves, then drain.
@@ -178,9 +198,13 @@ impl Worker {
         self.drain(&mut running).await;
         renewer.abort();
         self.recording.abort();
+        let counts = self.recorder.counts();
         WorkerStats {
-            completed: self.recorder.recorded(),
-            released: self.recorder.released() + self.released.load(Ordering::Relaxed),
+            completed: counts.succeeded + counts.dead,
+            succeeded: counts.succeeded,
+            dead: counts.dead,
+            retried: counts.retried,
+            released: counts.released + self.released.load(Ordering::Relaxed),
         }
     }
 

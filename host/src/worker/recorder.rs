@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::broker::{Broker, Completion, Outcome, Recorded};
+use crate::broker::{Broker, Completion, Outcome, Recorded as Answer};
 
 /// Most outcomes recorded in one round trip.
 const COMPLETE_BATCH: usize = 256;
@@ -23,15 +23,38 @@ const COMPLETE_BATCH: usize = 256;
 const RECORD_TRIES: usize = 20;
 
 /// An outcome to record and where to send whether it was recorded.
-type Pending = (Arc<Completion>, oneshot::Sender<Result<Recorded, String>>);
+type Pending = (Arc<Completion>, oneshot::Sender<Result<Answer, String>>);
 
 /// See the module docs.
 pub struct Recorder {
     queue: mpsc::UnboundedSender<Pending>,
-    /// Outcomes recorded so far (jobs handed back not included).
-    recorded: AtomicU64,
-    /// Jobs handed back so far.
+    /// What has been recorded so far, by kind.
+    counts: Counts,
+}
+
+/// Outcomes recorded, by kind: each once, however often its batch was
+/// sent.
+#[derive(Default)]
+struct Counts {
+    succeeded: AtomicU64,
+    dead: AtomicU64,
+    /// Runs that ended in a retry (of any kind: the task's, the host's, a
+    /// wait for a step).
+    retried: AtomicU64,
     released: AtomicU64,
+}
+
+/// What a recorder has recorded, as numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Jobs that succeeded.
+    pub succeeded: u64,
+    /// Jobs dead-lettered.
+    pub dead: u64,
+    /// Runs that ended in a retry.
+    pub retried: u64,
+    /// Jobs handed back.
+    pub released: u64,
 }
 
 impl Recorder {
@@ -42,21 +65,33 @@ impl Recorder {
         let task = tokio::spawn(record_batches(broker, pending));
         let recorder = Arc::new(Recorder {
             queue,
-            recorded: AtomicU64::new(0),
-            released: AtomicU64::new(0),
+            counts: Counts::default(),
         });
         (recorder, task)
     }
 
-    /// Outcomes recorded so far (succeeded, retried, dead-lettered; each
-    /// once, however often its batch was sent).
-    pub fn recorded(&self) -> u64 {
-        self.recorded.load(Ordering::Relaxed)
+    /// What has been recorded so far.
+    pub fn counts(&self) -> Recorded {
+        let c = &self.counts;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Recorded {
+            succeeded: n(&c.succeeded),
+            dead: n(&c.dead),
+            retried: n(&c.retried),
+            released: n(&c.released),
+        }
     }
 
-    /// Jobs handed back to their queues so far.
-    pub fn released(&self) -> u64 {
-        self.released.load(Ordering::Relaxed)
+    /// Count a recorded outcome under its kind.
+    fn count(&self, outcome: &Outcome) {
+        let c = &self.counts;
+        let kind = match outcome {
+            Outcome::Succeeded { .. } => &c.succeeded,
+            Outcome::Dead(_) => &c.dead,
+            Outcome::Retry { .. } | Outcome::HostRetry { .. } | Outcome::Wait { .. } => &c.retried,
+            Outcome::Release => &c.released,
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Record an outcome, retrying through Redis outages for a while.
@@ -70,17 +105,19 @@ impl Recorder {
                 break;
             }
             match answer.await {
-                Ok(Ok(Recorded::Now)) if matches!(completion.outcome, Outcome::Release) => {
-                    self.released.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(Answer::Now)) => {
+                    self.count(&completion.outcome);
                     return;
                 }
-                Ok(Ok(Recorded::Now | Recorded::Before)) => {
+                // Recorded by an earlier send whose reply was lost (a
+                // hand-back counts only when it put the job back now).
+                Ok(Ok(Answer::Before)) => {
                     if !matches!(completion.outcome, Outcome::Release) {
-                        self.recorded.fetch_add(1, Ordering::Relaxed);
+                        self.count(&completion.outcome);
                     }
                     return;
                 }
-                Ok(Ok(Recorded::Stale)) => {
+                Ok(Ok(Answer::Stale)) => {
                     tracing::warn!(job = %id, "lease lost before the outcome was recorded; another delivery owns the job");
                     return;
                 }
