@@ -676,9 +676,12 @@ async fn idempotency_keys_follow_their_job() {
         retried.history
     );
     // Kill the retried job again (it is first in the queue, the newer job
-    // second): it dies without touching the newer job's key.
+    // second): it dies without touching the newer job's key. Its lease
+    // token is new although its deliveries started again from 0: a
+    // delivery from before the retry cannot pass for this one.
     let got = broker.fetch(TENANT, "default", 1, doomed).await.unwrap();
     assert_eq!(got[0].id, poison.id);
+    assert_eq!(got[0].token, "doomed:2", "tokens never repeat");
     tokio::time::sleep(Duration::from_millis(10)).await;
     let _ = broker.fetch(TENANT, "default", 0, doomed).await.unwrap();
     let dup = broker.enqueue(keyed("k", None)).await.unwrap();
@@ -836,4 +839,47 @@ async fn a_fetch_error_on_one_queue_keeps_the_jobs_leased_from_another() {
         "it waited {:?}: for its 60 s lease?",
         started.elapsed()
     );
+}
+
+/// A task moved to another queue takes its dead jobs with it: `dead retry`
+/// puts a job on its task's current queue, where a worker runs it (the job
+/// itself, left on the old queue, was refused as not its task's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_follows_a_task_to_its_new_queue() {
+    let (redis, broker) = redis_with_task(TENANT, "t", "hostile", &TaskPolicy::default()).await;
+    let id = broker
+        .enqueue(request("t", json!({"mode": "echo"})))
+        .await
+        .unwrap()
+        .id;
+    let moved = TaskPolicy {
+        queue: "elsewhere".into(),
+        ..TaskPolicy::default()
+    };
+    broker
+        .deploy(TENANT, "t", &guest_bytes("hostile"), &moved)
+        .await
+        .unwrap();
+    let mut on_default = LaunchConfig::new(&redis.url, TENANT, &["default"], 2);
+    on_default.pools[0].queues = vec!["default".into(), "elsewhere".into()];
+    let (stop, worker, _) = start_configured(on_default);
+    match broker
+        .result(TENANT, &id, Some(Duration::from_secs(30)))
+        .await
+        .unwrap()
+    {
+        ResultState::Failed(f) => assert_eq!(f.category, Category::Denied, "{f}"),
+        other => panic!("a job on its task's old queue is refused: {other:?}"),
+    }
+    assert!(broker.dead_retry(TENANT, &id).await.unwrap());
+    let state = loop {
+        let status = broker.status(TENANT, &id).await.unwrap().unwrap();
+        if status.state == "succeeded" || status.state == "dead" {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(state.state, "succeeded", "{state:?}");
+    stop.send(()).unwrap();
+    worker.await.unwrap();
 }

@@ -415,3 +415,100 @@ where
         }
     }
 }
+
+/// Make `token` the lease holder of job `job` of `tenant`, as a fetch does.
+async fn hold_lease(server: &RedisServer, tenant: &str, job: &str, token: &str) {
+    let _: () = ::redis::cmd("HSET")
+        .arg(wasmq::keys::Keys::new(tenant).job(job))
+        .arg("lease")
+        .arg(token)
+        .query_async(&mut server.connect().await)
+        .await
+        .unwrap();
+}
+
+/// A delivery whose lease was lost (its job was redelivered, and the new
+/// delivery took the step over) can neither abandon nor complete the step:
+/// another job naming the step still finds it busy.
+#[tokio::test]
+async fn a_stale_delivery_cannot_give_up_the_live_deliverys_step() {
+    let server = RedisServer::start();
+    let b = backend(&server).await;
+    let delivery = |job: &str, token: &str| Claimant {
+        job: job.into(),
+        token: Some(token.into()),
+    };
+    let (stale, live, other) = (
+        delivery("J", "w:1"),
+        delivery("J", "w:2"),
+        delivery("K", "x:1"),
+    );
+    hold_lease(&server, "t", "J", "w:1").await;
+    hold_lease(&server, "t", "K", "x:1").await;
+    assert_eq!(
+        b.step_begin("t", "email:42", &stale, LONG).await.unwrap(),
+        StepState::Run
+    );
+    hold_lease(&server, "t", "J", "w:2").await;
+    assert_eq!(
+        b.step_begin("t", "email:42", &live, LONG).await.unwrap(),
+        StepState::Run
+    );
+    b.step_abandon("t", "email:42", &stale).await.unwrap();
+    assert_eq!(
+        b.step_begin("t", "email:42", &other, LONG).await.unwrap(),
+        StepState::Busy,
+        "the stale delivery gave up the live one's claim"
+    );
+    assert!(matches!(
+        b.step_complete("t", "email:42", &stale, b"x", None).await,
+        Err(BackendError::LeaseLost(_))
+    ));
+}
+
+/// Step outputs count against the store quota: a step reserves room for its
+/// output when it begins, so a guest cannot open many small claims under the
+/// quota and fill each with a large output.
+#[tokio::test]
+async fn step_outputs_stay_within_the_store_quota() {
+    use wasmq::backend::redis::{store_totals, StoreQuota};
+    const QUOTA: u64 = 20_000;
+    let server = RedisServer::start();
+    let b = RedisBackend::new(server.connect().await).with_quota(StoreQuota {
+        max_bytes: QUOTA,
+        max_keys: 0,
+    });
+    let d = Claimant {
+        job: "J".into(),
+        token: Some("w:1".into()),
+    };
+    hold_lease(&server, "t", "J", "w:1").await;
+    let mut begun = 0;
+    for i in 0..1000 {
+        match b.step_begin("t", &format!("s{i}"), &d, LONG).await {
+            Ok(StepState::Run) => begun += 1,
+            Ok(state) => panic!("{state:?}"),
+            Err(BackendError::Denied(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let output = vec![b'x'; 100_000];
+    for i in 0..begun {
+        b.step_complete("t", &format!("s{i}"), &d, &output, None)
+            .await
+            .unwrap();
+    }
+    let (bytes, _) = store_totals(&mut server.connect().await, "t")
+        .await
+        .unwrap();
+    println!(
+        "{begun} claims under a {QUOTA}-byte quota; {bytes} bytes stored after completing them"
+    );
+    assert!(
+        begun <= 8,
+        "{begun} claims open at once under a small quota"
+    );
+    // Each completion passes its reservation (an eighth of the quota) by at
+    // most one output: bounded, where it used to be a thousand outputs.
+    assert!(bytes <= QUOTA + begun as u64 * 100_000, "{bytes} bytes");
+}

@@ -125,6 +125,13 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
             } else if s[..6] == [0; 6] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 // IPv4-compatible (::a.b.c.d) or NAT64 (64:ff9b::a.b.c.d).
                 non_public_v4(embedded(s[6], s[7]))
+            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                // Local-use NAT64 (64:ff9b:1::/48): translated inside the
+                // operator's own network.
+                Some("local-use NAT64 (64:ff9b:1::/48)")
+            } else if s[0] == 0x2002 {
+                // 6to4 (2002:a.b.c.d::/48): judged by the IPv4 it carries.
+                non_public_v4(embedded(s[1], s[2]))
             } else if s[0] & 0xfe00 == 0xfc00 {
                 Some("unique-local (fc00::/7)")
             } else if s[0] & 0xffc0 == 0xfe80 {
@@ -155,6 +162,10 @@ fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("link-local")
     } else if a == 100 && b & 0xc0 == 64 {
         Some("carrier-grade NAT (100.64.0.0/10)")
+    } else if a == 192 && b == 0 && ip.octets()[2] == 0 {
+        Some("IETF protocol assignments (192.0.0.0/24)")
+    } else if a == 198 && b & 0xfe == 18 {
+        Some("benchmarking (198.18.0.0/15)")
     } else if ip.is_broadcast() {
         Some("broadcast")
     } else if ip.is_multicast() {
@@ -196,6 +207,12 @@ mod tests {
             ("::ffff:169.254.169.254", "link-local"),
             ("::ffff:100.64.0.1", "carrier-grade NAT"),
             ("64:ff9b::a00:1", "private"),
+            ("64:ff9b:1::1", "local-use NAT64"),
+            ("2002:7f00:1::", "loopback"),
+            ("2002:a9fe:a9fe::1", "link-local"),
+            ("192.0.0.8", "IETF"),
+            ("198.18.0.1", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
         ] {
             let got = kind(ip).unwrap_or_else(|| panic!("{ip} must be non-public"));
             assert!(got.starts_with(k), "{ip}: {got}");

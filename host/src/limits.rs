@@ -18,7 +18,7 @@
 //! | lock wait | the job's own timeout |
 //! | key-value / step TTL | [`MAX_TTL`] (and the tenant's `max_value_ttl`) |
 //! | countdown, ETA, retry delay | [`MAX_DELAY`] |
-//! | nesting of a payload or result | [`MAX_JSON_DEPTH`] |
+//! | nesting of a result (of a payload: one less) | [`MAX_JSON_DEPTH`] ([`MAX_PAYLOAD_DEPTH`]) |
 //! | child jobs per job | [`MAX_CHILDREN_PER_JOB`] |
 //! | log line | [`MAX_LOG_LINE_BYTES`] (the whole log: the policy's `max_log_bytes`) |
 //! | outbound HTTP request headers | [`MAX_REQUEST_HEADER_BYTES`] |
@@ -43,10 +43,14 @@ pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Longest delay before a job may run (countdown, ETA from now, or a retry
 /// delay): ten years. Past that a number is a mistake, not a schedule.
 pub const MAX_DELAY: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
-/// Deepest nesting of arrays and objects in a payload or a result: the
-/// recursion limit `serde_json` applies when a worker parses an envelope,
-/// so a result stored is a result that can be read back.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects in a result: the deepest
+/// `serde_json` reads back (its recursion limit stops at 128 levels), so a
+/// result stored is a result that can be read.
+pub const MAX_JSON_DEPTH: usize = 127;
+/// Deepest nesting of a payload: one level less than [`MAX_JSON_DEPTH`],
+/// because the worker parses the payload inside its envelope, one level
+/// deeper.
+pub const MAX_PAYLOAD_DEPTH: usize = MAX_JSON_DEPTH - 1;
 /// Child jobs one job may enqueue: a guest that enqueues in a loop is a
 /// fork bomb for the whole queue.
 pub const MAX_CHILDREN_PER_JOB: u32 = 1_000;
@@ -115,11 +119,11 @@ pub fn json_depth(json: &str, stop: usize) -> usize {
     deepest
 }
 
-/// `Err` naming `what` when `json` nests deeper than [`MAX_JSON_DEPTH`].
-pub fn check_json_depth(what: &str, json: &str) -> Result<(), String> {
-    if json_depth(json, MAX_JSON_DEPTH) > MAX_JSON_DEPTH {
+/// `Err` naming `what` when `json` nests deeper than `max`.
+pub fn check_json_depth(what: &str, json: &str, max: usize) -> Result<(), String> {
+    if json_depth(json, max) > max {
         return Err(format!(
-            "{what} nests arrays and objects more than {MAX_JSON_DEPTH} deep"
+            "{what} nests arrays and objects more than {max} deep"
         ));
     }
     Ok(())
@@ -134,9 +138,10 @@ mod tests {
         assert_eq!(json_depth(r#"{"a":[1,{"b":"[[[{{"}]}"#, 100), 3);
         assert_eq!(json_depth(r#""\"[""#, 100), 0);
         let deep = "[".repeat(400_000) + &"]".repeat(400_000);
-        assert!(check_json_depth("result", &deep).is_err());
+        assert!(check_json_depth("result", &deep, MAX_JSON_DEPTH).is_err());
         let ok = "[".repeat(MAX_JSON_DEPTH) + &"]".repeat(MAX_JSON_DEPTH);
-        assert!(check_json_depth("result", &ok).is_ok());
+        assert!(check_json_depth("result", &ok, MAX_JSON_DEPTH).is_ok());
+        assert!(check_json_depth("payload", &ok, MAX_PAYLOAD_DEPTH).is_err());
     }
 
     #[test]

@@ -30,6 +30,7 @@ use redis::{RedisError, Script};
 
 use super::{Backend, BackendError, BackendResult, ChildJob, Claimant, StepState};
 use crate::keys::Keys;
+use crate::limits::MAX_VALUE_BYTES;
 
 /// Puts a child job on a tenant's queue; implemented by the broker, which
 /// owns the job format and the queue keys.
@@ -288,12 +289,15 @@ fn step_script(body: &str) -> Script {
 
 /// Decide whether a delivery may run a step, and claim it if so. A script
 /// because "not done and not claimed by another job, so claim it" is a
-/// read-then-write that two runs must not interleave. A new claim is
-/// refused when the tenant is over its store quota: before the step's side
+/// read-then-write that two runs must not interleave. Under a store quota
+/// a claim reserves room for the step's output (`reserve` bytes, see
+/// [`step_reserve`]), so completing the step, which is never refused, can
+/// pass the quota by at most the part of one output past its reservation;
+/// a claim that would pass the quota is refused: before the step's side
 /// effect, never after it (see [`STEP_COMPLETE`]).
 /// KEYS: step_done, step_claim, job (or '' when unfenced), sizes, expiry,
 /// totals. ARGV: claim name, claim value (`JOB TOKEN`), job id, token,
-/// lease ms, max bytes, max keys.
+/// lease ms, max bytes, max keys, reserve bytes.
 /// Returns {'done', output}, {'busy'}, {'run'} or {'lost'}.
 static STEP_BEGIN: LazyLock<Script> = LazyLock::new(|| {
     step_script(
@@ -305,7 +309,7 @@ local claim = redis.call('GET', KEYS[2])
 if claim and holder(claim) ~= ARGV[3] then return {'busy'} end
 local now = now_ms()
 store_purge(KEYS[4], KEYS[5], KEYS[6], now)
-local size = #ARGV[1] + #ARGV[2]
+local size = #ARGV[1] + #ARGV[2] + tonumber(ARGV[8])
 local db, dk = store_delta(KEYS[4], ARGV[1], size)
 local why = store_refusal(KEYS[6], db, dk, tonumber(ARGV[6]), tonumber(ARGV[7]))
 if why then return redis.error_reply('QUOTA ' .. why) end
@@ -349,17 +353,20 @@ return 'ok'
     )
 });
 
-/// Drop a step claim only if the caller's job holds it (the claim may have
-/// lapsed and been taken by another job).
-/// KEYS: step_claim, sizes, expiry, totals. ARGV: claim name, job id.
+/// Drop a step claim only if the caller's delivery holds it: not another
+/// job's (the claim lapsed and was taken), and not a later delivery's of
+/// the same job (which took it over from the caller, whose lease was lost).
+/// KEYS: step_claim, job (or '' when unfenced), sizes, expiry, totals.
+/// ARGV: claim name, claim value (`JOB TOKEN`), token.
 static STEP_ABANDON: LazyLock<Script> = LazyLock::new(|| {
     step_script(
         r#"
+if not fenced(KEYS[2], ARGV[3]) then return 0 end
 local claim = redis.call('GET', KEYS[1])
-if claim and holder(claim) == ARGV[2] then
+if claim == ARGV[2] then
   redis.call('DEL', KEYS[1])
-  local db, dk = store_delta(KEYS[2], ARGV[1], 0)
-  store_apply(KEYS[2], KEYS[3], KEYS[4], ARGV[1], 0, nil, db, dk)
+  local db, dk = store_delta(KEYS[3], ARGV[1], 0)
+  store_apply(KEYS[3], KEYS[4], KEYS[5], ARGV[1], 0, nil, db, dk)
 end
 return 1
 "#,
@@ -704,6 +711,7 @@ impl Backend for RedisBackend {
                 .arg(ms(lease))
                 .arg(self.quota.max_bytes)
                 .arg(self.quota.max_keys)
+                .arg(step_reserve(self.quota))
                 .invoke_async(&mut self.conn())
                 .await
         })
@@ -759,10 +767,12 @@ impl Backend for RedisBackend {
     ) -> BackendResult<()> {
         let keys = Keys::new(tenant);
         let claim = keys.step_claim(key);
+        let (job, value, token) = Self::fence(&keys, claimant);
         idempotent(|| async {
-            accounted(&STEP_ABANDON, &keys, &[&claim])
+            accounted(&STEP_ABANDON, &keys, &[&claim, &job])
                 .arg(keys.relative(&claim))
-                .arg(&claimant.job)
+                .arg(&value)
+                .arg(&token)
                 .invoke_async::<()>(&mut self.conn())
                 .await
         })
@@ -777,6 +787,20 @@ impl Backend for RedisBackend {
                 "child jobs need a broker".to_string(),
             )),
         }
+    }
+}
+
+/// Bytes a step claim reserves for the step's output under a store quota:
+/// the largest output there is ([`MAX_VALUE_BYTES`]), or an eighth of a
+/// smaller quota. Completing a step is never refused (its effect has
+/// happened), so without a reservation a guest could open many small claims
+/// under its quota and fill each with a megabyte; with it, at most eight
+/// claims are open at once under a small quota, and each can pass its
+/// reservation by less than one output.
+pub fn step_reserve(quota: StoreQuota) -> u64 {
+    match quota.max_bytes {
+        0 => 0,
+        max => (MAX_VALUE_BYTES as u64).min(max / 8),
     }
 }
 

@@ -163,15 +163,22 @@ impl Broker {
             .invoke_async(&mut self.connection())
             .await?;
         let mut out = Vec::with_capacity(flat.len() / 5);
+        // Job records are written by producers too: a field that does not
+        // read as what it should is its default, never the batch's end (the
+        // jobs of the batch are leased already).
+        let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).unwrap_or_default();
+        let number = |v: &redis::Value, default: u32| {
+            redis::from_redis_value_ref::<u32>(v).unwrap_or(default)
+        };
         for chunk in flat.chunks_exact(5) {
             out.push(Fetched {
                 tenant: tenant.to_string(),
                 queue: queue.to_string(),
-                id: redis::from_redis_value_ref(&chunk[0])?,
-                envelope: redis::from_redis_value_ref(&chunk[1])?,
-                attempt: redis::from_redis_value_ref(&chunk[2])?,
-                token: redis::from_redis_value_ref(&chunk[3])?,
-                host_retries: redis::from_redis_value_ref(&chunk[4])?,
+                id: text(&chunk[0]),
+                envelope: text(&chunk[1]),
+                attempt: number(&chunk[2], 1),
+                token: text(&chunk[3]),
+                host_retries: number(&chunk[4], 0),
             });
         }
         Ok(out)

@@ -92,6 +92,17 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_as_deep_as_a_producer_may_send_parses_inside_its_envelope() {
+        let depth = crate::limits::MAX_PAYLOAD_DEPTH;
+        let payload = "[".repeat(depth) + &"]".repeat(depth);
+        assert!(crate::limits::check_json_depth("payload", &payload, depth).is_ok());
+        let env = format!(
+            r#"{{"v":1,"id":"a","tenant":"t","task":"x","queue":"q","payload":{payload}}}"#
+        );
+        assert!(Envelope::parse(&env).is_ok(), "{:?}", Envelope::parse(&env));
+    }
+
+    #[test]
     fn higher_priority_bands_come_first() {
         let mut e =
             Envelope::parse(r#"{"v":1,"id":"a","tenant":"t","task":"x","queue":"q","payload":{}}"#)

@@ -67,6 +67,16 @@ impl Broker {
         ConnectionManager::new_with_config(self.client.clone(), connection_config()).await
     }
 
+    /// This broker, making its calls on `conn` instead of the shared
+    /// connection (a tenant's child enqueues go on that tenant's guest
+    /// connection).
+    pub fn on_connection(&self, conn: ConnectionManager) -> Broker {
+        Broker {
+            conn,
+            ..self.clone()
+        }
+    }
+
     /// A dedicated connection for blocking commands (BLPOP, BLMOVE), which
     /// must not stall the shared multiplexed one. `block` is the longest the
     /// caller's command blocks; the response timeout allows for it.

@@ -143,14 +143,19 @@ impl Broker {
         };
         let text = serde_json::to_string(&envelope)?;
         let payload = serde_json::to_string(&envelope.payload)?;
-        if payload.len() > task.policy.max_payload_bytes {
+        // The tenant's current cap bounds a task deployed before it.
+        let max_payload = caps
+            .max_payload_bytes
+            .map_or(task.policy.max_payload_bytes, |cap| {
+                cap.min(task.policy.max_payload_bytes)
+            });
+        if payload.len() > max_payload {
             return Err(bad(format!(
-                "payload is {} bytes, over the task's cap of {} bytes",
+                "payload is {} bytes, over the task's cap of {max_payload} bytes",
                 payload.len(),
-                task.policy.max_payload_bytes
             )));
         }
-        limits::check_json_depth("payload", &payload).map_err(bad)?;
+        limits::check_json_depth("payload", &payload, limits::MAX_PAYLOAD_DEPTH).map_err(bad)?;
         let keys = Keys::new(&req.tenant);
         let queue = &envelope.queue;
         let idem = req

@@ -131,6 +131,13 @@ if KEYS[5] ~= '' then
     return {holder, 'duplicate'}
   end
 end
+-- Every refusal before any write: a refused enqueue leaves nothing behind.
+if KEYS[5] ~= '' and not holder and idem_quota > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+  if redis.call('ZCARD', KEYS[7]) >= idem_quota then
+    return {'', 'refused', 'the tenant holds ' .. idem_quota .. ' idempotency keys, its quota (max_idempotency_keys)'}
+  end
+end
 if KEYS[8] ~= '' and child_rate > 0 then
   local minute = tostring(math.floor(now / 60000))
   local window = redis.call('HMGET', KEYS[8], 'minute', 'count')
@@ -143,12 +150,6 @@ if KEYS[8] ~= '' and child_rate > 0 then
   redis.call('PEXPIRE', KEYS[8], 120000)
 end
 if KEYS[5] ~= '' then
-  if not holder and idem_quota > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
-    if redis.call('ZCARD', KEYS[7]) >= idem_quota then
-      return {'', 'refused', 'the tenant holds ' .. idem_quota .. ' idempotency keys, its quota (max_idempotency_keys)'}
-    end
-  end
   redis.call('SET', KEYS[5], id)
   redis.call('ZADD', KEYS[7], 'inf', KEYS[5])
 end
@@ -268,14 +269,18 @@ local now_ms = string.format('%d', now)
 local out, leases = {{}}, {{}}
 for i = 1, #popped, 2 do
   local id = popped[i]
-  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries')
+  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries',
+    'leases')
   if f[1] then
     local deliveries = string.format('%d', (tonumber(f[2]) or 0) + 1)
     local attempt = string.format('%d', (tonumber(f[3]) or 0) + 1)
-    local token = worker .. ':' .. deliveries
+    -- Tokens count every lease the job was ever given (`dead retry` resets
+    -- `deliveries`, not this), so no two deliveries share one.
+    local seq = string.format('%d', math.max(tonumber(f[5]) or 0, tonumber(f[2]) or 0) + 1)
+    local token = worker .. ':' .. seq
     redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'deliveries', deliveries,
-      'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us, 'worker', worker,
-      'capped', capped)
+      'leases', seq, 'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us,
+      'worker', worker, 'capped', capped)
     leases[#leases + 1] = expiry
     leases[#leases + 1] = id
     out[#out + 1] = id
@@ -498,7 +503,9 @@ return state
 
 /// Run a dead job again with fresh attempts and deliveries, in one step.
 /// KEYS: job, dead, history, done, idempotency index. ARGV: prefix, id.
-/// Returns 0 when the job is not in the dead-letter queue. The job takes
+/// Returns 0 when the job is not in the dead-letter queue. The job goes on
+/// its task's current queue (a task moved to another queue since takes its
+/// dead jobs with it; a deleted task's go back where they were). It takes
 /// its idempotency key back if nobody holds it; if a newer job holds it,
 /// the retried job runs without it (and its history says so).
 pub static DEAD_RETRY: LazyLock<Script> = LazyLock::new(|| {
@@ -528,7 +535,17 @@ if f[2] and f[2] ~= '' then
       ' now; this job runs without it')
   end
 end
-local q = prefix .. 'queue:' .. envelope.queue .. ':'
+local queue = envelope.queue
+if type(envelope.task) == 'string' then
+  local spec = redis.call('HGET', prefix .. 'task:' .. envelope.task, 'spec')
+  local decoded, task = false, nil
+  if spec then decoded, task = pcall(cjson.decode, spec) end
+  if decoded and type(task) == 'table' and type(task.policy) == 'table'
+    and type(task.policy.queue) == 'string' then
+    queue = task.policy.queue
+  end
+end
+local q = prefix .. 'queue:' .. queue .. ':'
 redis.call('ZADD', q .. 'ready', f[1], id)
 redis.call('LPUSH', q .. 'signal', '1')
 redis.call('LTRIM', q .. 'signal', 0, 63)

@@ -209,9 +209,10 @@ impl WasiHttpHooks for AllowListHooks {
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         if !self.lease.held() {
-            self.denials.record(format!(
-                "outbound HTTP to {host}:{port} after this delivery lost its job's lease"
-            ));
+            // Not the guest's doing: the run ends as a lost lease (its job
+            // goes back, or belongs to another delivery already), never as
+            // a refused capability.
+            self.lease.lose();
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         let header_bytes: usize = request

@@ -351,8 +351,11 @@ impl Sandbox {
                 instance.call_run(&mut store, &ctx, &payload).await
             };
             let result = tokio::select! {
-                result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)) => Some(result),
+                // The lease first: once it is lost the run must not take
+                // another step.
+                biased;
                 _ = lease.lost() => None,
+                result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)) => Some(result),
             };
             (result, store)
         });
@@ -603,7 +606,9 @@ fn check_result(result: String, policy: &SandboxPolicy) -> Verdict {
             ),
         );
     }
-    if let Err(e) = crate::limits::check_json_depth("result", &result) {
+    if let Err(e) =
+        crate::limits::check_json_depth("result", &result, crate::limits::MAX_JSON_DEPTH)
+    {
         return failed(
             Category::TaskError,
             format!("task returned a result that cannot be stored: {e}"),

@@ -174,11 +174,23 @@ pub(super) async fn run_paced<T: Send + 'static>(
     .await;
     match finished_here {
         Some(out) => Ok(out),
-        None => threads
-            .handle()
-            .spawn(run)
-            .await
-            .map_err(|e| format!("the compute threads dropped the job: {e}")),
+        None => {
+            let task = threads.handle().spawn(run);
+            // Dropped (the worker gave up on the run), the run stops there
+            // too rather than going on alone on the compute threads.
+            let _abort = AbortOnDrop(task.abort_handle());
+            task.await
+                .map_err(|e| format!("the compute threads dropped the job: {e}"))
+        }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

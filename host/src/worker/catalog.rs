@@ -128,7 +128,21 @@ async fn fetch_verified(
     tenant: String,
     task: DeployedTask,
 ) -> Result<Vec<u8>, Failure> {
+    // A component can be megabytes: fetched on a connection of its own (a
+    // compile happens once per version), so it does not queue in front of
+    // the leases and outcomes on the shared one.
+    let unavailable = |e: String| {
+        Failure::new(
+            Category::TaskError,
+            format!("fetching component {}: {e}", task.hash),
+        )
+    };
+    let conn = broker
+        .new_connection()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
     let bytes = broker
+        .on_connection(conn)
         .component(&tenant, &task.hash)
         .await
         .map_err(|e| {

@@ -97,9 +97,15 @@ impl Fetcher {
             if want == 0 {
                 break;
             }
-            // Without a record (or while it cannot be read) a tenant is
-            // uncapped: a fetch must not wait for that.
-            let record = catalog.tenant(tenant).await.ok().flatten();
+            // A tenant's caps must hold: while its record cannot be read,
+            // its queues wait for the next round rather than run uncapped.
+            let record = match catalog.tenant(tenant).await {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(%tenant, error = %e, "reading the tenant's caps failed; not fetching its jobs this round");
+                    continue;
+                }
+            };
             let caps = record.as_ref().map(|t| &t.limits);
             if let Some(cap) = caps.and_then(|c| c.max_concurrency) {
                 let busy =

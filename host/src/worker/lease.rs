@@ -42,14 +42,21 @@ impl Leases {
     }
 
     /// Start holding `job` under `watch` (its lease is renewed from now on).
+    /// Held already under an older delivery (this worker froze past its
+    /// lease, and fetched the job again): that delivery's run is stopped.
     pub fn hold(&self, job: Arc<Fetched>, watch: Arc<LeaseWatch>) {
-        self.lock().insert(job.id.clone(), Held { job, watch });
+        if let Some(older) = self.lock().insert(job.id.clone(), Held { job, watch }) {
+            older.watch.lose();
+        }
     }
 
-    /// Stop holding job `id` (its outcome is recorded, or it was handed
-    /// back).
-    pub fn drop_job(&self, id: &str) {
-        self.lock().remove(id);
+    /// Stop holding delivery `job` (its outcome is recorded, or it was
+    /// handed back), unless a newer delivery of the job is held by now.
+    pub fn drop_job(&self, job: &Fetched) {
+        let mut held = self.lock();
+        if held.get(&job.id).is_some_and(|h| h.job.token == job.token) {
+            held.remove(&job.id);
+        }
     }
 
     /// Jobs of `tenant` held now.
@@ -123,5 +130,40 @@ impl Leases {
                 h.watch.renewed(sent, lease);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(token: &str) -> Arc<Fetched> {
+        Arc::new(Fetched {
+            tenant: "t".into(),
+            queue: "q".into(),
+            id: "j".into(),
+            envelope: String::new(),
+            attempt: 1,
+            token: token.into(),
+            host_retries: 0,
+        })
+    }
+
+    #[test]
+    fn a_refetched_job_stops_its_older_run_and_keeps_its_lease() {
+        let leases = Leases::default();
+        let (old, new) = (delivery("w:1"), delivery("w:2"));
+        let old_watch = Arc::new(LeaseWatch::unbounded());
+        leases.hold(old.clone(), old_watch.clone());
+        leases.hold(new.clone(), Arc::new(LeaseWatch::unbounded()));
+        assert!(!old_watch.held(), "the older delivery's run is stopped");
+        leases.drop_job(&old);
+        assert_eq!(
+            leases.busy("t"),
+            1,
+            "the older run's end leaves the newer lease held"
+        );
+        leases.drop_job(&new);
+        assert_eq!(leases.busy("t"), 0);
     }
 }

@@ -226,7 +226,7 @@ impl Worker {
             .expect("semaphore is never closed");
         drop(slot);
         self.recorder.record(completion).await;
-        self.leases.drop_job(&job.id);
+        self.leases.drop_job(&job);
         drop(recording);
     }
 

@@ -209,13 +209,19 @@ impl Processor {
             Err(f) => return not_run(self.host_retries.outcome(job, f.message)),
         };
         let payload = envelope.payload.to_string();
-        if payload.len() > task.policy.max_payload_bytes {
+        // The tenant's current cap bounds a task deployed before it.
+        let max_payload = record
+            .as_ref()
+            .and_then(|r| r.limits.max_payload_bytes)
+            .map_or(task.policy.max_payload_bytes, |cap| {
+                cap.min(task.policy.max_payload_bytes)
+            });
+        if payload.len() > max_payload {
             return dead(Failure::new(
                 Category::BadPayload,
                 format!(
-                    "payload is {} bytes, over the task's cap of {}",
+                    "payload is {} bytes, over the task's cap of {max_payload}",
                     payload.len(),
-                    task.policy.max_payload_bytes
                 ),
             ));
         }
@@ -297,7 +303,9 @@ impl Processor {
         if retryable && outcome.waiting_on_step {
             if let Verdict::Retry { message, delay } = &outcome.verdict {
                 return Outcome::Wait {
-                    delay: delay.unwrap_or(STEP_WAIT).min(MAX_DELAY),
+                    // Never sooner than STEP_WAIT: a guest asking to be run
+                    // again at once would spin on the step.
+                    delay: delay.unwrap_or(STEP_WAIT).clamp(STEP_WAIT, MAX_DELAY),
                     error: Failure::new(Category::TaskError, message.clone()),
                 };
             }
@@ -350,7 +358,8 @@ impl Processor {
                     .clone()
             }
         };
-        let enqueuer: Arc<dyn ChildEnqueuer> = Arc::new(self.broker.clone());
+        // Child enqueues go on the tenant's own connection too.
+        let enqueuer: Arc<dyn ChildEnqueuer> = Arc::new(self.broker.on_connection(conn.clone()));
         let quota = record.map(|r| r.limits.store_quota()).unwrap_or_default();
         Ok(RedisBackend::new(conn)
             .with_enqueuer(enqueuer)
