@@ -269,18 +269,16 @@ local now_ms = string.format('%d', now)
 local out, leases = {{}}, {{}}
 for i = 1, #popped, 2 do
   local id = popped[i]
-  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries',
-    'leases')
+  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries')
   if f[1] then
     local deliveries = string.format('%d', (tonumber(f[2]) or 0) + 1)
     local attempt = string.format('%d', (tonumber(f[3]) or 0) + 1)
-    -- Tokens count every lease the job was ever given (`dead retry` resets
-    -- `deliveries`, not this), so no two deliveries share one.
-    local seq = string.format('%d', math.max(tonumber(f[5]) or 0, tonumber(f[2]) or 0) + 1)
-    local token = worker .. ':' .. seq
+    -- The worker, the delivery and the server's clock: no two deliveries
+    -- share a token, even after `dead retry` starts `deliveries` again.
+    local token = worker .. ':' .. deliveries .. '@' .. now_us
     redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'deliveries', deliveries,
-      'leases', seq, 'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us,
-      'worker', worker, 'capped', capped)
+      'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us, 'worker', worker,
+      'capped', capped)
     leases[#leases + 1] = expiry
     leases[#leases + 1] = id
     out[#out + 1] = id
