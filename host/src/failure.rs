@@ -39,6 +39,9 @@ pub enum Category {
     /// refusing writes, a component it could not fetch) through every host
     /// retry the job gets.
     HostError,
+    /// An operator cancelled the job (`wasmq cancel`): a queued or delayed
+    /// job never ran, a running one was stopped.
+    Cancelled,
 }
 
 impl Category {
@@ -57,6 +60,7 @@ impl Category {
             Category::BadPayload => "bad-payload",
             Category::UnknownTask => "unknown-task",
             Category::HostError => "host-error",
+            Category::Cancelled => "cancelled",
         }
     }
 
@@ -74,6 +78,7 @@ impl Category {
                 | Category::Denied
                 | Category::RetryExhausted
                 | Category::HostError
+                | Category::Cancelled
         )
     }
 }

@@ -85,6 +85,37 @@ impl Keys {
     pub fn queue_pool(&self, queue: &str) -> String {
         self.key(&["queue", queue, "pool"])
     }
+    /// SET: every queue the tenant's tasks were deployed to (what
+    /// `wasmq queues` lists).
+    pub fn queues(&self) -> String {
+        self.key(&["queues"])
+    }
+    /// HASH: paused queues, queue → JSON {by, at_ms}; the fetch script
+    /// leases nothing from a queue listed here.
+    pub fn paused(&self) -> String {
+        self.key(&["paused"])
+    }
+    /// HASH: dead-lettered jobs per queue, queue → count (the `dead` set
+    /// is the tenant's; this splits it by the queue each job died on).
+    pub fn dead_by_queue(&self) -> String {
+        self.key(&["dead-by-queue"])
+    }
+    /// HASH: outcomes in one minute (unix minute on the Redis clock):
+    /// fields `queue:Q:OUTCOME` and `task:T:OUTCOME` → count, expiring
+    /// after [`STATS_RETENTION_MINUTES`].
+    pub fn stats(&self, minute: u64) -> String {
+        self.key(&["stats", &minute.to_string()])
+    }
+    /// ZSET: the most recent succeeded jobs, by finish time (ms), trimmed
+    /// to the newest [`FINISHED_INDEX_KEPT`].
+    pub fn succeeded(&self) -> String {
+        self.key(&["succeeded"])
+    }
+    /// ZSET: the most recent cancelled jobs, by cancel time (ms), trimmed
+    /// like [`Keys::succeeded`].
+    pub fn cancelled(&self) -> String {
+        self.key(&["cancelled"])
+    }
     /// LIST: wake-up tokens for idle workers of a queue.
     pub fn signal(&self, queue: &str) -> String {
         self.key(&["queue", queue, "signal"])
@@ -180,6 +211,37 @@ impl Keys {
 /// SET of tenant names with a record: the one key outside any tenant
 /// (admin-only; producers' ACLs do not include it).
 pub const TENANTS: &str = "wasmq:tenants";
+
+/// Minutes a per-minute stats hash is kept: a day and an hour, so the
+/// last 24 hours are always whole.
+pub const STATS_RETENTION_MINUTES: u64 = 25 * 60;
+
+/// Finished jobs each of the `succeeded` and `cancelled` indexes keeps
+/// (the newest): enough for `wasmq jobs` and the dashboard to page
+/// through, bounded however many jobs run. The job records themselves live
+/// their own retention.
+pub const FINISHED_INDEX_KEPT: usize = 10_000;
+
+/// Keys of worker processes, outside any tenant: a worker serves many
+/// tenants. They share the `{workers}` hash tag, so they live in one
+/// Redis Cluster slot (one BLPOP can wait on every control list of a
+/// process).
+pub mod workers {
+    /// ZSET: worker process id → its last heartbeat (ms, Redis clock).
+    pub const LIVE: &str = "wasmq:{workers}:live";
+
+    /// STRING: a worker process's heartbeat (JSON), expiring unless
+    /// renewed.
+    pub fn beat(process: &str) -> String {
+        format!("wasmq:{{workers}}:beat:{process}")
+    }
+
+    /// LIST: control messages for one pool of a worker (cancel a running
+    /// job), expiring when nobody reads them.
+    pub fn control(pool: &str) -> String {
+        format!("wasmq:{{workers}}:control:{pool}")
+    }
+}
 
 /// Tenant names: 1–64 of `[a-z0-9_-]`. They end up inside a hash tag and
 /// ACL patterns, so no braces, colons or glob characters.

@@ -1,8 +1,9 @@
 //! Starting and stopping a worker process's pools: [`run`] builds the
 //! engine, the sandbox, the Redis connection and one [`Worker`] per pool
 //! (io pools on the caller's runtime, each cpu pool on a runtime of its own
-//! at a low OS priority), runs them until `shutdown` resolves, then drains
-//! them and returns what they did.
+//! at a low OS priority) and the process's [`Presence`] (heartbeat and
+//! control list), runs them until `shutdown` resolves, then drains them
+//! and returns what they did.
 //!
 //! The CLI parses flags into a [`LaunchConfig`] and passes
 //! [`shutdown_signal`]; tests and embedding programs pass any future, as
@@ -23,7 +24,9 @@ use crate::engine::{build_engine, CompileSettings, EngineLimits};
 use crate::keys::valid_tenant;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
-use crate::worker::{HostRetries, Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE};
+use crate::worker::{
+    HostRetries, Identity, Presence, Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE,
+};
 
 /// How a worker process runs.
 #[derive(Debug, Clone)]
@@ -138,6 +141,7 @@ pub async fn run_on(
     let compute = ComputeThreads::for_machine(priority)?;
     let mut running = Vec::new();
     let mut cpu_runtimes = Vec::new();
+    let mut pools = Vec::new();
     for (i, pool) in config.pools.iter().enumerate() {
         let pool_config = WorkerConfig {
             tenants: config.tenants.clone(),
@@ -161,6 +165,7 @@ pub async fn run_on(
             config.tenants
         );
         let worker = Worker::new(broker.clone(), sandbox.clone(), pool_config);
+        pools.push((worker.clone(), pool.kind));
         let shutdown = stopped(stopping.clone());
         let handle = match pool.kind {
             PoolKind::Io => tokio::spawn(worker.run(shutdown)),
@@ -181,6 +186,15 @@ pub async fn run_on(
         running.push(handle);
     }
 
+    let identity = Identity {
+        id: config.id.clone(),
+        host: hostname(),
+        tenants: config.tenants.clone(),
+        started_at_ms: crate::broker::now_ms(),
+    };
+    let presence =
+        tokio::spawn(Presence::new(broker.clone(), identity, pools).run(stopped(stopping.clone())));
+
     shutdown.await;
     let _ = stop.send(true);
     let mut total = WorkerStats::default();
@@ -191,6 +205,7 @@ pub async fn run_on(
     for runtime in cpu_runtimes {
         runtime.shutdown_background();
     }
+    let _ = presence.await;
     Ok(total)
 }
 

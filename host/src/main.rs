@@ -14,7 +14,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,wasmq::launcher=info")
+                tracing_subscriber::EnvFilter::new(
+                    "warn,wasmq::launcher=info,wasmq::worker::presence=info",
+                )
             }),
         )
         .init();

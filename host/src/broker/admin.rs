@@ -21,7 +21,7 @@ use crate::tenants::component_refusal;
 pub struct JobStatus {
     /// Job id.
     pub id: String,
-    /// queued, scheduled, active, succeeded, dead.
+    /// queued, scheduled, active, succeeded, dead, cancelled.
     pub state: String,
     /// Attempts that ended in a verdict (success, a retry, death): what
     /// the task's `max_attempts` counts.
@@ -172,6 +172,7 @@ impl Broker {
             .set_nx(keys.component(&hash), component)
             .hset(keys.task(name), "spec", serde_json::to_string(&task)?)
             .sadd(keys.tasks(), name)
+            .sadd(keys.queues(), &policy.queue)
             .query_async::<()>(&mut conn)
             .await?;
         Ok(task)
@@ -327,6 +328,7 @@ impl Broker {
             .key(keys.history(id))
             .key(keys.done(id))
             .key(keys.idempotency_index())
+            .key(keys.dead_by_queue())
             .arg(keys.prefix())
             .arg(id)
             .invoke_async(&mut self.connection())
@@ -334,19 +336,24 @@ impl Broker {
         Ok(retried == 1)
     }
 
-    /// Delete every dead-lettered job; how many.
+    /// Delete every dead-lettered job, a thousand per script call; how
+    /// many.
     pub async fn dead_purge(&self, tenant: &str) -> anyhow::Result<usize> {
         let keys = Keys::new(tenant);
         let mut conn = self.connection();
-        let ids: Vec<String> = conn.zrange(keys.dead(), 0, -1).await?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.del(keys.job(id))
-                .del(keys.history(id))
-                .del(keys.done(id))
-                .zrem(keys.dead(), id);
+        let mut total = 0;
+        loop {
+            let purged: usize = scripts::PURGE_DEAD
+                .key(keys.dead())
+                .key(keys.dead_by_queue())
+                .arg(keys.prefix())
+                .arg(1000)
+                .invoke_async(&mut conn)
+                .await?;
+            total += purged;
+            if purged == 0 {
+                return Ok(total);
+            }
         }
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(ids.len())
     }
 }

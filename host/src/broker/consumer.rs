@@ -153,6 +153,8 @@ impl Broker {
             .key(keys.dead())
             .key(keys.inflight())
             .key(keys.idempotency_index())
+            .key(keys.paused())
+            .key(keys.dead_by_queue())
             .arg(keys.prefix())
             .arg(n)
             .arg(ms(terms.lease))
@@ -160,6 +162,7 @@ impl Broker {
             .arg(terms.max_deliveries)
             .arg(terms.cluster_cap.unwrap_or(0))
             .arg(ms(FINISHED_RETENTION))
+            .arg(queue)
             .invoke_async(&mut self.connection())
             .await?;
         let mut out = Vec::with_capacity(flat.len() / 5);
@@ -240,6 +243,8 @@ impl Broker {
         call.key(keys.usage())
             .key(keys.dead())
             .key(keys.idempotency_index())
+            .key(keys.succeeded())
+            .key(keys.dead_by_queue())
             .arg(keys.prefix())
             .arg(ms(FINISHED_RETENTION));
         // The batch's usage, summed here so the script adds it once; it
@@ -300,7 +305,8 @@ impl Broker {
                 .arg(delay)
                 .arg(error)
                 .arg(serde_json::to_string(&c.usage).unwrap_or_default())
-                .arg(denials_json(&c.denials));
+                .arg(denials_json(&c.denials))
+                .arg(&c.task);
         }
         let answers: Vec<String> = call.invoke_async(&mut self.connection()).await?;
         Ok(answers

@@ -3,14 +3,18 @@
 //!
 //! Owns the job life cycle in Redis and nothing else: enqueue (with
 //! idempotency and delays), fetch with leases, lease renewal, recording an
-//! outcome, deploys, results, status and the dead-letter queue. Every state
+//! outcome, deploys, results, status and the dead-letter queue; the
+//! operator's views ([`inspect`]: queues, jobs by state, per-minute
+//! counts) and controls ([`control`]: cancel, pause, heartbeats). Every state
 //! change is one Lua script ([`scripts`]); running jobs is the worker's job.
 
 pub mod acl;
 mod admin;
 mod children;
 mod consumer;
+mod control;
 pub mod envelope;
+mod inspect;
 mod producer;
 mod registry;
 mod scripts;
@@ -21,6 +25,8 @@ use redis::aio::ConnectionManager;
 
 pub use admin::{JobStatus, TenantUsage};
 pub use consumer::{Completion, Fetched, LeaseTerms, Outcome, Recorded};
+pub use control::{Cancelled, ControlMessage, PoolBeat, WorkerBeat};
+pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};
 pub use registry::DeployedTask;
 

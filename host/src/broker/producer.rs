@@ -57,7 +57,7 @@ pub enum ResultState {
     Ignored,
     /// Stored, but its TTL has passed.
     Expired,
-    /// The job failed (dead-lettered).
+    /// The job failed (dead-lettered) or was cancelled.
     Failed(Failure),
     /// No such job (never existed, or its record expired).
     Unknown,
@@ -315,7 +315,7 @@ impl Broker {
             (_, Some(r)) => ResultState::Ready(serde_json::from_str(&r)?),
             (Some("succeeded"), None) if stored.is_some() => ResultState::Expired,
             (Some("succeeded"), None) => ResultState::Ignored,
-            (Some("dead"), _) => ResultState::Failed(
+            (Some("dead" | "cancelled"), _) => ResultState::Failed(
                 last_error
                     .and_then(|e| serde_json::from_str(&e).ok())
                     .unwrap_or_else(|| {

@@ -32,6 +32,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+use crate::keys::{FINISHED_INDEX_KEPT, STATS_RETENTION_MINUTES};
+
 /// Events a job's history keeps (the oldest are dropped): a job retried
 /// or redelivered without end must not grow Redis without end.
 pub const MAX_HISTORY: usize = 100;
@@ -52,9 +54,12 @@ pub const MAX_LOST_WORKERS: usize = 10;
 /// - `wake(prefix, id, notify, what, retention)` pushes `done:ID` for
 ///   `result --wait` callers, if any registered.
 fn shared_lua() -> String {
+    let stats_ms = STATS_RETENTION_MINUTES * 60_000;
     format!(
         r#"
 local MAX_HISTORY = {MAX_HISTORY}
+local STATS_RETENTION_MS = {stats_ms}
+local FINISHED_INDEX_KEPT = {FINISHED_INDEX_KEPT}
 local function history(job_key, history_key, at_ms, event, detail)
   redis.call('RPUSH', history_key, cjson.encode({{at_ms = at_ms, event = event, detail = detail}}))
   redis.call('LTRIM', history_key, -MAX_HISTORY, -1)
@@ -70,6 +75,32 @@ local function release_idempotency(job_key, id, index_key)
     redis.call('DEL', idem)
     redis.call('ZREM', index_key, idem)
   end
+end
+-- Per-minute outcome counts (see `keys::Keys::stats`): `tally` adds to a
+-- table, `flush_tallies` writes it once per script call.
+local function tally(tallies, queue, task, outcome)
+  local q = 'queue:' .. queue .. ':' .. outcome
+  tallies[q] = (tallies[q] or 0) + 1
+  if task and task ~= '' then
+    local t = 'task:' .. task .. ':' .. outcome
+    tallies[t] = (tallies[t] or 0) + 1
+  end
+end
+local function flush_tallies(prefix, now, tallies)
+  local key = prefix .. 'stats:' .. string.format('%d', math.floor(now / 60000))
+  local any = false
+  for field, count in pairs(tallies) do
+    redis.call('HINCRBY', key, field, count)
+    any = true
+  end
+  if any then redis.call('PEXPIRE', key, STATS_RETENTION_MS) end
+end
+-- The task of a job, from its envelope ('' when it cannot be read).
+local function task_of(envelope)
+  if not envelope then return '' end
+  local ok, decoded = pcall(cjson.decode, envelope)
+  if ok and type(decoded) == 'table' and type(decoded.task) == 'string' then return decoded.task end
+  return ''
 end
 local function wake(prefix, id, notify, what, retention)
   if notify == '1' then
@@ -186,9 +217,9 @@ return {id, 'new'}
 });
 
 /// Fetch up to n jobs. KEYS: ready, delayed, leased, dead, inflight,
-/// idempotency index.
+/// idempotency index, paused, dead-by-queue.
 /// ARGV: prefix, n, lease_ms, worker, max_deliveries (default for jobs
-/// without their own), cluster_cap (0 = none), finished_ttl_ms.
+/// without their own), cluster_cap (0 = none), finished_ttl_ms, queue.
 ///
 /// First promotes due delayed jobs and reclaims expired leases (their
 /// workers died, froze or lost Redis): each reclaim counts one lost
@@ -199,6 +230,8 @@ return {id, 'new'}
 /// With a cluster cap, the tenant's `inflight` set (every job of the tenant
 /// leased by any worker, scored by lease expiry) bounds n, and each leased
 /// job joins it; the entries of dead workers count until their lease ends.
+/// A paused queue (listed in `paused`) still promotes and reclaims, but
+/// leases nothing.
 /// Returns a flat list: id, envelope, attempt, lease token, host retries,
 /// ... A popped id without a job record is dropped.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
@@ -222,7 +255,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
   local f = redis.call('HMGET', job(id), 'score', 'lost', 'started_at_ms', 'attempt',
-    'worker', 'notify', 'max_deliveries', 'lost_workers')
+    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope')
   if f[1] then
     local h = prefix .. 'history:' .. id
     started(job(id), h, f[3], f[4], f[5])
@@ -239,8 +272,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
         'froze or lost Redis while running it (a poison job, or a bad night: workers ' .. named ..
         '); `wasmq dead retry` runs it again'}})
       redis.call('HSET', job(id), 'state', 'dead', 'last_error', err, 'lease', '', 'lost', lost,
-        'lost_workers', named, 'finished_at_ms', now, 'finished_at_us', now_us)
+        'lost_workers', named, 'finished_at_ms', now, 'finished_at_us', now_us, 'dead_queue', ARGV[8])
       redis.call('ZADD', KEYS[4], now, id)
+      redis.call('HINCRBY', KEYS[8], ARGV[8], 1)
+      local tallies = {{}}
+      tally(tallies, ARGV[8], task_of(f[9]), 'failed')
+      tally(tallies, ARGV[8], task_of(f[9]), 'dead')
+      flush_tallies(prefix, now, tallies)
       history(job(id), h, now, 'dead', err)
       release_idempotency(job(id), id, KEYS[6])
       wake(prefix, id, f[6], 'dead', ARGV[7])
@@ -252,6 +290,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     end
   end
 end
+if redis.call('HEXISTS', KEYS[7], ARGV[8]) == 1 then return {{}} end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
   n = math.min(n, cap - redis.call('ZCARD', KEYS[5]))
@@ -325,12 +364,12 @@ return lost
 });
 
 /// Fields per job in [`COMPLETE`]'s ARGV.
-pub const COMPLETE_FIELDS: usize = 12;
+pub const COMPLETE_FIELDS: usize = 13;
 
 /// Record outcomes of many deliveries in one call (the worker batches
 /// whatever finished since its last call: fewer script invocations, which
 /// cost more than the commands they run).
-/// KEYS: usage, dead, idempotency index.
+/// KEYS: usage, dead, idempotency index, succeeded index, dead-by-queue.
 /// ARGV: prefix, finished_ttl_ms, the batch's usage totals over the runs
 /// that ran a sandbox (runs, fuel, wall_time_us, run_time_us,
 /// memory_byte_seconds, net_out_bytes, net_in_bytes, denied), then per job
@@ -339,7 +378,12 @@ pub const COMPLETE_FIELDS: usize = 12;
 /// result_ttl_ms (0 = do not store), idempotency key or '',
 /// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, and the
 /// run's refusals as a JSON list ('' for none; kept as the job's
-/// `denials`).
+/// `denials`), and the task's name.
+///
+/// Besides the job, a recorded outcome adds to the minute's counts per
+/// queue and task (`succeeded`; `failed` for a retry or a death, and
+/// `dead`), one HINCRBY per distinct field per batch, and a success joins
+/// the `succeeded` index (one ZADD and one trim per batch).
 ///
 /// Returns per job 'ok' (recorded now), 'recorded' (this delivery's
 /// outcome was recorded before: a batch retried after its reply was lost),
@@ -383,12 +427,12 @@ local function not_counted(usage, stale)
     wasted.wasted_run_time_us = wasted.wasted_run_time_us + run
   end
 end
-local out, unleased = {{}}, {{}}
+local out, unleased, tallies, succeeded = {{}}, {{}}, {{}}, {{}}
 for i = 3 + #names, #ARGV, FIELDS do
   local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local result, result_ttl = ARGV[i + 4], tonumber(ARGV[i + 5])
   local idem, idem_ttl, delay, err = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-  local usage, denials = ARGV[i + 10], ARGV[i + 11]
+  local usage, denials, task = ARGV[i + 10], ARGV[i + 11], ARGV[i + 12]
   local job = prefix .. 'job:' .. id
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
@@ -428,6 +472,7 @@ for i = 3 + #names, #ARGV, FIELDS do
       -- A host-side failure does not use up one of the task's attempts
       -- (it counts as a host retry); waiting for a step uses neither.
       if outcome == 'retry' then
+        tally(tallies, queue, task, 'failed')
         redis.call('HSET', job, 'attempts', attempt)
       elseif outcome == 'host-retry' then
         redis.call('HINCRBY', job, 'host_retries', 1)
@@ -452,6 +497,9 @@ for i = 3 + #names, #ARGV, FIELDS do
       end
       redis.call('PEXPIRE', job, retention)
       if f[4] == '1' then redis.call('PEXPIRE', h, retention) end
+      tally(tallies, queue, task, 'succeeded')
+      succeeded[#succeeded + 1] = now_ms
+      succeeded[#succeeded + 1] = id
       -- The idempotency key now dedups for its TTL from the success.
       if idem ~= '' and redis.call('GET', idem) == id then
         redis.call('PEXPIRE', idem, idem_ttl)
@@ -460,8 +508,11 @@ for i = 3 + #names, #ARGV, FIELDS do
     else
       redis.call('HSET', job, 'state', 'dead', 'last_error', err, 'usage', usage,
         'finished_at_ms', now_ms, 'finished_at_us', now_us, 'lease', '', 'recorded', token,
-        'attempts', attempt)
+        'attempts', attempt, 'dead_queue', queue)
       redis.call('ZADD', KEYS[2], now, id)
+      redis.call('HINCRBY', KEYS[5], queue, 1)
+      tally(tallies, queue, task, 'failed')
+      tally(tallies, queue, task, 'dead')
       history(job, h, now, 'dead', err)
       -- A failed job does not hold its idempotency key: a new enqueue may run.
       release_idempotency(job, id, KEYS[3])
@@ -473,6 +524,11 @@ end
 for queue, ids in pairs(unleased) do
   redis.call('ZREM', prefix .. 'queue:' .. queue .. ':leased', unpack(ids))
 end
+if #succeeded > 0 then
+  redis.call('ZADD', KEYS[4], unpack(succeeded))
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -FINISHED_INDEX_KEPT - 1)
+end
+flush_tallies(prefix, now, tallies)
 -- The tenant's usage: one write per field per batch, not per job.
 for _, totals in ipairs({{used, wasted}}) do
   for field, value in pairs(totals) do
@@ -500,7 +556,8 @@ return state
 });
 
 /// Run a dead job again with fresh attempts and deliveries, in one step.
-/// KEYS: job, dead, history, done, idempotency index. ARGV: prefix, id.
+/// KEYS: job, dead, history, done, idempotency index, dead-by-queue.
+/// ARGV: prefix, id.
 /// Returns 0 when the job is not in the dead-letter queue. The job goes on
 /// its task's current queue (a task moved to another queue since takes its
 /// dead jobs with it; a deleted task's go back where they were). It takes
@@ -510,16 +567,17 @@ pub static DEAD_RETRY: LazyLock<Script> = LazyLock::new(|| {
     with_shared(
         r#"
 local prefix, id = ARGV[1], ARGV[2]
-local f = redis.call('HMGET', KEYS[1], 'score', 'idem', 'envelope')
+local f = redis.call('HMGET', KEYS[1], 'score', 'idem', 'envelope', 'dead_queue')
 if not f[1] or not f[3] then return 0 end
 if redis.call('ZREM', KEYS[2], id) == 0 then return 0 end
+if f[4] and redis.call('HINCRBY', KEYS[6], f[4], -1) <= 0 then redis.call('HDEL', KEYS[6], f[4]) end
 local ok, envelope = pcall(cjson.decode, f[3])
 if not ok or type(envelope) ~= 'table' or type(envelope.queue) ~= 'string' then return 0 end
 local now = clock()
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'deliveries', 0, 'lost', 0,
   'host_retries', 0, 'lease', '')
 redis.call('HDEL', KEYS[1], 'finished_at_ms', 'finished_at_us', 'lost_workers', 'recorded',
-  'due_at_ms', 'attempt')
+  'due_at_ms', 'attempt', 'dead_queue')
 redis.call('DEL', KEYS[4])
 history(KEYS[1], KEYS[3], now, 'dead-retry')
 if f[2] and f[2] ~= '' then
@@ -544,10 +602,149 @@ if type(envelope.task) == 'string' then
   end
 end
 local q = prefix .. 'queue:' .. queue .. ':'
+-- The queue it is on now, if it moved with its task (`wasmq cancel` looks
+-- there).
+if queue ~= envelope.queue then redis.call('HSET', KEYS[1], 'queue', queue) end
 redis.call('ZADD', q .. 'ready', f[1], id)
 redis.call('LPUSH', q .. 'signal', '1')
 redis.call('LTRIM', q .. 'signal', 0, 63)
 return 1
+"#,
+    )
+});
+
+/// Cancel a job. KEYS: job, history, done, idempotency index, cancelled
+/// index, inflight. ARGV: prefix, id, who, finished_ttl_ms.
+///
+/// A queued or scheduled job leaves its queue and never runs; an active
+/// one leaves the lease set, so its worker's lease is gone: the worker's
+/// renewal or outcome finds another owner (none) and stops the run, and
+/// the caller also tells the worker at once (its control list). Either
+/// way the job ends `cancelled` with the reason as its last error, keeps
+/// its record for the finished retention, frees its idempotency key and
+/// wakes result waiters. Returns {'cancelled', state before, worker,
+/// lease token}, or {'finished', state} for a job that had already ended,
+/// or {} when there is no such job.
+pub static CANCEL: LazyLock<Script> = LazyLock::new(|| {
+    with_shared(
+        r#"
+local prefix, id, who, retention = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local f = redis.call('HMGET', KEYS[1], 'state', 'envelope', 'queue', 'worker', 'lease', 'notify',
+  'started_at_ms', 'attempt')
+if not f[1] then return {} end
+local state = f[1]
+if state ~= 'queued' and state ~= 'scheduled' and state ~= 'active' then
+  return {'finished', state}
+end
+local queue = f[3]
+local task = task_of(f[2])
+if not queue or queue == '' then
+  local ok, envelope = pcall(cjson.decode, f[2] or '')
+  if ok and type(envelope) == 'table' and type(envelope.queue) == 'string' then queue = envelope.queue end
+end
+queue = queue or ''
+local q = prefix .. 'queue:' .. queue .. ':'
+redis.call('ZREM', q .. 'ready', id)
+redis.call('ZREM', q .. 'delayed', id)
+redis.call('ZREM', q .. 'leased', id)
+if redis.call('ZREM', KEYS[6], id) == 1 then
+  -- A place under the tenant's cluster cap is free: wake a worker.
+  redis.call('LPUSH', q .. 'signal', '1')
+  redis.call('LTRIM', q .. 'signal', 0, 63)
+end
+local now, now_us = clock()
+local reason = 'cancelled by ' .. who .. ' while ' .. state
+local err = cjson.encode({category = 'cancelled', message = reason})
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'last_error', err, 'lease', '',
+  'finished_at_ms', string.format('%d', now), 'finished_at_us', now_us, 'cancelled_by', who)
+redis.call('HDEL', KEYS[1], 'due_at_ms')
+if state == 'active' then started(KEYS[1], KEYS[2], f[7], f[8], f[4]) end
+history(KEYS[1], KEYS[2], now, 'cancelled', reason)
+redis.call('PEXPIRE', KEYS[1], retention)
+redis.call('PEXPIRE', KEYS[2], retention)
+release_idempotency(KEYS[1], id, KEYS[4])
+wake(prefix, id, f[6], 'cancelled', retention)
+redis.call('ZADD', KEYS[5], now, id)
+redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -FINISHED_INDEX_KEPT - 1)
+local tallies = {}
+tally(tallies, queue, task, 'cancelled')
+flush_tallies(prefix, now, tallies)
+return {'cancelled', state, f[4] or '', f[5] or ''}
+"#,
+    )
+});
+
+/// Delete up to n of the oldest dead-lettered jobs. KEYS: dead,
+/// dead-by-queue. ARGV: prefix, n. Returns how many it deleted (called
+/// until 0: a million dead jobs never block Redis in one call).
+pub static PURGE_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix, n = ARGV[1], tonumber(ARGV[2])
+local ids = redis.call('ZRANGE', KEYS[1], 0, n - 1)
+for _, id in ipairs(ids) do
+  local job = prefix .. 'job:' .. id
+  local queue = redis.call('HGET', job, 'dead_queue')
+  if queue and redis.call('HINCRBY', KEYS[2], queue, -1) <= 0 then redis.call('HDEL', KEYS[2], queue) end
+  redis.call('DEL', job, prefix .. 'history:' .. id, prefix .. 'done:' .. id)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
+"#,
+    )
+});
+
+/// A worker process's heartbeat. KEYS: its beat key, the live set.
+/// ARGV: process id, heartbeat JSON, ttl_ms. The live set scores it
+/// with the Redis clock, so every worker's "last seen" is on one clock.
+pub static BEAT: LazyLock<Script> = LazyLock::new(|| {
+    with_clock(
+        r#"
+local now = clock()
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return now
+"#,
+    )
+});
+
+/// One queue's figures for `wasmq queues`, read at one instant.
+/// KEYS: ready, delayed, leased, dead-by-queue, paused. ARGV: prefix,
+/// queue.
+///
+/// Returns {ready, delayed, running, dead, paused (JSON or ''), enqueue
+/// time of the oldest ready job (ms, -1 for none), now (ms), succeeded
+/// and failed in this clock minute and the one before}. The oldest ready
+/// job is the first of some priority band (within a band, jobs are in
+/// enqueue order), so ten lookups find it however long the queue is.
+pub static QUEUE_VIEW: LazyLock<Script> = LazyLock::new(|| {
+    with_clock(
+        r#"
+local prefix, queue = ARGV[1], ARGV[2]
+local now = clock()
+local ready = redis.call('ZCARD', KEYS[1])
+local oldest = -1
+if ready > 0 then
+  local band = 17592186044416
+  for p = 0, 9 do
+    local first = redis.call('ZRANGEBYSCORE', KEYS[1], p * band, (p + 1) * band - 1, 'LIMIT', 0, 1)
+    if first[1] then
+      local at = tonumber(redis.call('HGET', prefix .. 'job:' .. first[1], 'enqueued_at_ms'))
+      if at and (oldest < 0 or at < oldest) then oldest = at end
+    end
+  end
+end
+local minute = math.floor(now / 60000)
+local succeeded, failed = 0, 0
+for m = minute - 1, minute do
+  local f = redis.call('HMGET', prefix .. 'stats:' .. string.format('%d', m),
+    'queue:' .. queue .. ':succeeded', 'queue:' .. queue .. ':failed')
+  succeeded = succeeded + (tonumber(f[1]) or 0)
+  failed = failed + (tonumber(f[2]) or 0)
+end
+return {ready, redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
+  tonumber(redis.call('HGET', KEYS[4], queue)) or 0, redis.call('HGET', KEYS[5], queue) or '',
+  oldest, now, succeeded, failed}
 "#,
     )
 });

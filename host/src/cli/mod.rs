@@ -11,6 +11,7 @@ mod dead;
 mod deploy;
 mod enqueue;
 mod format;
+mod operate;
 mod run;
 mod tenant;
 mod worker;
@@ -73,6 +74,33 @@ pub enum Command {
     /// Tenants: the Redis ACL user that confines a tenant's producers.
     #[command(subcommand)]
     Tenant(tenant::TenantCommand),
+    /// Every queue of the tenant: ready, delayed, running, dead, paused,
+    /// age of the oldest ready job, runs succeeded and failed lately.
+    Queues {
+        /// Print JSON (times in ms, and as RFC 3339).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live workers (from their heartbeats) serving the tenant.
+    Workers {
+        /// Every live worker, whatever tenants it serves.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON (times in ms, and as RFC 3339).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Jobs by state, newest first.
+    Jobs(operate::JobsArgs),
+    /// Cancel a job: a queued or delayed job never runs; a running one is
+    /// stopped. It ends `cancelled` and result waiters wake.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Pause or resume a queue.
+    #[command(subcommand)]
+    Queue(operate::QueueCommand),
 }
 
 /// Why a command failed.
@@ -115,6 +143,13 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Dead(command) => dead::dead(&cli.redis, &cli.tenant, command).await,
         Command::Bench(args) => bench::bench(&cli.redis, args).await,
         Command::Tenant(command) => tenant::tenant(&cli.redis, command).await,
+        Command::Queues { json } => operate::queues(&cli.redis, &cli.tenant, json).await,
+        Command::Workers { all, json } => {
+            operate::workers(&cli.redis, &cli.tenant, all, json).await
+        }
+        Command::Jobs(args) => operate::jobs(&cli.redis, &cli.tenant, args).await,
+        Command::Cancel { id } => operate::cancel(&cli.redis, &cli.tenant, &id).await,
+        Command::Queue(command) => operate::queue(&cli.redis, &cli.tenant, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -67,6 +67,24 @@ impl Leases {
             .count()
     }
 
+    /// Jobs held now (the pool's busy slots).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Stop the run of delivery `token` of `tenant`'s job `id`, if held
+    /// here (an operator cancelled it: its lease is gone in Redis already).
+    /// True if a run was stopped.
+    pub fn stop(&self, tenant: &str, id: &str, token: &str) -> bool {
+        match self.lock().get(id) {
+            Some(h) if h.job.tenant == tenant && h.job.token == token => {
+                h.watch.lose();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Stop every held job's run: each ends as if its lease were lost and
     /// hands its job back.
     pub fn stop_all(&self) {

@@ -130,6 +130,27 @@ impl Worker {
         counts.succeeded + counts.dead
     }
 
+    /// Jobs it runs now.
+    pub fn busy(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Its id (what job records and control lists name).
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Stop the run of one delivery now (the job was cancelled); true if
+    /// this pool was running it.
+    pub fn stop_run(&self, tenant: &str, id: &str, token: &str) -> bool {
+        self.leases.stop(tenant, id, token)
+    }
+
     /// Run until `shutdown` resolves, then drain.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> WorkerStats {
         let concurrency = self.config.concurrency.max(1);

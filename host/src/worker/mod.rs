@@ -13,7 +13,9 @@
 //! - [`catalog`]: what a job needs that is read from Redis rarely: deployed
 //!   tasks, tenant records, compiled components;
 //! - [`manager`]: the pool's loop: slots, dispatching fetched jobs to
-//!   processors, and drain on shutdown.
+//!   processors, and drain on shutdown;
+//! - [`presence`]: the process's heartbeat, and the control list through
+//!   which an operator's cancel reaches the pool running the job.
 //!
 //! The launcher ([`crate::launcher`]) builds pools from flags and runs
 //! them; nothing here reads flags or signals.
@@ -22,10 +24,12 @@ mod catalog;
 mod fetch;
 mod lease;
 mod manager;
+mod presence;
 mod processor;
 mod recorder;
 
 pub use catalog::Catalog;
 pub use lease::DEFAULT_LEASE;
 pub use manager::{Worker, WorkerConfig, WorkerStats};
+pub use presence::{Identity, Presence, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use processor::{HostRetries, MAX_HOST_RETRIES};

@@ -118,7 +118,13 @@ impl Recorder {
                     return;
                 }
                 Ok(Ok(Answer::Stale)) => {
-                    tracing::warn!(job = %id, "lease lost before the outcome was recorded; another delivery owns the job");
+                    // A run stopped because its lease went (a cancel, a
+                    // redelivery) hands back a job it no longer owns: expected.
+                    if matches!(completion.outcome, Outcome::Release) {
+                        tracing::debug!(job = %id, "stopped run's job is owned elsewhere now (cancelled or redelivered)");
+                    } else {
+                        tracing::warn!(job = %id, "lease lost before the outcome was recorded; another delivery owns the job, or it was cancelled");
+                    }
                     return;
                 }
                 Ok(Err(e)) => {

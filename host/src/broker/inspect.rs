@@ -1,0 +1,377 @@
+//! What an operator reads: every queue's figures, jobs by state, and the
+//! per-minute outcome counts. Each view reads indexes the scripts keep
+//! (the per-queue sorted sets, the `succeeded` and `cancelled` indexes,
+//! the dead-by-queue counts, the per-minute stats hashes), never a scan of
+//! the keyspace: a million jobs cost a listing nothing more than ten.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use super::envelope::Envelope;
+use super::{scripts, Broker};
+use crate::keys::Keys;
+
+/// Who paused a queue, and when (Redis clock, ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    /// Who asked (`user@host`).
+    pub by: String,
+    /// When (ms).
+    pub at_ms: u64,
+}
+
+/// One queue, as `wasmq queues` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueView {
+    /// Queue name.
+    pub name: String,
+    /// Jobs ready to run.
+    pub ready: u64,
+    /// Jobs not due yet (countdown, ETA, retry backoff).
+    pub delayed: u64,
+    /// Jobs leased to a worker now.
+    pub running: u64,
+    /// Jobs dead-lettered from this queue.
+    pub dead: u64,
+    /// Set while the queue is paused.
+    pub paused: Option<Paused>,
+    /// How long the oldest ready job has waited since its enqueue (ms).
+    pub oldest_ready_age_ms: Option<u64>,
+    /// Runs that succeeded in this clock minute and the one before.
+    pub succeeded_last_minute: u64,
+    /// Runs that failed (a retry or a death) in this clock minute and the
+    /// one before.
+    pub failed_last_minute: u64,
+}
+
+/// A job state `wasmq jobs` lists by, each read from its own index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Ready to run (`queue:Q:ready`).
+    Queued,
+    /// Waiting for its due time (`queue:Q:delayed`).
+    Scheduled,
+    /// Leased to a worker (`queue:Q:leased`).
+    Running,
+    /// Succeeded (the newest, from the `succeeded` index).
+    Succeeded,
+    /// Dead-lettered (`dead`).
+    Dead,
+    /// Cancelled (the newest, from the `cancelled` index).
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in a job's order of life.
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Scheduled,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Dead,
+        JobState::Cancelled,
+    ];
+
+    /// The name users type and see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state a job record's `state` field names (`active` is running).
+    fn of_record(state: &str) -> Option<JobState> {
+        Some(match state {
+            "queued" => JobState::Queued,
+            "scheduled" => JobState::Scheduled,
+            "active" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "dead" => JobState::Dead,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown job state {s:?}: use one of queued, scheduled, running, succeeded, dead, cancelled"
+                )
+            })
+    }
+}
+
+/// Which jobs `wasmq jobs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this state (every state when `None`).
+    pub state: Option<JobState>,
+    /// Only this task.
+    pub task: Option<String>,
+    /// At most this many (newest first).
+    pub limit: usize,
+}
+
+/// One job in a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobSummary {
+    /// Job id.
+    pub id: String,
+    /// Its state.
+    pub state: JobState,
+    /// Task name.
+    pub task: String,
+    /// The queue it is (or was last) on.
+    pub queue: String,
+    /// Attempts that ended in a verdict.
+    pub attempts: u64,
+    /// The worker of its current (or last) delivery.
+    pub worker: Option<String>,
+    /// Times (ms, Redis clock).
+    pub enqueued_at_ms: Option<u64>,
+    /// When its current (or last) attempt started.
+    pub started_at_ms: Option<u64>,
+    /// When it finished.
+    pub finished_at_ms: Option<u64>,
+    /// When a scheduled job is due.
+    pub due_at_ms: Option<u64>,
+    /// The last error's category and message.
+    pub last_error: Option<serde_json::Value>,
+}
+
+impl JobSummary {
+    /// The time it is listed by: its newest event.
+    fn at_ms(&self) -> u64 {
+        self.finished_at_ms
+            .or(self.started_at_ms)
+            .or(self.enqueued_at_ms)
+            .unwrap_or(0)
+    }
+}
+
+/// Index entries a filtered listing reads at most per (queue, state): a
+/// filter that matches nothing costs a bounded read, not a full scan.
+const MAX_SCANNED: usize = 10_000;
+
+/// Fields of a job record a listing reads.
+const SUMMARY_FIELDS: [&str; 11] = [
+    "state",
+    "envelope",
+    "queue",
+    "dead_queue",
+    "attempts",
+    "worker",
+    "enqueued_at_ms",
+    "started_at_ms",
+    "finished_at_ms",
+    "due_at_ms",
+    "last_error",
+];
+
+impl Broker {
+    /// Every queue of the tenant: those its tasks were deployed to (and
+    /// those its deployed tasks name now, for records older than the
+    /// `queues` set).
+    pub async fn queue_names(&self, tenant: &str) -> anyhow::Result<Vec<String>> {
+        let keys = Keys::new(tenant);
+        let mut names: BTreeSet<String> = self.connection().smembers(keys.queues()).await?;
+        for task in self.tasks(tenant).await? {
+            names.insert(task.policy.queue);
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    /// Every queue's figures.
+    pub async fn queues(&self, tenant: &str) -> anyhow::Result<Vec<QueueView>> {
+        let mut out = Vec::new();
+        for name in self.queue_names(tenant).await? {
+            out.push(self.queue(tenant, &name).await?);
+        }
+        Ok(out)
+    }
+
+    /// One queue's figures, read in one script call.
+    pub async fn queue(&self, tenant: &str, queue: &str) -> anyhow::Result<QueueView> {
+        let keys = Keys::new(tenant);
+        let (ready, delayed, running, dead, paused, oldest, now, succeeded, failed): (
+            u64,
+            u64,
+            u64,
+            u64,
+            String,
+            i64,
+            u64,
+            u64,
+            u64,
+        ) = scripts::QUEUE_VIEW
+            .key(keys.ready(queue))
+            .key(keys.delayed(queue))
+            .key(keys.leased(queue))
+            .key(keys.dead_by_queue())
+            .key(keys.paused())
+            .arg(keys.prefix())
+            .arg(queue)
+            .invoke_async(&mut self.connection())
+            .await?;
+        Ok(QueueView {
+            name: queue.to_string(),
+            ready,
+            delayed,
+            running,
+            dead,
+            paused: serde_json::from_str(&paused).ok(),
+            oldest_ready_age_ms: u64::try_from(oldest).ok().map(|at| now.saturating_sub(at)),
+            succeeded_last_minute: succeeded,
+            failed_last_minute: failed,
+        })
+    }
+
+    /// Jobs matching `query`, newest first.
+    pub async fn jobs(&self, tenant: &str, query: &JobQuery) -> anyhow::Result<Vec<JobSummary>> {
+        let limit = query.limit.max(1);
+        let queues = match &query.queue {
+            Some(q) => vec![q.clone()],
+            None => self.queue_names(tenant).await?,
+        };
+        let states: Vec<JobState> = query.state.map_or(JobState::ALL.to_vec(), |s| vec![s]);
+        let keys = Keys::new(tenant);
+        let mut found = Vec::new();
+        for state in states {
+            // The per-queue states have an index per queue; the others one
+            // per tenant, filtered by queue.
+            let indexes: Vec<String> = match state {
+                JobState::Queued => queues.iter().map(|q| keys.ready(q)).collect(),
+                JobState::Scheduled => queues.iter().map(|q| keys.delayed(q)).collect(),
+                JobState::Running => queues.iter().map(|q| keys.leased(q)).collect(),
+                JobState::Succeeded => vec![keys.succeeded()],
+                JobState::Dead => vec![keys.dead()],
+                JobState::Cancelled => vec![keys.cancelled()],
+            };
+            for index in indexes {
+                found.extend(self.scan_index(&keys, &index, state, query, limit).await?);
+            }
+        }
+        found.sort_by(|a, b| b.at_ms().cmp(&a.at_ms()).then_with(|| b.id.cmp(&a.id)));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// Up to `limit` jobs of one index that match `query`, newest first
+    /// (the index's highest scores), reading at most [`MAX_SCANNED`]
+    /// entries.
+    async fn scan_index(
+        &self,
+        keys: &Keys,
+        index: &str,
+        state: JobState,
+        query: &JobQuery,
+        limit: usize,
+    ) -> anyhow::Result<Vec<JobSummary>> {
+        let mut conn = self.connection();
+        let mut out = Vec::new();
+        let page = if query.task.is_some() || query.queue.is_some() {
+            (limit * 4).max(100)
+        } else {
+            limit
+        };
+        let mut start = 0;
+        while out.len() < limit && start < MAX_SCANNED {
+            let ids: Vec<String> = conn
+                .zrevrange(index, start as isize, (start + page - 1) as isize)
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            start += ids.len();
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET").arg(keys.job(id)).arg(&SUMMARY_FIELDS[..]);
+            }
+            let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await?;
+            for (id, row) in ids.into_iter().zip(rows) {
+                let Some(job) = summary(id, &row) else {
+                    continue; // its record expired, or it moved on since
+                };
+                let wanted = job.state == state
+                    && query.queue.as_ref().is_none_or(|q| &job.queue == q)
+                    && query.task.as_ref().is_none_or(|t| &job.task == t);
+                if wanted {
+                    out.push(job);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Outcome counts per minute (fields `queue:Q:OUTCOME`,
+    /// `task:T:OUTCOME`) for the last `minutes` clock minutes that have
+    /// any, oldest first: (unix minute, counts).
+    pub async fn outcomes_by_minute(
+        &self,
+        tenant: &str,
+        minutes: u64,
+    ) -> anyhow::Result<Vec<(u64, BTreeMap<String, u64>)>> {
+        let keys = Keys::new(tenant);
+        let mut conn = self.connection();
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now = secs / 60;
+        let first = now.saturating_sub(minutes.saturating_sub(1));
+        let mut pipe = redis::pipe();
+        for m in first..=now {
+            pipe.hgetall(keys.stats(m));
+        }
+        let rows: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
+        Ok((first..=now)
+            .zip(rows)
+            .filter(|(_, counts)| !counts.is_empty())
+            .collect())
+    }
+}
+
+/// A listing row from a job record's fields ([`SUMMARY_FIELDS`]), or
+/// `None` when the record is gone.
+fn summary(id: String, row: &[Option<String>]) -> Option<JobSummary> {
+    let get = |i: usize| row.get(i).cloned().flatten().filter(|v| !v.is_empty());
+    let num = |i: usize| get(i).and_then(|v| v.parse::<u64>().ok());
+    let state = JobState::of_record(&get(0)?)?;
+    let envelope = get(1).and_then(|e| Envelope::parse(&e).ok());
+    let queue = match state {
+        JobState::Dead => get(3),
+        _ => None,
+    }
+    .or_else(|| get(2))
+    .or_else(|| envelope.as_ref().map(|e| e.queue.clone()))
+    .unwrap_or_default();
+    Some(JobSummary {
+        id,
+        state,
+        task: envelope.map(|e| e.task).unwrap_or_default(),
+        queue,
+        attempts: num(4).unwrap_or(0),
+        worker: get(5),
+        enqueued_at_ms: num(6),
+        started_at_ms: num(7),
+        finished_at_ms: num(8),
+        due_at_ms: num(9).filter(|_| state == JobState::Scheduled),
+        last_error: get(10).and_then(|e| serde_json::from_str(&e).ok()),
+    })
+}
