@@ -1,6 +1,6 @@
 # wasmq: `make demo` runs the real thing end to end, `make test` runs every
 # test. Both install what is missing on a fresh machine (the wasm32-wasip2
-# target; redis-server via apt-get when absent and we are root).
+# target; redis-server and promtool via apt-get when absent and we are root).
 
 CARGO ?= cargo
 GUEST_TARGET := wasm32-wasip2
@@ -8,11 +8,11 @@ GUEST_DIR := target/guests
 GUESTS := noop onboard thumbnail scrape hostile other-world typed
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis guests build test demo bench lint fmt clean
+.PHONY: all setup target redis promtool guests build test demo bench lint fmt clean
 
 all: build guests
 
-setup: target redis
+setup: target redis promtool
 
 target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(GUEST_TARGET) || rustup target add $(GUEST_TARGET)
@@ -24,6 +24,16 @@ redis:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	else \
 		echo "redis-server not found: install it (e.g. 'sudo apt-get install redis-server') and re-run"; exit 1; \
+	fi
+
+# promtool (Debian's prometheus package) checks the /metrics text in the tests.
+promtool:
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "promtool not found: installing Debian's prometheus package with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+		echo "promtool not found: install it (e.g. 'sudo apt-get install prometheus') and re-run"; exit 1; \
 	fi
 
 # Example tasks and test guests, as WebAssembly components.

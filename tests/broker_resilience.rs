@@ -652,6 +652,7 @@ async fn a_stopping_worker_never_fetches_again() {
             id: format!("stopping-{round}"),
             compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
             host_retries: Default::default(),
+            metrics: None,
         };
         let stats = Worker::new(broker.clone(), sandbox.clone(), config)
             .run(std::future::ready(()))

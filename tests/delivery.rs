@@ -555,6 +555,7 @@ async fn outcomes_are_recorded_and_billed_once() {
         denials: Vec::new(),
         idempotency_key: None,
         task: "noop".into(),
+        enqueued_at_ms: 0,
     };
     assert_eq!(
         broker.complete_many(&[&done]).await.unwrap(),
@@ -812,10 +813,17 @@ async fn a_fetch_error_on_one_queue_keeps_the_jobs_leased_from_another() {
         "fence:*",
         "step:*",
         "children-rate",
+        "paused",
+        "dead-by-queue",
+        "stats:*",
+        "recent:*",
+        "queues",
         "queue:a:*",
     ] {
         rules.push(format!("~{}{kind}", keys.prefix()));
     }
+    // Heartbeats and control lists live outside any tenant.
+    rules.push("~wasmq:{workers}:*".into());
     redis::cmd("ACL")
         .arg(&rules)
         .query_async::<()>(&mut admin)

@@ -504,6 +504,7 @@ async fn a_worker_survives_generated_poison_envelopes() {
         id: "fuzz-worker".into(),
         compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
         host_retries: Default::default(),
+        metrics: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(

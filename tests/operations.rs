@@ -202,8 +202,14 @@ async fn queues_and_jobs_show_every_state() {
     }
     // Nobody serves "idle": 3 ready, 2 delayed there.
     let mut ready = Vec::new();
-    for i in 0..3 {
-        ready.push(enqueue(&broker, "later", json!({"mode": "echo", "i": i})).await);
+    // The newest has the highest priority (the lowest ready-set score):
+    // listed first all the same.
+    for i in 0..3u8 {
+        let id = enqueue_with(&broker, "later", json!({"mode": "echo", "i": i}), |r| {
+            r.priority = if i == 2 { 9 } else { i }
+        })
+        .await;
+        ready.push(id);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for _ in 0..2 {
@@ -395,6 +401,16 @@ async fn cancel_stops_queued_delayed_and_running_jobs() {
         again, queued,
         "a cancelled job's idempotency key is free for a new job"
     );
+    // Were a cancelled job's id still in a queue (its record naming
+    // another), the fetch drops it: put both back to prove it.
+    let keys = Keys::new(TENANT);
+    let mut conn = redis.connect().await;
+    let _: () = redis::pipe()
+        .zadd(keys.ready("default"), &queued, 1)
+        .zadd(keys.delayed("default"), &delayed, 1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 
     let mut config = LaunchConfig::new(&redis.url, TENANT, &["default"], 4);
     config.pools.push(PoolSpec {
@@ -627,8 +643,7 @@ async fn the_succeeded_index_is_bounded() {
     let kept = wasmq::keys::FINISHED_INDEX_KEPT;
     let mut pipe = redis::pipe();
     for i in 0..kept + 500 {
-        pipe.zadd(keys.succeeded(), format!("old-{i}"), i as u64)
-            .ignore();
+        pipe.lpush(keys.succeeded(), format!("old-{i}")).ignore();
     }
     pipe.query_async::<()>(&mut conn).await.unwrap();
     broker
@@ -641,7 +656,7 @@ async fn the_succeeded_index_is_bounded() {
         state(&broker, &id).await == "succeeded"
     })
     .await;
-    let size: usize = redis::cmd("ZCARD")
+    let size: usize = redis::cmd("LLEN")
         .arg(keys.succeeded())
         .query_async(&mut conn)
         .await

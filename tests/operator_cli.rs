@@ -92,3 +92,56 @@ fn a_worker_log_that_is_not_a_terminal_has_no_colour_codes() {
         "colour codes in a piped log: {log:?}"
     );
 }
+
+/// `--log-format json` on any command: a failure's one stderr line and a
+/// worker's log lines are JSON objects.
+#[test]
+fn log_format_json_writes_json_lines() {
+    let redis = RedisServer::start();
+    let failed = wasmq(
+        &redis.url,
+        "acme",
+        &["--log-format", "json", "enqueue", "missing", "{}"],
+    );
+    assert_eq!(failed.status.code(), Some(1));
+    let line: serde_json::Value = serde_json::from_str(&text(&failed.stderr)).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["category"], "unknown-task", "{line}");
+    let usage = wasmq(
+        &redis.url,
+        "acme",
+        &["--log-format", "json", "cancel", "nope"],
+    );
+    assert_eq!(usage.status.code(), Some(2));
+    let line: serde_json::Value = serde_json::from_str(&text(&usage.stderr)).unwrap();
+    assert!(
+        line["message"].as_str().unwrap().contains("no job nope"),
+        "{line}"
+    );
+
+    let worker = Command::new(wasmq_bin())
+        .args([
+            "--redis",
+            &redis.url,
+            "--tenant",
+            "acme",
+            "--log-format",
+            "json",
+        ])
+        .args(["worker", "--concurrency", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    let out = worker.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(parsed["level"].is_string(), "{line}");
+    }
+}

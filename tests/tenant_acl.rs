@@ -103,6 +103,7 @@ fn start_worker(
         id: format!("test-{}", uuid::Uuid::new_v4().simple()),
         compute: Some(ComputeThreads::for_machine(CpuPriority::default()).unwrap()),
         host_retries: Default::default(),
+        metrics: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(broker.clone(), sandbox, config);

@@ -106,15 +106,16 @@ impl Keys {
     pub fn stats(&self, minute: u64) -> String {
         self.key(&["stats", &minute.to_string()])
     }
-    /// ZSET: the most recent succeeded jobs, by finish time (ms), trimmed
-    /// to the newest [`FINISHED_INDEX_KEPT`].
+    /// LIST: the most recent succeeded jobs' ids, newest first, trimmed
+    /// to [`FINISHED_INDEX_KEPT`] (a list, not a sorted set: a batch of
+    /// successes costs one LPUSH and one LTRIM).
     pub fn succeeded(&self) -> String {
-        self.key(&["succeeded"])
+        self.key(&["recent", "succeeded"])
     }
-    /// ZSET: the most recent cancelled jobs, by cancel time (ms), trimmed
+    /// LIST: the most recent cancelled jobs' ids, newest first, trimmed
     /// like [`Keys::succeeded`].
     pub fn cancelled(&self) -> String {
-        self.key(&["cancelled"])
+        self.key(&["recent", "cancelled"])
     }
     /// LIST: wake-up tokens for idle workers of a queue.
     pub fn signal(&self, queue: &str) -> String {

@@ -1,9 +1,9 @@
 //! Starting and stopping a worker process's pools: [`run`] builds the
 //! engine, the sandbox, the Redis connection and one [`Worker`] per pool
 //! (io pools on the caller's runtime, each cpu pool on a runtime of its own
-//! at a low OS priority) and the process's [`Presence`] (heartbeat and
-//! control list), runs them until `shutdown` resolves, then drains them
-//! and returns what they did.
+//! at a low OS priority), the process's [`Presence`] (heartbeat and
+//! control list) and, when asked, its metrics endpoint; runs them until
+//! `shutdown` resolves, then drains them and returns what they did.
 //!
 //! The CLI parses flags into a [`LaunchConfig`] and passes
 //! [`shutdown_signal`]; tests and embedding programs pass any future, as
@@ -12,6 +12,7 @@
 //! [`sandbox`] and hand it to [`run_on`].
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +23,11 @@ use crate::broker::Broker;
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, CompileSettings, EngineLimits};
 use crate::keys::valid_tenant;
+use crate::metrics::Metrics;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::worker::{
-    HostRetries, Identity, Presence, Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE,
+    exporter, HostRetries, Identity, Presence, Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE,
 };
 
 /// How a worker process runs.
@@ -56,6 +58,8 @@ pub struct LaunchConfig {
     pub id: String,
     /// How jobs are retried for the host's own faults.
     pub host_retries: HostRetries,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl LaunchConfig {
@@ -78,6 +82,7 @@ impl LaunchConfig {
             default_max_component_bytes: crate::engine::DEFAULT_MAX_COMPONENT_BYTES,
             id: format!("{}-{}", hostname(), std::process::id()),
             host_retries: HostRetries::default(),
+            metrics: None,
         }
     }
 }
@@ -130,6 +135,10 @@ pub async fn run_on(
         valid_tenant(t).map_err(anyhow::Error::msg)?;
     }
     let broker = Broker::connect(&config.redis_url).await?;
+    let exported = match config.metrics {
+        Some(addr) => Some((exporter::bind(addr).await?, Arc::new(Metrics::new()))),
+        None => None,
+    };
     let lease = if config.lease.is_zero() {
         DEFAULT_LEASE
     } else {
@@ -155,6 +164,7 @@ pub async fn run_on(
                 PoolKind::Cpu => None,
             },
             host_retries: config.host_retries,
+            metrics: exported.as_ref().map(|(_, m)| m.clone()),
         };
         tracing::info!(
             "wasmq worker {}: {} pool of {} serving {:?} of tenants {:?}",
@@ -192,8 +202,20 @@ pub async fn run_on(
         tenants: config.tenants.clone(),
         started_at_ms: crate::broker::now_ms(),
     };
-    let presence =
-        tokio::spawn(Presence::new(broker.clone(), identity, pools).run(stopped(stopping.clone())));
+    if let Some((listener, metrics)) = exported {
+        let serving = exporter::serve(listener, broker.clone(), metrics, pools.clone());
+        let stop = stopped(stopping.clone());
+        tokio::spawn(async move {
+            tokio::select! { _ = stop => {}, _ = serving => {} }
+        });
+    }
+    // The heartbeat and the control list last until the pools have
+    // drained: a draining worker is still listed, and a cancel still
+    // reaches its running jobs.
+    let (retire, retired) = tokio::sync::oneshot::channel::<()>();
+    let presence = tokio::spawn(Presence::new(broker.clone(), identity, pools).run(async {
+        let _ = retired.await;
+    }));
 
     shutdown.await;
     let _ = stop.send(true);
@@ -205,6 +227,7 @@ pub async fn run_on(
     for runtime in cpu_runtimes {
         runtime.shutdown_background();
     }
+    let _ = retire.send(());
     let _ = presence.await;
     Ok(total)
 }
@@ -229,10 +252,10 @@ pub async fn shutdown_signal() {
         return std::future::pending().await;
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    eprintln!("wasmq worker draining (send the signal again to stop now)");
+    tracing::warn!("wasmq worker draining (send the signal again to stop now)");
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        eprintln!("wasmq worker stopping now; unfinished jobs return after their lease");
+        tracing::warn!("wasmq worker stopping now; unfinished jobs return after their lease");
         std::process::exit(130);
     });
 }

@@ -35,6 +35,7 @@ pub mod fence;
 pub mod keys;
 pub mod launcher;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod pools;
 pub mod retry;

@@ -8,18 +8,19 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = wasmq::cli::Cli::parse();
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only where a person reads them, not in a log file.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(
-                    "warn,wasmq::launcher=info,wasmq::worker::presence=info",
-                )
-            }),
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,wasmq::launcher=info,wasmq::worker::presence=info,wasmq::worker::exporter=info",
         )
-        .init();
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match cli.log_format {
+        wasmq::cli::LogFormat::Json => logs.json().init(),
+        // Colour codes only where a person reads them, not in a log file.
+        wasmq::cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -102,7 +102,7 @@ impl Drop for RedisServer {
 }
 
 /// A port nothing listens on right now (the OS picks it).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{scripts, Broker};
-use crate::failure::Failure;
+use crate::failure::{Category, Failure};
 use crate::keys::Keys;
 use crate::usage::Usage;
 
@@ -223,6 +223,7 @@ impl Broker {
             denials: Vec::new(),
             idempotency_key: None,
             task: String::new(),
+            enqueued_at_ms: 0,
         };
         Ok(self.complete_many(&[&record]).await?[0])
     }
@@ -263,7 +264,26 @@ impl Broker {
             .arg(sum(|u| u.net_out_bytes))
             .arg(sum(|u| u.net_in_bytes))
             .arg(sum(|u| u.denied));
-        for c in completions {
+        // Each (queue, task) once; jobs name theirs by number.
+        let mut groups: Vec<(&str, &str)> = Vec::new();
+        let group_of: Vec<usize> = completions
+            .iter()
+            .map(|c| {
+                let key = (c.job.queue.as_str(), c.known_task().unwrap_or(""));
+                match groups.iter().position(|g| *g == key) {
+                    Some(i) => i + 1,
+                    None => {
+                        groups.push(key);
+                        groups.len()
+                    }
+                }
+            })
+            .collect();
+        call.arg(groups.len());
+        for (queue, task) in &groups {
+            call.arg(*queue).arg(*task);
+        }
+        for (c, group) in completions.iter().zip(group_of) {
             debug_assert_eq!(c.job.tenant, first.job.tenant, "one tenant per batch");
             let error_json = |e: &Failure| serde_json::to_string(e).unwrap_or_default();
             let (name, result, store, idem_ttl, delay, error) = match &c.outcome {
@@ -306,7 +326,7 @@ impl Broker {
                 .arg(error)
                 .arg(serde_json::to_string(&c.usage).unwrap_or_default())
                 .arg(denials_json(&c.denials))
-                .arg(&c.task);
+                .arg(group);
         }
         let answers: Vec<String> = call.invoke_async(&mut self.connection()).await?;
         Ok(answers
@@ -317,6 +337,23 @@ impl Broker {
                 _ => Recorded::Stale,
             })
             .collect())
+    }
+}
+
+impl Completion {
+    /// The task, if the job named one that was found: counts by task (the
+    /// per-minute stats, metric labels) never take a name from a job whose
+    /// task is unknown or whose envelope is bad, so a producer cannot
+    /// create a count per made-up name.
+    pub fn known_task(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Dead(f)
+                if matches!(f.category, Category::UnknownTask | Category::BadPayload) =>
+            {
+                None
+            }
+            _ => Some(self.task.as_str()).filter(|t| !t.is_empty()),
+        }
     }
 }
 
@@ -337,4 +374,7 @@ pub struct Completion {
     pub idempotency_key: Option<String>,
     /// The job's task name (scopes the idempotency key).
     pub task: String,
+    /// When the producer enqueued it (its clock, unix ms; 0 unknown), for
+    /// the end-to-end latency metric.
+    pub enqueued_at_ms: u64,
 }

@@ -56,11 +56,11 @@ pub enum JobState {
     Scheduled,
     /// Leased to a worker (`queue:Q:leased`).
     Running,
-    /// Succeeded (the newest, from the `succeeded` index).
+    /// Succeeded (the newest, from the `succeeded` list).
     Succeeded,
     /// Dead-lettered (`dead`).
     Dead,
-    /// Cancelled (the newest, from the `cancelled` index).
+    /// Cancelled (the newest, from the `cancelled` list).
     Cancelled,
 }
 
@@ -169,6 +169,19 @@ impl JobSummary {
 /// filter that matches nothing costs a bounded read, not a full scan.
 const MAX_SCANNED: usize = 10_000;
 
+/// The ready-set scores of one priority (see docs/redis-layout.md).
+const PRIORITY_BAND: u64 = 1 << 44;
+
+/// Where a listing reads ids, newest first.
+enum Source {
+    /// A list kept newest first.
+    List(String),
+    /// A sorted set whose highest scores are the newest.
+    Sorted(String),
+    /// The scores `low..=high` of a sorted set, highest first.
+    Band(String, u64, u64),
+}
+
 /// Fields of a job record a listing reads.
 const SUMMARY_FIELDS: [&str; 11] = [
     "state",
@@ -255,16 +268,33 @@ impl Broker {
         for state in states {
             // The per-queue states have an index per queue; the others one
             // per tenant, filtered by queue.
-            let indexes: Vec<String> = match state {
-                JobState::Queued => queues.iter().map(|q| keys.ready(q)).collect(),
-                JobState::Scheduled => queues.iter().map(|q| keys.delayed(q)).collect(),
-                JobState::Running => queues.iter().map(|q| keys.leased(q)).collect(),
-                JobState::Succeeded => vec![keys.succeeded()],
-                JobState::Dead => vec![keys.dead()],
-                JobState::Cancelled => vec![keys.cancelled()],
+            let sources: Vec<Source> = match state {
+                // Newest first within each priority band (the score is the
+                // band, then the enqueue sequence); merged by time below.
+                JobState::Queued => queues
+                    .iter()
+                    .flat_map(|q| {
+                        let ready = keys.ready(q);
+                        (0..10u64).map(move |band| {
+                            let low = band * PRIORITY_BAND;
+                            Source::Band(ready.clone(), low, low + PRIORITY_BAND - 1)
+                        })
+                    })
+                    .collect(),
+                JobState::Scheduled => queues
+                    .iter()
+                    .map(|q| Source::Sorted(keys.delayed(q)))
+                    .collect(),
+                JobState::Running => queues
+                    .iter()
+                    .map(|q| Source::Sorted(keys.leased(q)))
+                    .collect(),
+                JobState::Succeeded => vec![Source::List(keys.succeeded())],
+                JobState::Dead => vec![Source::Sorted(keys.dead())],
+                JobState::Cancelled => vec![Source::List(keys.cancelled())],
             };
-            for index in indexes {
-                found.extend(self.scan_index(&keys, &index, state, query, limit).await?);
+            for source in sources {
+                found.extend(self.scan_index(&keys, &source, state, query, limit).await?);
             }
         }
         found.sort_by(|a, b| b.at_ms().cmp(&a.at_ms()).then_with(|| b.id.cmp(&a.id)));
@@ -278,7 +308,7 @@ impl Broker {
     async fn scan_index(
         &self,
         keys: &Keys,
-        index: &str,
+        source: &Source,
         state: JobState,
         query: &JobQuery,
         limit: usize,
@@ -292,9 +322,15 @@ impl Broker {
         };
         let mut start = 0;
         while out.len() < limit && start < MAX_SCANNED {
-            let ids: Vec<String> = conn
-                .zrevrange(index, start as isize, (start + page - 1) as isize)
-                .await?;
+            let (first, last) = (start as isize, (start + page - 1) as isize);
+            let ids: Vec<String> = match source {
+                Source::List(key) => conn.lrange(key, first, last).await?,
+                Source::Sorted(key) => conn.zrevrange(key, first, last).await?,
+                Source::Band(key, low, high) => {
+                    conn.zrevrangebyscore_limit(key, *high, *low, first, page as isize)
+                        .await?
+                }
+            };
             if ids.is_empty() {
                 break;
             }

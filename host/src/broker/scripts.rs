@@ -242,10 +242,16 @@ local prefix, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local worker, default_max, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, now_us = clock()
 local function job(id) return prefix .. 'job:' .. id end
+-- A job that has ended (cancelled while its record named another queue,
+-- say) is dropped wherever it is found, never run or requeued.
+local function ended(state)
+  return state == 'cancelled' or state == 'succeeded' or state == 'dead'
+end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', KEYS[2], id)
-  local score = redis.call('HGET', job(id), 'score')
-  if score then
+  local g = redis.call('HMGET', job(id), 'score', 'state')
+  local score = g[1]
+  if score and not ended(g[2]) then
     redis.call('ZADD', KEYS[1], score, id)
     redis.call('HSET', job(id), 'state', 'queued')
     redis.call('HDEL', job(id), 'due_at_ms')
@@ -255,8 +261,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
   local f = redis.call('HMGET', job(id), 'score', 'lost', 'started_at_ms', 'attempt',
-    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope')
-  if f[1] then
+    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope', 'state')
+  if f[1] and not ended(f[10]) then
     local h = prefix .. 'history:' .. id
     started(job(id), h, f[3], f[4], f[5])
     local lost = (tonumber(f[2]) or 0) + 1
@@ -308,8 +314,8 @@ local now_ms = string.format('%d', now)
 local out, leases = {{}}, {{}}
 for i = 1, #popped, 2 do
   local id = popped[i]
-  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries')
-  if f[1] then
+  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries', 'state')
+  if f[1] and not ended(f[5]) then
     local deliveries = string.format('%d', (tonumber(f[2]) or 0) + 1)
     local attempt = string.format('%d', (tonumber(f[3]) or 0) + 1)
     -- The worker, the delivery and the server's clock: no two deliveries
@@ -372,18 +378,20 @@ pub const COMPLETE_FIELDS: usize = 13;
 /// KEYS: usage, dead, idempotency index, succeeded index, dead-by-queue.
 /// ARGV: prefix, finished_ttl_ms, the batch's usage totals over the runs
 /// that ran a sandbox (runs, fuel, wall_time_us, run_time_us,
-/// memory_byte_seconds, net_out_bytes, net_in_bytes, denied), then per job
-/// [`COMPLETE_FIELDS`] fields: id, queue, token, outcome ('succeeded' |
+/// memory_byte_seconds, net_out_bytes, net_in_bytes, denied), the number
+/// of (queue, task) groups in the batch and each group's queue and task,
+/// then per job [`COMPLETE_FIELDS`] fields: id, queue, token, outcome ('succeeded' |
 /// 'retry' | 'host-retry' | 'wait' | 'dead' | 'release'), result,
 /// result_ttl_ms (0 = do not store), idempotency key or '',
 /// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, and the
 /// run's refusals as a JSON list ('' for none; kept as the job's
-/// `denials`), and the task's name.
+/// `denials`), and its (queue, task) group's number (1-based).
 ///
 /// Besides the job, a recorded outcome adds to the minute's counts per
 /// queue and task (`succeeded`; `failed` for a retry or a death, and
-/// `dead`), one HINCRBY per distinct field per batch, and a success joins
-/// the `succeeded` index (one ZADD and one trim per batch).
+/// `dead`), one HINCRBY per distinct field per batch (a success costs one
+/// table increment per job: its group was named once), and a success joins
+/// the `succeeded` list (one LPUSH and one LTRIM per batch).
 ///
 /// Returns per job 'ok' (recorded now), 'recorded' (this delivery's
 /// outcome was recorded before: a batch retried after its reply was lost),
@@ -427,12 +435,19 @@ local function not_counted(usage, stale)
     wasted.wasted_run_time_us = wasted.wasted_run_time_us + run
   end
 end
-local out, unleased, tallies, succeeded = {{}}, {{}}, {{}}, {{}}
-for i = 3 + #names, #ARGV, FIELDS do
+local out, unleased, tallies, succeeded, ok = {{}}, {{}}, {{}}, {{}}, {{}}
+local groups = tonumber(ARGV[3 + #names])
+local group_queue, group_task = {{}}, {{}}
+for g = 1, groups do
+  group_queue[g] = ARGV[2 + #names + 2 * g]
+  group_task[g] = ARGV[3 + #names + 2 * g]
+end
+for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
   local id, queue, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local result, result_ttl = ARGV[i + 4], tonumber(ARGV[i + 5])
   local idem, idem_ttl, delay, err = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-  local usage, denials, task = ARGV[i + 10], ARGV[i + 11], ARGV[i + 12]
+  local usage, denials, group = ARGV[i + 10], ARGV[i + 11], tonumber(ARGV[i + 12])
+  local task = group_task[group]
   local job = prefix .. 'job:' .. id
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
@@ -497,8 +512,7 @@ for i = 3 + #names, #ARGV, FIELDS do
       end
       redis.call('PEXPIRE', job, retention)
       if f[4] == '1' then redis.call('PEXPIRE', h, retention) end
-      tally(tallies, queue, task, 'succeeded')
-      succeeded[#succeeded + 1] = now_ms
+      ok[group] = (ok[group] or 0) + 1
       succeeded[#succeeded + 1] = id
       -- The idempotency key now dedups for its TTL from the success.
       if idem ~= '' and redis.call('GET', idem) == id then
@@ -525,8 +539,13 @@ for queue, ids in pairs(unleased) do
   redis.call('ZREM', prefix .. 'queue:' .. queue .. ':leased', unpack(ids))
 end
 if #succeeded > 0 then
-  redis.call('ZADD', KEYS[4], unpack(succeeded))
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -FINISHED_INDEX_KEPT - 1)
+  redis.call('LPUSH', KEYS[4], unpack(succeeded))
+  redis.call('LTRIM', KEYS[4], 0, FINISHED_INDEX_KEPT - 1)
+end
+for g, n in pairs(ok) do
+  local q, t = 'queue:' .. group_queue[g] .. ':succeeded', 'task:' .. group_task[g] .. ':succeeded'
+  tallies[q] = (tallies[q] or 0) + n
+  tallies[t] = (tallies[t] or 0) + n
 end
 flush_tallies(prefix, now, tallies)
 -- The tenant's usage: one write per field per batch, not per job.
@@ -569,10 +588,10 @@ pub static DEAD_RETRY: LazyLock<Script> = LazyLock::new(|| {
 local prefix, id = ARGV[1], ARGV[2]
 local f = redis.call('HMGET', KEYS[1], 'score', 'idem', 'envelope', 'dead_queue')
 if not f[1] or not f[3] then return 0 end
-if redis.call('ZREM', KEYS[2], id) == 0 then return 0 end
-if f[4] and redis.call('HINCRBY', KEYS[6], f[4], -1) <= 0 then redis.call('HDEL', KEYS[6], f[4]) end
 local ok, envelope = pcall(cjson.decode, f[3])
 if not ok or type(envelope) ~= 'table' or type(envelope.queue) ~= 'string' then return 0 end
+if redis.call('ZREM', KEYS[2], id) == 0 then return 0 end
+if f[4] and redis.call('HINCRBY', KEYS[6], f[4], -1) <= 0 then redis.call('HDEL', KEYS[6], f[4]) end
 local now = clock()
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'deliveries', 0, 'lost', 0,
   'host_retries', 0, 'lease', '')
@@ -604,7 +623,11 @@ end
 local q = prefix .. 'queue:' .. queue .. ':'
 -- The queue it is on now, if it moved with its task (`wasmq cancel` looks
 -- there).
-if queue ~= envelope.queue then redis.call('HSET', KEYS[1], 'queue', queue) end
+if queue ~= envelope.queue then
+  redis.call('HSET', KEYS[1], 'queue', queue)
+else
+  redis.call('HDEL', KEYS[1], 'queue')
+end
 redis.call('ZADD', q .. 'ready', f[1], id)
 redis.call('LPUSH', q .. 'signal', '1')
 redis.call('LTRIM', q .. 'signal', 0, 63)
@@ -636,19 +659,26 @@ local state = f[1]
 if state ~= 'queued' and state ~= 'scheduled' and state ~= 'active' then
   return {'finished', state}
 end
-local queue = f[3]
 local task = task_of(f[2])
-if not queue or queue == '' then
-  local ok, envelope = pcall(cjson.decode, f[2] or '')
-  if ok and type(envelope) == 'table' and type(envelope.queue) == 'string' then queue = envelope.queue end
+-- The queues it can be on: the one `dead retry` moved it to, and the
+-- envelope's. (Should it be anywhere else, the fetch script drops it
+-- there: it never runs a job that has ended.)
+local queues = {}
+if f[3] and f[3] ~= '' then queues[#queues + 1] = f[3] end
+local ok, envelope = pcall(cjson.decode, f[2] or '')
+if ok and type(envelope) == 'table' and type(envelope.queue) == 'string' and envelope.queue ~= f[3] then
+  queues[#queues + 1] = envelope.queue
 end
-queue = queue or ''
-local q = prefix .. 'queue:' .. queue .. ':'
-redis.call('ZREM', q .. 'ready', id)
-redis.call('ZREM', q .. 'delayed', id)
-redis.call('ZREM', q .. 'leased', id)
+local queue = queues[1] or ''
+for _, name in ipairs(queues) do
+  local q = prefix .. 'queue:' .. name .. ':'
+  redis.call('ZREM', q .. 'ready', id)
+  redis.call('ZREM', q .. 'delayed', id)
+  redis.call('ZREM', q .. 'leased', id)
+end
 if redis.call('ZREM', KEYS[6], id) == 1 then
   -- A place under the tenant's cluster cap is free: wake a worker.
+  local q = prefix .. 'queue:' .. queue .. ':'
   redis.call('LPUSH', q .. 'signal', '1')
   redis.call('LTRIM', q .. 'signal', 0, 63)
 end
@@ -664,8 +694,8 @@ redis.call('PEXPIRE', KEYS[1], retention)
 redis.call('PEXPIRE', KEYS[2], retention)
 release_idempotency(KEYS[1], id, KEYS[4])
 wake(prefix, id, f[6], 'cancelled', retention)
-redis.call('ZADD', KEYS[5], now, id)
-redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -FINISHED_INDEX_KEPT - 1)
+redis.call('LPUSH', KEYS[5], id)
+redis.call('LTRIM', KEYS[5], 0, FINISHED_INDEX_KEPT - 1)
 local tallies = {}
 tally(tallies, queue, task, 'cancelled')
 flush_tallies(prefix, now, tallies)

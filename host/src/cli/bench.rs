@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Jobs in the latency phase (against Redis).
     #[arg(long = "latency-jobs", default_value_t = 3000)]
     pub latency_jobs: u64,
+    /// Also count Prometheus metrics and publish heartbeats, as `wasmq
+    /// worker --metrics` does (against Redis; to measure what they cost).
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 /// Run the benchmark and print one JSON line.

@@ -23,11 +23,12 @@ use crate::broker::{Broker, EnqueueRequest};
 use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
 use crate::keys::Keys;
+use crate::metrics::Metrics;
 use crate::policy::TaskPolicy;
-use crate::pools::CpuPriority;
+use crate::pools::{CpuPriority, PoolKind};
 use crate::sandbox::ComputeThreads;
 use crate::sandbox::Sandbox;
-use crate::worker::{Worker, WorkerConfig};
+use crate::worker::{Identity, Presence, Worker, WorkerConfig};
 
 const TASK: &str = "bench-noop";
 
@@ -63,6 +64,7 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
             ComputeThreads::for_machine(CpuPriority::default()).map_err(anyhow::Error::from)?,
         ),
         host_retries: Default::default(),
+        metrics: args.metrics.then(|| Arc::new(Metrics::new())),
     };
 
     // Phase 1: drain a full queue.
@@ -72,6 +74,23 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
     let enqueue_seconds = enqueue_started.elapsed().as_secs_f64();
     let worker = Worker::new(broker.clone(), sandbox, config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_beating, beating) = tokio::sync::oneshot::channel::<()>();
+    if args.metrics {
+        let identity = Identity {
+            id: format!("bench-{}", std::process::id()),
+            host: "bench".into(),
+            tenants: vec![tenant.clone()],
+            started_at_ms: crate::broker::now_ms(),
+        };
+        let presence = Presence::new(
+            broker.clone(),
+            identity,
+            vec![(worker.clone(), PoolKind::Io)],
+        );
+        tokio::spawn(presence.run(async {
+            let _ = beating.await;
+        }));
+    }
     let running = tokio::spawn(worker.clone().run(async {
         let _ = stopped.await;
     }));
@@ -101,6 +120,7 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let _ = stop.send(());
+    let _ = stop_beating.send(());
     running.await.map_err(anyhow::Error::from)?;
     let mut latencies = latencies_ms(&broker, &tenant, &ids).await?;
     latencies.sort_by(f64::total_cmp);
@@ -121,6 +141,7 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
             "jobs_per_sec": (args.jobs as f64 / seconds).round(),
             "enqueue_per_sec": (args.jobs as f64 / enqueue_seconds).round(),
             "concurrency": args.concurrency,
+            "metrics": args.metrics,
             "e2e_rate_jobs_per_sec": args.rate,
             "e2e_jobs": latencies.len(),
             "e2e_p50_ms": round(pct(0.50)),

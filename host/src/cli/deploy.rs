@@ -95,11 +95,11 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
         serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue})
     );
     if !queues_before.contains(&task.policy.queue) && producer_acl_exists(&broker, tenant).await {
-        eprintln!(
+        super::format::notice(&format!(
             "note: queue {:?} is new to tenant {tenant:?}: its producers may enqueue on it once \
              `wasmq tenant acl {tenant} --apply` has run again",
             task.policy.queue
-        );
+        ));
     }
     Ok(())
 }

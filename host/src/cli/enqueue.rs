@@ -118,7 +118,9 @@ async fn print_result(
         ResultState::Pending => Err(anyhow::anyhow!("pending: job {id} has not finished").into()),
         ResultState::Ignored => {
             // Not a failure: the job did what it was asked to.
-            eprintln!("ignored: job {id} succeeded; its result was not stored");
+            super::format::notice(&format!(
+                "ignored: job {id} succeeded; its result was not stored"
+            ));
             Ok(())
         }
         ResultState::Expired => Err(anyhow::anyhow!(

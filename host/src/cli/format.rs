@@ -2,7 +2,30 @@
 //! millisecond), errors with each cause named once, JSON with both forms
 //! of every time for machines.
 
+use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
+
+/// Whether stderr speaks JSON (`--log-format json`), set once at start.
+static JSON_STDERR: OnceLock<bool> = OnceLock::new();
+
+/// Set how [`notice`] writes (from `--log-format`).
+pub fn set_json_stderr(json: bool) {
+    let _ = JSON_STDERR.set(json);
+}
+
+/// A line for the person (or program) running the command, on stderr:
+/// as is, or as `{"level": "INFO", "message": ...}` under `--log-format
+/// json`.
+pub fn notice(message: &str) {
+    if JSON_STDERR.get().copied().unwrap_or(false) {
+        eprintln!(
+            "{}",
+            serde_json::json!({"level": "INFO", "message": message})
+        );
+    } else {
+        eprintln!("{message}");
+    }
+}
 
 /// `ms` since the unix epoch as RFC 3339, e.g. `2026-12-01T15:40:12.345Z`.
 pub fn rfc3339(ms: u64) -> String {

@@ -37,9 +37,23 @@ pub struct Cli {
     /// Tenant whose tasks, queues and state the command works on.
     #[arg(long, global = true, env = "WASMQ_TENANT", default_value = "default")]
     pub tenant: String,
+    /// How logs (and a failed command's error line) are written to
+    /// stderr: `text` for people, `json` (one object per line) for
+    /// machines.
+    #[arg(long = "log-format", global = true, env = "WASMQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How logs are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.
@@ -132,6 +146,8 @@ pub async fn main(cli: Cli) -> ExitCode {
         eprintln!("error: --tenant: {e}");
         return ExitCode::from(2);
     }
+    let json_errors = cli.log_format == LogFormat::Json;
+    format::set_json_stderr(json_errors);
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.tenant, args).await,
         Command::Deploy(args) => deploy::deploy(&cli.redis, &cli.tenant, args).await,
@@ -154,12 +170,23 @@ pub async fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Job(failure)) => {
-            // One line, whatever the message holds.
-            eprintln!("error: {}", failure.to_string().replace('\n', " "));
+            if json_errors {
+                let line = serde_json::json!({"level": "ERROR", "category": failure.category.as_str(), "message": failure.message});
+                eprintln!("{line}");
+            } else {
+                // One line, whatever the message holds.
+                eprintln!("error: {}", failure.to_string().replace('\n', " "));
+            }
             ExitCode::from(1)
         }
         Err(CliError::Other(e)) => {
-            eprintln!("error: {}", format::error_chain(&e));
+            if json_errors {
+                let line =
+                    serde_json::json!({"level": "ERROR", "message": format::error_chain(&e)});
+                eprintln!("{line}");
+            } else {
+                eprintln!("error: {}", format::error_chain(&e));
+            }
             ExitCode::from(2)
         }
     }

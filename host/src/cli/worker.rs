@@ -51,6 +51,10 @@ pub struct WorkerArgs {
     /// The first host retry's delay; each next one doubles, up to a minute.
     #[arg(long = "host-retry-delay", value_parser = humantime::parse_duration, default_value = "1s")]
     pub host_retry_delay: Duration,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g.
+    /// `127.0.0.1:9464`; port 0 picks a free one, named in the log).
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// How long SIGTERM waits for running jobs before handing them back.
     #[arg(long = "drain-timeout", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
@@ -100,13 +104,14 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
         ..HostRetries::default()
     };
     config.compile_budget = args.compile_budget.into();
+    config.metrics = args.metrics;
     if let Some(cap) = args.default_max_component {
         config.default_max_component_bytes = cap;
     }
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
-    eprintln!(
+    super::format::notice(&format!(
         "wasmq worker stopped: {} job(s) completed, {} handed back ({} succeeded, {} dead-lettered; {} run(s) ended in a retry)",
         total.completed, total.released, total.succeeded, total.dead, total.retried
-    );
+    ));
     Ok(())
 }

@@ -16,12 +16,14 @@
 //!   that fails backs off before the next, so a Redis that is down costs
 //!   neither connections nor CPU.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 
 use crate::broker::{Broker, Fetched, LeaseTerms};
 use crate::keys::Keys;
+use crate::metrics::Metrics;
 use crate::policy::DEFAULT_MAX_DELIVERIES;
 
 use super::catalog::Catalog;
@@ -63,6 +65,7 @@ pub struct Fetcher {
     blocking: Option<MultiplexedConnection>,
     /// The pause after the next failed wait.
     wait_backoff: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Fetcher {
@@ -83,6 +86,7 @@ impl Fetcher {
             lease: config.lease,
             blocking: None,
             wait_backoff: WAIT_BACKOFF,
+            metrics: config.metrics.clone(),
         }
     }
 
@@ -121,7 +125,12 @@ impl Fetcher {
                 max_deliveries: DEFAULT_MAX_DELIVERIES,
                 cluster_cap: caps.and_then(|c| c.max_cluster_concurrency),
             };
-            match self.broker.fetch(tenant, queue, want, terms).await {
+            let sent = Instant::now();
+            let fetched = self.broker.fetch(tenant, queue, want, terms).await;
+            if let Some(metrics) = &self.metrics {
+                metrics.redis("fetch", sent.elapsed());
+            }
+            match fetched {
                 Ok(more) => jobs.extend(more),
                 Err(e) => {
                     error = Some(e);

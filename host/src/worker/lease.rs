@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::broker::{Broker, Fetched};
 use crate::fence::LeaseWatch;
+use crate::metrics::Metrics;
 
 /// How long a worker's claim on a job lasts without renewal. Renewed every
 /// third of it, so two missed renewals in a row are survived.
@@ -99,7 +100,12 @@ impl Leases {
     }
 
     /// Renew every held lease every third of `lease`, forever.
-    pub async fn renew_forever(self: Arc<Self>, broker: Broker, lease: Duration) {
+    pub async fn renew_forever(
+        self: Arc<Self>,
+        broker: Broker,
+        lease: Duration,
+        metrics: Option<Arc<Metrics>>,
+    ) {
         let mut tick = tokio::time::interval(lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -113,7 +119,11 @@ impl Leases {
             }
             for ((tenant, queue), jobs) in by_queue {
                 let sent = Instant::now();
-                match broker.renew(&tenant, &queue, lease, &jobs).await {
+                let renewed = broker.renew(&tenant, &queue, lease, &jobs).await;
+                if let Some(metrics) = &metrics {
+                    metrics.redis("renew", sent.elapsed());
+                }
+                match renewed {
                     Ok(lost) => self.renewed(&jobs, &lost, sent, lease),
                     Err(e) => {
                         tracing::warn!(error = %e, %tenant, %queue, "renewing leases failed; will retry")

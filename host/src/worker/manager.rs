@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::broker::{Broker, Fetched, Outcome, Recorded};
 use crate::fence::LeaseWatch;
+use crate::metrics::Metrics;
 use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::usage::Usage;
 
@@ -55,6 +56,9 @@ pub struct WorkerConfig {
     pub compute: Option<Arc<ComputeThreads>>,
     /// How jobs are retried for the host's own faults.
     pub host_retries: HostRetries,
+    /// Where outcomes and Redis round trips are counted, when the process
+    /// exports metrics.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// What a worker did, returned when it stops. Each outcome is counted
@@ -110,7 +114,7 @@ impl Worker {
             config.compute.clone(),
             config.host_retries,
         );
-        let (recorder, recording) = Recorder::start(broker.clone());
+        let (recorder, recording) = Recorder::start(broker.clone(), config.metrics.clone());
         Arc::new(Worker {
             broker,
             config,
@@ -156,11 +160,11 @@ impl Worker {
         let concurrency = self.config.concurrency.max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
         let records = Arc::new(Semaphore::new(concurrency));
-        let renewer = tokio::spawn(
-            self.leases
-                .clone()
-                .renew_forever(self.broker.clone(), self.config.lease),
-        );
+        let renewer = tokio::spawn(self.leases.clone().renew_forever(
+            self.broker.clone(),
+            self.config.lease,
+            self.config.metrics.clone(),
+        ));
         let mut fetcher = Fetcher::new(self.broker.clone(), &self.config);
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);

@@ -15,12 +15,14 @@
 //! - [`manager`]: the pool's loop: slots, dispatching fetched jobs to
 //!   processors, and drain on shutdown;
 //! - [`presence`]: the process's heartbeat, and the control list through
-//!   which an operator's cancel reaches the pool running the job.
+//!   which an operator's cancel reaches the pool running the job;
+//! - [`exporter`]: `GET /metrics` for the process's pools.
 //!
 //! The launcher ([`crate::launcher`]) builds pools from flags and runs
 //! them; nothing here reads flags or signals.
 
 mod catalog;
+pub mod exporter;
 mod fetch;
 mod lease;
 mod manager;

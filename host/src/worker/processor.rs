@@ -139,6 +139,7 @@ impl Processor {
                     denials: Vec::new(),
                     idempotency_key: None,
                     task: String::new(),
+                    enqueued_at_ms: 0,
                 }
             }
             Ok(envelope) => {
@@ -150,6 +151,7 @@ impl Processor {
                     denials,
                     idempotency_key: envelope.idempotency_key,
                     task: envelope.task,
+                    enqueued_at_ms: envelope.enqueued_at_ms,
                 }
             }
         }

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Broker, Completion, Outcome, Recorded as Answer};
+use crate::metrics::{Ended, Metrics};
 
 /// Most outcomes recorded in one round trip.
 const COMPLETE_BATCH: usize = 256;
@@ -30,6 +31,8 @@ pub struct Recorder {
     queue: mpsc::UnboundedSender<Pending>,
     /// What has been recorded so far, by kind.
     counts: Counts,
+    /// Where recorded outcomes are also counted, when exported.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Outcomes recorded, by kind: each once, however often its batch was
@@ -60,12 +63,13 @@ pub struct Recorded {
 impl Recorder {
     /// A recorder writing through `broker`, and its batching task (abort it
     /// once nothing is left to record).
-    pub fn start(broker: Broker) -> (Arc<Self>, JoinHandle<()>) {
+    pub fn start(broker: Broker, metrics: Option<Arc<Metrics>>) -> (Arc<Self>, JoinHandle<()>) {
         let (queue, pending) = mpsc::unbounded_channel();
-        let task = tokio::spawn(record_batches(broker, pending));
+        let task = tokio::spawn(record_batches(broker, pending, metrics.clone()));
         let recorder = Arc::new(Recorder {
             queue,
             counts: Counts::default(),
+            metrics,
         });
         (recorder, task)
     }
@@ -80,6 +84,34 @@ impl Recorder {
             retried: n(&c.retried),
             released: n(&c.released),
         }
+    }
+
+    /// Count an outcome recorded now in the exported metrics.
+    fn export(&self, completion: &Completion) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let ended = match &completion.outcome {
+            Outcome::Succeeded { .. } => Ended::Succeeded,
+            Outcome::Dead(f) => Ended::Dead(f.category.as_str()),
+            Outcome::Retry { error, .. } => Ended::Retried(error.category.as_str()),
+            Outcome::HostRetry { .. } => Ended::HostFault,
+            Outcome::Wait { .. } | Outcome::Release => Ended::Other,
+        };
+        let e2e = (completion.enqueued_at_ms > 0).then(|| {
+            Duration::from_millis(crate::broker::now_ms().saturating_sub(completion.enqueued_at_ms))
+        });
+        let job = &completion.job;
+        metrics.outcome(
+            (
+                &job.tenant,
+                &job.queue,
+                completion.known_task().unwrap_or("unknown"),
+            ),
+            ended,
+            &completion.usage,
+            e2e,
+        );
     }
 
     /// Count a recorded outcome under its kind.
@@ -107,6 +139,7 @@ impl Recorder {
             match answer.await {
                 Ok(Ok(Answer::Now)) => {
                     self.count(&completion.outcome);
+                    self.export(&completion);
                     return;
                 }
                 // Recorded by an earlier send whose reply was lost (a
@@ -114,6 +147,7 @@ impl Recorder {
                 Ok(Ok(Answer::Before)) => {
                     if !matches!(completion.outcome, Outcome::Release) {
                         self.count(&completion.outcome);
+                        self.export(&completion);
                     }
                     return;
                 }
@@ -140,7 +174,11 @@ impl Recorder {
 }
 
 /// The batching loop: see the module docs.
-async fn record_batches(broker: Broker, mut queue: mpsc::UnboundedReceiver<Pending>) {
+async fn record_batches(
+    broker: Broker,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    metrics: Option<Arc<Metrics>>,
+) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < COMPLETE_BATCH {
@@ -159,7 +197,12 @@ async fn record_batches(broker: Broker, mut queue: mpsc::UnboundedReceiver<Pendi
         for (_, group) in by_tenant {
             let (completions, replies): (Vec<Arc<Completion>>, Vec<_>) = group.into_iter().unzip();
             let completions: Vec<&Completion> = completions.iter().map(|c| &**c).collect();
-            match broker.complete_many(&completions).await {
+            let sent = std::time::Instant::now();
+            let answer = broker.complete_many(&completions).await;
+            if let Some(metrics) = &metrics {
+                metrics.redis("record", sent.elapsed());
+            }
+            match answer {
                 Ok(flags) => {
                     for (reply, flag) in replies.into_iter().zip(flags) {
                         let _ = reply.send(Ok(flag));
