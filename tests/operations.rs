@@ -667,3 +667,63 @@ async fn the_succeeded_index_is_bounded() {
     stop.send(()).unwrap();
     handle.await.unwrap();
 }
+
+/// A producer's W3C `traceparent` travels in the envelope to the run, and
+/// the run's HTTP requests carry the same trace with the run's own span id;
+/// a job without one sends none; a malformed one is refused at enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producers_trace_context_reaches_the_guests_requests() {
+    let server = TestServer::start(|_, _| Reply::ok("ok")).await;
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.allow_http = vec![server.authority()];
+    let (redis, broker) = redis_with_task(TENANT, "hostile", "hostile", &policy).await;
+    let (stop, handle) = start_in_process(&broker, TENANT, 2, Duration::from_secs(10), "traced");
+    let producer = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = enqueue_with(
+        &broker,
+        "hostile",
+        json!({"mode": "http", "url": server.url("/traced")}),
+        |r| r.traceparent = Some(producer.into()),
+    )
+    .await;
+    let plain = enqueue(
+        &broker,
+        "hostile",
+        json!({"mode": "http", "url": server.url("/plain")}),
+    )
+    .await;
+    for id in [&traced, &plain] {
+        until(Duration::from_secs(30), "the job succeeds", || async {
+            state(&broker, id).await == "succeeded"
+        })
+        .await;
+    }
+    let requests = server.requests();
+    let sent = requests.iter().find(|r| r.path == "/traced").unwrap();
+    let header = sent.header("traceparent").expect("a traceparent header");
+    let parts: Vec<&str> = header.split('-').collect();
+    assert_eq!(parts.len(), 4, "{header}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01"),
+        "{header}"
+    );
+    assert_eq!(parts[2].len(), 16, "{header}");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "the run is a span of its own");
+    let plain_request = requests.iter().find(|r| r.path == "/plain").unwrap();
+    assert!(plain_request.header("traceparent").is_none());
+
+    let bad = wasmq(
+        &redis.url,
+        TENANT,
+        &["enqueue", "hostile", "{}", "--traceparent", "00-xyz"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("traceparent \"00-xyz\" is not a W3C trace context"),
+        "{}",
+        text(&bad.stderr)
+    );
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}

@@ -295,6 +295,7 @@ async fn child_jobs_need_an_enqueuer() {
         payload: "{}".into(),
         countdown: None,
         idempotency_key: None,
+        traceparent: None,
     };
 
     let b = backend(&server).await;

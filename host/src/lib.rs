@@ -41,6 +41,7 @@ pub mod pools;
 pub mod retry;
 pub mod sandbox;
 pub mod tenants;
+pub mod trace_context;
 pub mod ttl_cache;
 pub mod usage;
 pub mod worker;

@@ -101,6 +101,8 @@ pub struct ChildJob {
     pub countdown: Option<Duration>,
     /// Idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// The parent run's W3C trace context: the child joins its trace.
+    pub traceparent: Option<String>,
 }
 
 /// The state store behind the host interfaces. See the module docs.

@@ -22,6 +22,7 @@ impl ChildEnqueuer for Broker {
             payload,
             countdown: child.countdown,
             idempotency_key: child.idempotency_key,
+            traceparent: child.traceparent,
             ..EnqueueRequest::default()
         };
         match self.enqueue_as(request, Origin::Child).await {

@@ -241,25 +241,35 @@ impl Broker {
     }
 
     /// Wait up to `timeout` for the next control message to any of
-    /// `pools`, on `conn` (a blocking connection of the caller's). `None`
-    /// when none came; a message that cannot be read is skipped.
+    /// `pools`, on `conn` (a blocking connection of the caller's): the
+    /// pool it is for and the message. `None` when none came; a message
+    /// that cannot be read is skipped.
     pub async fn next_control(
         conn: &mut redis::aio::MultiplexedConnection,
         pools: &[String],
         timeout: Duration,
-    ) -> redis::RedisResult<Option<ControlMessage>> {
+    ) -> redis::RedisResult<Option<(String, ControlMessage)>> {
         let keys: Vec<String> = pools.iter().map(|p| workers::control(p)).collect();
         let popped: Option<(String, String)> = redis::cmd("BLPOP")
             .arg(&keys)
             .arg(timeout.as_secs_f64())
             .query_async(conn)
             .await?;
-        Ok(popped.and_then(|(_, message)| match serde_json::from_str(&message) {
-            Ok(m) => Some(m),
+        let Some((key, message)) = popped else {
+            return Ok(None);
+        };
+        let pool = pools
+            .iter()
+            .zip(&keys)
+            .find(|(_, k)| **k == key)
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default();
+        match serde_json::from_str(&message) {
+            Ok(m) => Ok(Some((pool, m))),
             Err(e) => {
                 tracing::warn!(error = %e, %message, "ignoring a control message that cannot be read");
-                None
+                Ok(None)
             }
-        }))
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `payload` is any JSON value. `priority` 0–9, higher runs first within a
-//! queue. `store_result` and `max_attempts` override the task's policy when
+//! queue. `traceparent` (optional, absent when unset) is the producer's W3C
+//! trace context. `store_result` and `max_attempts` override the task's policy when
 //! not null. Unknown fields are ignored so newer producers can add fields.
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,12 @@ pub struct Envelope {
     /// Override of the task's max attempts.
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// The producer's W3C trace context (`00-<trace>-<span>-<flags>`):
+    /// the job's run joins that trace. Optional; written only when set, so
+    /// envelopes without it are byte-for-byte what older producers wrote,
+    /// and older workers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Envelope {

@@ -10,6 +10,7 @@ use super::{now_ms, scripts, Broker};
 use crate::failure::{Category, Failure};
 use crate::keys::{valid_tenant, Keys};
 use crate::limits;
+use crate::trace_context::TraceParent;
 
 /// What to enqueue.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +36,8 @@ pub struct EnqueueRequest {
     pub priority: u8,
     /// Override the task's max attempts.
     pub max_attempts: Option<u32>,
+    /// The producer's W3C trace context: the job's run joins its trace.
+    pub traceparent: Option<String>,
 }
 
 /// The answer to an enqueue.
@@ -128,6 +131,12 @@ impl Broker {
             let ahead = Duration::from_millis(eta.saturating_sub(now_ms()));
             limits::check_delay("an ETA from now", ahead).map_err(bad)?;
         }
+        if let Some(t) = &req.traceparent {
+            anyhow::ensure!(
+                TraceParent::parse(t).is_some(),
+                "traceparent {t:?} is not a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>, lowercase)"
+            );
+        }
         let envelope = Envelope {
             v: ENVELOPE_VERSION,
             id: uuid::Uuid::new_v4().to_string(),
@@ -140,6 +149,7 @@ impl Broker {
             idempotency_key: req.idempotency_key.clone(),
             store_result: req.store_result,
             max_attempts: req.max_attempts,
+            traceparent: req.traceparent.clone(),
         };
         let text = serde_json::to_string(&envelope)?;
         let payload = serde_json::to_string(&envelope.payload)?;
@@ -237,6 +247,7 @@ impl Broker {
                     idempotency_key: None,
                     store_result: None,
                     max_attempts: None,
+                    traceparent: None,
                 };
                 pipe.cmd("EVALSHA")
                     .arg(scripts::ENQUEUE.get_hash())

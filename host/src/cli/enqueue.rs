@@ -28,6 +28,11 @@ pub struct EnqueueArgs {
     /// enqueueing again returns that job.
     #[arg(long = "idempotency-key")]
     pub idempotency_key: Option<String>,
+    /// The caller's W3C trace context (`00-<trace>-<span>-<flags>`; env
+    /// `TRACEPARENT`, as tracing-aware CLIs pass it): the job's run joins
+    /// that trace, and its HTTP requests carry it.
+    #[arg(long, env = "TRACEPARENT")]
+    pub traceparent: Option<String>,
     /// Store the result (overrides the task's policy).
     #[arg(long = "store-result", conflicts_with = "ignore_result")]
     pub store_result: bool,
@@ -86,6 +91,7 @@ pub async fn enqueue(redis: &str, tenant: &str, args: EnqueueArgs) -> Result<(),
         store_result,
         priority: args.priority,
         max_attempts: None,
+        traceparent: args.traceparent,
     };
     let enqueued = broker.enqueue(request).await.map_err(into_cli)?;
     match args.wait {

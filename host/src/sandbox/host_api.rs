@@ -352,6 +352,7 @@ impl jobs::Host for HostState {
             payload,
             countdown,
             idempotency_key: options.idempotency_key,
+            traceparent: self.scope.traceparent.clone(),
         };
         self.backend
             .enqueue_child(&self.scope.tenant, child)

@@ -44,6 +44,9 @@ use crate::policy::SandboxPolicy;
 use addr::{AddressPolicy, Unreachable};
 use client::{BodyCap, Destination};
 
+/// The W3C Trace Context header.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 /// How long to wait for a TCP connection (and for DNS, and for the TLS
 /// handshake, each) before the request fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,6 +132,9 @@ pub struct AllowListHooks {
     /// Whether the job's delivery still holds its lease: once it does not,
     /// nothing more goes out for the job.
     lease: Arc<LeaseWatch>,
+    /// The run's W3C `traceparent`, sent on every request that does not
+    /// carry one of the guest's.
+    traceparent: Option<http::HeaderValue>,
 }
 
 impl AllowListHooks {
@@ -164,7 +170,15 @@ impl AllowListHooks {
             traffic: Traffic::default(),
             steps,
             lease,
+            traceparent: None,
         })
+    }
+
+    /// These hooks, sending `traceparent` (the run's span in the
+    /// producer's trace) on the job's requests.
+    pub fn with_traceparent(mut self, traceparent: Option<&str>) -> Self {
+        self.traceparent = traceparent.and_then(|t| http::HeaderValue::from_str(t).ok());
+        self
     }
 
     /// The bytes the job's requests have sent and received so far.
@@ -232,6 +246,13 @@ impl WasiHttpHooks for AllowListHooks {
                 if let Ok(value) = http::HeaderValue::from_str(&token) {
                     request.headers_mut().insert(IDEMPOTENCY_HEADER, value);
                 }
+            }
+        }
+        if let Some(value) = &self.traceparent {
+            if !request.headers().contains_key(TRACEPARENT_HEADER) {
+                request
+                    .headers_mut()
+                    .insert(TRACEPARENT_HEADER, value.clone());
             }
         }
         let Some(slot) = self.in_flight.try_acquire() else {

@@ -95,6 +95,9 @@ pub struct JobInput {
     /// Longest time to live of a guest's stored entry (the tenant's cap);
     /// `None`: the global limit only.
     pub max_value_ttl: Option<Duration>,
+    /// The run's W3C `traceparent` (a child of the producer's), sent on
+    /// its outgoing HTTP requests and given to the child jobs it enqueues.
+    pub traceparent: Option<String>,
 }
 
 impl JobInput {
@@ -112,6 +115,7 @@ impl JobInput {
             lease_token: None,
             lease: Arc::new(LeaseWatch::unbounded()),
             max_value_ttl: None,
+            traceparent: None,
         }
     }
 }
@@ -472,7 +476,8 @@ impl Sandbox {
         let steps = OpenSteps::default();
         let http_hooks =
             AllowListHooks::new(policy, denials.clone(), steps.clone(), job.lease.clone())
-                .map_err(denied)?;
+                .map_err(denied)?
+                .with_traceparent(job.traceparent.as_deref());
         let mut wasi = WasiCtxBuilder::new();
         // No preopens here: ours come from `files` (see `files`).
         wasi.stdout(log.clone()).stderr(log.clone());
@@ -493,6 +498,7 @@ impl Sandbox {
                     token: job.lease_token.clone(),
                 },
                 max_ttl: job.max_value_ttl,
+                traceparent: job.traceparent.clone(),
             },
             backend,
             children_enqueued: 0,

@@ -28,6 +28,9 @@ pub struct JobScope {
     /// else [`crate::limits::MAX_TTL`]); entries asked to live longer, or
     /// forever, get this.
     pub max_ttl: Option<std::time::Duration>,
+    /// The run's W3C trace context, passed on to the child jobs it
+    /// enqueues.
+    pub traceparent: Option<String>,
 }
 
 /// The `T` of `Store<T>`: see the module docs.

@@ -31,10 +31,18 @@ struct Held {
     watch: Arc<LeaseWatch>,
 }
 
+/// How long a stop for a delivery not held (yet) is remembered: a cancel
+/// that reaches the worker between a fetch's reply and the job being held
+/// still stops it, well before the next renewal would.
+const EARLY_STOP_MEMORY: Duration = Duration::from_secs(60);
+
 /// The jobs a pool holds, by id.
 #[derive(Default)]
 pub struct Leases {
     held: Mutex<HashMap<String, Held>>,
+    /// Deliveries (lease tokens) told to stop before they were held, and
+    /// when; usually empty.
+    early_stops: Mutex<HashMap<String, Instant>>,
 }
 
 impl Leases {
@@ -46,9 +54,19 @@ impl Leases {
     /// Held already under an older delivery (this worker froze past its
     /// lease, and fetched the job again): that delivery's run is stopped.
     pub fn hold(&self, job: Arc<Fetched>, watch: Arc<LeaseWatch>) {
+        if self.stopped_early(&job.token) {
+            watch.lose();
+        }
         if let Some(older) = self.lock().insert(job.id.clone(), Held { job, watch }) {
             older.watch.lose();
         }
+    }
+
+    /// Whether delivery `token` was told to stop before it was held (and
+    /// forget it).
+    fn stopped_early(&self, token: &str) -> bool {
+        let mut early = self.early_stops.lock().unwrap_or_else(|p| p.into_inner());
+        !early.is_empty() && early.remove(token).is_some()
     }
 
     /// Stop holding delivery `job` (its outcome is recorded, or it was
@@ -82,7 +100,15 @@ impl Leases {
                 h.watch.lose();
                 true
             }
-            _ => false,
+            _ => {
+                // Perhaps fetched here and not held yet: remember it for
+                // `hold` (lease tokens name the worker, so a token of
+                // another worker's is never held here and ages out).
+                let mut early = self.early_stops.lock().unwrap_or_else(|p| p.into_inner());
+                early.retain(|_, at| at.elapsed() < EARLY_STOP_MEMORY);
+                early.insert(token.to_string(), Instant::now());
+                false
+            }
         }
     }
 
@@ -175,6 +201,18 @@ mod tests {
             token: token.into(),
             host_retries: 0,
         })
+    }
+
+    #[test]
+    fn a_stop_that_comes_before_the_hold_stops_the_run() {
+        let leases = Leases::default();
+        assert!(!leases.stop("t", "j", "w:1"), "not held yet");
+        let watch = Arc::new(LeaseWatch::unbounded());
+        leases.hold(delivery("w:1"), watch.clone());
+        assert!(!watch.held(), "the early stop reached the run");
+        let next = Arc::new(LeaseWatch::unbounded());
+        leases.hold(delivery("w:2"), next.clone());
+        assert!(next.held(), "another delivery of the job runs");
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Presence {
                     },
                 };
                 match Broker::next_control(conn, &pool_ids, left).await {
-                    Ok(Some(message)) => self.obey(message),
+                    Ok(Some((pool, message))) => self.obey(&pool, message),
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "waiting for control messages failed; retrying");
@@ -131,13 +131,14 @@ impl Presence {
         }
     }
 
-    /// Carry out one control message.
-    fn obey(&self, message: ControlMessage) {
+    /// Carry out one control message for pool `to`.
+    fn obey(&self, to: &str, message: ControlMessage) {
         match message {
             ControlMessage::Cancel { tenant, id, token } => {
                 let stopped = self
                     .pools
                     .iter()
+                    .filter(|(pool, _)| pool.id() == to)
                     .any(|(pool, _)| pool.stop_run(&tenant, &id, &token));
                 if stopped {
                     tracing::info!(%tenant, job = %id, "job cancelled by an operator; its run is stopped");

@@ -30,6 +30,7 @@ use crate::limits::MAX_DELAY;
 use crate::retry::{decide, Decision};
 use crate::sandbox::{ComputeThreads, JobInput, JobOutcome, Verdict};
 use crate::tenants::Tenant;
+use crate::trace_context::TraceParent;
 use crate::usage::Usage;
 
 use super::catalog::Catalog;
@@ -255,6 +256,12 @@ impl Processor {
             lease_token: Some(job.token.clone()),
             lease,
             max_value_ttl: record.as_ref().and_then(|r| r.limits.max_value_ttl),
+            // The run is a span of the producer's trace.
+            traceparent: envelope
+                .traceparent
+                .as_deref()
+                .and_then(TraceParent::parse)
+                .map(|t| t.child().to_string()),
         };
         let backend = match self.backend(&job.tenant, record.as_deref()).await {
             Ok(backend) => backend,
