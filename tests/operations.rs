@@ -51,6 +51,13 @@ fn cli_json(redis: &RedisServer, args: &[&str]) -> Value {
     serde_json::from_str(&text(&out.stdout)).unwrap()
 }
 
+/// `out` is a command that exited `code` with `needle` in its one stderr
+/// line.
+fn fails_with(out: &std::process::Output, code: i32, needle: &str) {
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+}
+
 /// A job's `state` field.
 async fn state(broker: &Broker, id: &str) -> String {
     broker
@@ -527,12 +534,7 @@ async fn cancel_stops_queued_delayed_and_running_jobs() {
 
     // Cancelling again, or a job that does not exist, says so.
     let twice = wasmq(&redis.url, TENANT, &["cancel", &queued]);
-    assert_eq!(twice.status.code(), Some(2));
-    assert!(
-        text(&twice.stderr).contains("already ended (cancelled)"),
-        "{}",
-        text(&twice.stderr)
-    );
+    fails_with(&twice, 2, "already ended (cancelled)");
     let unknown = wasmq(&redis.url, TENANT, &["cancel", "no-such-job"]);
     assert!(
         text(&unknown.stderr).contains("no job no-such-job"),
@@ -621,12 +623,7 @@ async fn pause_stops_fetching_and_resume_loses_nothing() {
     }
 
     let missing = wasmq(&redis.url, TENANT, &["queue", "pause", "nosuch"]);
-    assert_eq!(missing.status.code(), Some(2));
-    assert!(
-        text(&missing.stderr).contains("no queue \"nosuch\" (its queues: default)"),
-        "{}",
-        text(&missing.stderr)
-    );
+    fails_with(&missing, 2, "no queue \"nosuch\" (its queues: default)");
     stop.send(()).unwrap();
     handle.await.unwrap();
 }
@@ -718,12 +715,7 @@ async fn the_producers_trace_context_reaches_the_guests_requests() {
         TENANT,
         &["enqueue", "hostile", "{}", "--traceparent", "00-xyz"],
     );
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(
-        text(&bad.stderr).contains("traceparent \"00-xyz\" is not a W3C trace context"),
-        "{}",
-        text(&bad.stderr)
-    );
+    fails_with(&bad, 2, "traceparent \"00-xyz\" is not a W3C trace context");
     stop.send(()).unwrap();
     handle.await.unwrap();
 }

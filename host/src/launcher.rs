@@ -260,8 +260,8 @@ pub async fn shutdown_signal() {
     });
 }
 
-/// This machine's name, for worker ids.
-fn hostname() -> String {
+/// This machine's name, for worker ids and operators' records.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "worker".into(), |h| h.trim().to_string())
 }

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -63,12 +64,20 @@ pub enum Ended<'a> {
 
 const JOB_LABELS: [&str; 3] = ["tenant", "queue", "task"];
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let family = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+/// `family`, registered in `registry` (the names here are constants, so
+/// a failure is a bug).
+fn register<M: Collector + Clone + 'static>(registry: &Registry, family: M) -> M {
     registry
         .register(Box::new(family.clone()))
-        .expect("registered once");
+        .expect("each family registered once");
     family
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 fn histogram(
@@ -78,20 +87,18 @@ fn histogram(
     labels: &[&str],
     buckets: Vec<f64>,
 ) -> HistogramVec {
-    let family =
-        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid");
-    registry
-        .register(Box::new(family.clone()))
-        .expect("registered once");
-    family
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    register(
+        registry,
+        HistogramVec::new(opts, labels).expect("valid metric"),
+    )
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(family.clone()))
-        .expect("registered once");
-    family
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 /// `count` buckets growing by `factor` from `start`.
@@ -111,16 +118,17 @@ impl Metrics {
         let r = Registry::new();
         // 100 µs to ~100 s.
         let seconds = buckets(0.0001, 4.0, 11);
-        let queue_oldest_seconds = prometheus::GaugeVec::new(
-            Opts::new(
-                "wasmq_queue_oldest_ready_seconds",
-                "How long the oldest ready job of a queue has waited since its enqueue.",
-            ),
-            &["tenant", "queue"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(queue_oldest_seconds.clone()))
-            .expect("registered once");
+        let queue_oldest_seconds = register(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "wasmq_queue_oldest_ready_seconds",
+                    "How long the oldest ready job of a queue has waited since its enqueue.",
+                ),
+                &["tenant", "queue"],
+            )
+            .expect("valid metric"),
+        );
         Metrics {
             finished: counter(
                 &r,

@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 pub const ENVELOPE_VERSION: u32 = 1;
 /// Highest priority.
 pub const MAX_PRIORITY: u8 = 9;
+/// The ready-queue scores of one priority: a job's score is
+/// `(MAX_PRIORITY - priority) * PRIORITY_BAND` plus its queue's enqueue
+/// sequence (see docs/redis-layout.md).
+pub const PRIORITY_BAND: u64 = 1 << 44;
 
 /// See the module docs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,7 +85,7 @@ impl Envelope {
     /// enqueue script adds a per-queue sequence number to it (see
     /// docs/redis-layout.md).
     pub fn priority_base(&self) -> f64 {
-        ((MAX_PRIORITY - self.priority) as f64) * 17_592_186_044_416.0
+        ((MAX_PRIORITY - self.priority) as u64 * PRIORITY_BAND) as f64
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use super::envelope::Envelope;
+use super::envelope::{Envelope, PRIORITY_BAND};
 use super::{scripts, Broker};
 use crate::keys::Keys;
 
@@ -168,9 +168,6 @@ impl JobSummary {
 /// Index entries a filtered listing reads at most per (queue, state): a
 /// filter that matches nothing costs a bounded read, not a full scan.
 const MAX_SCANNED: usize = 10_000;
-
-/// The ready-set scores of one priority (see docs/redis-layout.md).
-const PRIORITY_BAND: u64 = 1 << 44;
 
 /// Where a listing reads ids, newest first.
 enum Source {

@@ -32,6 +32,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+use super::envelope::PRIORITY_BAND;
 use crate::keys::{FINISHED_INDEX_KEPT, STATS_RETENTION_MINUTES};
 
 /// Events a job's history keeps (the oldest are dropped): a job retried
@@ -126,6 +127,12 @@ fn with_shared(body: &str) -> Script {
     Script::new(&format!("{CLOCK_LUA}{}{body}", shared_lua()))
 }
 
+/// [`with_clock`], with `PRIORITY_BAND` defined (the ready-queue scores
+/// of one priority, [`PRIORITY_BAND`]).
+fn with_priority_band(body: &str) -> Script {
+    with_clock(&format!("local PRIORITY_BAND = {PRIORITY_BAND}\n{body}"))
+}
+
 /// A script whose source is [`CLOCK_LUA`] followed by `body` (scripts that
 /// write no history define nothing else on every call).
 fn with_clock(body: &str) -> Script {
@@ -148,7 +155,7 @@ fn with_clock(body: &str) -> Script {
 /// taken over. Returns {id, 'new'}, {existing_id, 'duplicate'}, or
 /// {'', 'refused', reason} when a quota says no.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    with_clock(
+    with_priority_band(
         r#"
 local id, priority = ARGV[1], tonumber(ARGV[3])
 local delay, eta = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -188,7 +195,7 @@ local due = now
 if eta > 0 then due = eta elseif delay > 0 then due = now + delay end
 local state = 'queued'
 if due > now then state = 'scheduled' end
-local score = (9 - priority) * 17592186044416 + redis.call('INCR', KEYS[6])
+local score = (9 - priority) * PRIORITY_BAND + redis.call('INCR', KEYS[6])
 -- One HSET, whatever the options: the enqueue is on every job's path.
 local score_text = string.format('%.0f', score)
 if KEYS[5] == '' and ARGV[6] == '' and state == 'queued' then
@@ -282,8 +289,9 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       redis.call('ZADD', KEYS[4], now, id)
       redis.call('HINCRBY', KEYS[8], ARGV[8], 1)
       local tallies = {{}}
-      tally(tallies, ARGV[8], task_of(f[9]), 'failed')
-      tally(tallies, ARGV[8], task_of(f[9]), 'dead')
+      local task = task_of(f[9])
+      tally(tallies, ARGV[8], task, 'failed')
+      tally(tallies, ARGV[8], task, 'dead')
       flush_tallies(prefix, now, tallies)
       history(job(id), h, now, 'dead', err)
       release_idempotency(job(id), id, KEYS[6])
@@ -659,14 +667,15 @@ local state = f[1]
 if state ~= 'queued' and state ~= 'scheduled' and state ~= 'active' then
   return {'finished', state}
 end
-local task = task_of(f[2])
+local ok, envelope = pcall(cjson.decode, f[2] or '')
+if not ok or type(envelope) ~= 'table' then envelope = {} end
+local task = type(envelope.task) == 'string' and envelope.task or ''
 -- The queues it can be on: the one `dead retry` moved it to, and the
 -- envelope's. (Should it be anywhere else, the fetch script drops it
 -- there: it never runs a job that has ended.)
 local queues = {}
 if f[3] and f[3] ~= '' then queues[#queues + 1] = f[3] end
-local ok, envelope = pcall(cjson.decode, f[2] or '')
-if ok and type(envelope) == 'table' and type(envelope.queue) == 'string' and envelope.queue ~= f[3] then
+if type(envelope.queue) == 'string' and envelope.queue ~= f[3] then
   queues[#queues + 1] = envelope.queue
 end
 local queue = queues[1] or ''
@@ -748,16 +757,16 @@ return now
 /// job is the first of some priority band (within a band, jobs are in
 /// enqueue order), so ten lookups find it however long the queue is.
 pub static QUEUE_VIEW: LazyLock<Script> = LazyLock::new(|| {
-    with_clock(
+    with_priority_band(
         r#"
 local prefix, queue = ARGV[1], ARGV[2]
 local now = clock()
 local ready = redis.call('ZCARD', KEYS[1])
 local oldest = -1
 if ready > 0 then
-  local band = 17592186044416
   for p = 0, 9 do
-    local first = redis.call('ZRANGEBYSCORE', KEYS[1], p * band, (p + 1) * band - 1, 'LIMIT', 0, 1)
+    local first = redis.call('ZRANGEBYSCORE', KEYS[1], p * PRIORITY_BAND, (p + 1) * PRIORITY_BAND - 1,
+      'LIMIT', 0, 1)
     if first[1] then
       local at = tonumber(redis.call('HGET', prefix .. 'job:' .. first[1], 'enqueued_at_ms'))
       if at and (oldest < 0 or at < oldest) then oldest = at end

@@ -51,9 +51,7 @@ fn who() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map_or_else(|_| "unknown".into(), |h| h.trim().to_string());
-    format!("{user}@{host}")
+    format!("{user}@{}", crate::launcher::hostname())
 }
 
 /// Milliseconds as a short human duration (`850ms`, `12.3s`, `4m05s`,
