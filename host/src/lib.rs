@@ -21,6 +21,9 @@
 //!   catalog, manager.
 //! - [`launcher`]: a worker process's pools, runtimes and shutdown
 //!   (`run(config, shutdown)`).
+//! - [`telemetry`]: logs and OpenTelemetry spans (OTLP export).
+//! - [`trace_context`]: W3C `traceparent` values and the spans they join.
+//! - [`tls`]: the process's TLS client configuration.
 //! - [`cli`]: the `wasmq` command line.
 
 pub mod addresses;
@@ -40,7 +43,9 @@ pub mod policy;
 pub mod pools;
 pub mod retry;
 pub mod sandbox;
+pub mod telemetry;
 pub mod tenants;
+pub mod tls;
 pub mod trace_context;
 pub mod ttl_cache;
 pub mod usage;

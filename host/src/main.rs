@@ -1,5 +1,5 @@
-//! The `wasmq` binary: parse flags, set up logging and the runtime, hand
-//! over to [`wasmq::cli`].
+//! The `wasmq` binary: parse flags, set up the runtime, logs and traces,
+//! hand over to [`wasmq::cli`], and flush traces before exit.
 
 use std::process::ExitCode;
 
@@ -7,20 +7,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = wasmq::cli::Cli::parse();
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,wasmq::launcher=info,wasmq::worker::presence=info,wasmq::worker::exporter=info",
-        )
-    });
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match cli.log_format {
-        wasmq::cli::LogFormat::Json => logs.json().init(),
-        // Colour codes only where a person reads them, not in a log file.
-        wasmq::cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,5 +17,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(wasmq::cli::main(cli))
+    use std::io::IsTerminal;
+    let telemetry = wasmq::telemetry::init(
+        cli.log_format == wasmq::cli::LogFormat::Json,
+        // Colour codes only where a person reads them, not in a log file.
+        std::io::stderr().is_terminal(),
+        runtime.handle().clone(),
+    );
+    let code = runtime.block_on(wasmq::cli::main(cli));
+    telemetry.shutdown();
+    code
 }

@@ -6,8 +6,19 @@
 //! an all-zero trace or parent id is invalid (https://www.w3.org/TR/trace-context/).
 //! A run is a span of its own: its requests carry the producer's trace id
 //! with a new parent id (the run's span id) and the producer's flags.
+//!
+//! When spans are exported ([`crate::telemetry`]), these ids are the
+//! exported spans' own: [`join`] makes a `tracing` span the child of a
+//! `traceparent` and names the span in turn, so the producer's span, the
+//! run's and each HTTP request's form one tree in the collector. Without a
+//! collector, [`TraceParent::child`] mints the run's id and nothing is
+//! exported.
 
+use std::time::SystemTime;
+
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState, Tracer};
 use rand::RngCore;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// A parsed `traceparent`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +73,58 @@ impl TraceParent {
             parent_id: hex::encode(id),
             flags: self.flags.clone(),
         }
+    }
+}
+
+/// With spans exported: make `span` (not yet entered) a child of `parent`
+/// (when given; otherwise of the current span, as `tracing` does) and
+/// return the `traceparent` that names `span`, for what it calls or
+/// enqueues. `None` without a collector, or when `span` is disabled.
+pub fn join(span: &tracing::Span, parent: Option<&TraceParent>) -> Option<TraceParent> {
+    if !crate::telemetry::exporting() {
+        return None;
+    }
+    if let Some(parent) = parent.and_then(TraceParent::span_context) {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
+    }
+    let context = span.context();
+    let own = context.span().span_context().clone();
+    own.is_valid().then(|| TraceParent {
+        trace_id: own.trace_id().to_string(),
+        parent_id: own.span_id().to_string(),
+        flags: format!("{:02x}", own.trace_flags().to_u8()),
+    })
+}
+
+/// With spans exported: a finished child span of `parent` named `name` that
+/// ran from `start` to `end`, for work timed before its job was known (a
+/// fetch round that leased the job).
+pub fn past_child(parent: &tracing::Span, name: &'static str, start: SystemTime, end: SystemTime) {
+    if !crate::telemetry::exporting() {
+        return;
+    }
+    use opentelemetry::trace::Span as _;
+    let tracer = opentelemetry::global::tracer("wasmq");
+    let mut span = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .start_with_context(&tracer, &parent.context());
+    span.end_with_timestamp(end);
+}
+
+impl TraceParent {
+    /// The OpenTelemetry span context this names, as a remote parent.
+    fn span_context(&self) -> Option<SpanContext> {
+        let trace_id = opentelemetry::trace::TraceId::from_hex(&self.trace_id).ok()?;
+        let span_id = opentelemetry::trace::SpanId::from_hex(&self.parent_id).ok()?;
+        let flags = u8::from_str_radix(&self.flags, 16).ok()?;
+        Some(SpanContext::new(
+            trace_id,
+            span_id,
+            TraceFlags::new(flags),
+            true,
+            TraceState::default(),
+        ))
     }
 }
 

@@ -340,6 +340,21 @@ impl Broker {
     }
 }
 
+impl Outcome {
+    /// A short name for logs and spans: the failure category of a dead
+    /// job, else what happens next.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Dead(f) => f.category.as_str(),
+            Outcome::Retry { .. } => "retry",
+            Outcome::HostRetry { .. } => "host-retry",
+            Outcome::Wait { .. } => "waiting",
+            Outcome::Release => "released",
+        }
+    }
+}
+
 impl Completion {
     /// The task, if the job named one that was found: counts by task (the
     /// per-minute stats, metric labels) never take a name from a job whose

@@ -137,9 +137,27 @@ impl Broker {
                 "traceparent {t:?} is not a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>, lowercase)"
             );
         }
+        let id = uuid::Uuid::new_v4().to_string();
+        // The producer's span: what the run's span is a child of when spans
+        // are exported (the envelope then names it); otherwise the
+        // producer's own `traceparent` travels as given.
+        let span = tracing::debug_span!(
+            "enqueue",
+            otel.kind = "producer",
+            messaging.system = "wasmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %task.policy.queue,
+            messaging.message.id = %id,
+            wasmq.tenant = %req.tenant,
+            wasmq.task = %req.task,
+        );
+        let parent = req.traceparent.as_deref().and_then(TraceParent::parse);
+        let traceparent = crate::trace_context::join(&span, parent.as_ref())
+            .map(|t| t.to_string())
+            .or_else(|| req.traceparent.clone());
         let envelope = Envelope {
             v: ENVELOPE_VERSION,
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             tenant: req.tenant.clone(),
             task: req.task.clone(),
             queue: task.policy.queue.clone(),
@@ -149,7 +167,7 @@ impl Broker {
             idempotency_key: req.idempotency_key.clone(),
             store_result: req.store_result,
             max_attempts: req.max_attempts,
-            traceparent: req.traceparent.clone(),
+            traceparent,
         };
         let text = serde_json::to_string(&envelope)?;
         let payload = serde_json::to_string(&envelope.payload)?;

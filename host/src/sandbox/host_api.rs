@@ -10,6 +10,11 @@
 //! worker retries the job without using an attempt, a bounded number of
 //! times); a quota refusal is a denial (the job ends `denied` unless it
 //! succeeds anyway); a malformed or out-of-range request is the guest's.
+//!
+//! Each call is a `debug` span (`kv.get`, `lock.acquire`, ...) under the
+//! job's run span: exported when a collector is configured, a disabled
+//! callsite otherwise. No span records a key or value: names a guest
+//! chooses stay out of traces.
 
 use std::time::{Duration, Instant};
 
@@ -122,6 +127,7 @@ impl log::Host for HostState {
 }
 
 impl kv::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "kv.get", skip_all)]
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
         check_name("key", &key)?;
         self.backend
@@ -130,6 +136,7 @@ impl kv::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "kv.set", skip_all)]
     async fn set(
         &mut self,
         key: String,
@@ -145,6 +152,7 @@ impl kv::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "kv.set_if_absent", skip_all)]
     async fn set_if_absent(
         &mut self,
         key: String,
@@ -160,6 +168,7 @@ impl kv::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "kv.delete", skip_all)]
     async fn delete(&mut self, key: String) -> Result<bool, HostError> {
         check_name("key", &key)?;
         self.backend
@@ -170,6 +179,7 @@ impl kv::Host for HostState {
 }
 
 impl counter::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "counter.incr", skip_all)]
     async fn incr(&mut self, name: String, delta: i64) -> Result<i64, HostError> {
         check_name("counter", &name)?;
         self.backend
@@ -178,6 +188,7 @@ impl counter::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "counter.incr_once", skip_all)]
     async fn incr_once(
         &mut self,
         name: String,
@@ -192,6 +203,7 @@ impl counter::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "counter.get", skip_all)]
     async fn get(&mut self, name: String) -> Result<i64, HostError> {
         check_name("counter", &name)?;
         self.backend
@@ -209,6 +221,7 @@ fn check_lease(held: &lock::Lease) -> Result<(), HostError> {
 }
 
 impl lock::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "lock.acquire", skip_all)]
     async fn acquire(
         &mut self,
         name: String,
@@ -245,6 +258,7 @@ impl lock::Host for HostState {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "lock.renew", skip_all)]
     async fn renew(&mut self, held: lock::Lease, ttl_ms: u64) -> Result<bool, HostError> {
         check_lease(&held)?;
         let ttl = lease(ttl_ms)?;
@@ -254,6 +268,7 @@ impl lock::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "lock.release", skip_all)]
     async fn release(&mut self, held: lock::Lease) -> Result<bool, HostError> {
         check_lease(&held)?;
         self.backend
@@ -264,6 +279,7 @@ impl lock::Host for HostState {
 }
 
 impl step::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "step.begin", skip_all)]
     async fn begin(&mut self, key: String, lease_ms: u64) -> Result<step::StepState, HostError> {
         check_name("step", &key)?;
         let lease = lease(lease_ms)?;
@@ -288,6 +304,7 @@ impl step::Host for HostState {
         })
     }
 
+    #[tracing::instrument(level = "debug", name = "step.complete", skip_all)]
     async fn complete(
         &mut self,
         key: String,
@@ -304,6 +321,7 @@ impl step::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "step.abandon", skip_all)]
     async fn abandon(&mut self, key: String) -> Result<(), HostError> {
         check_name("step", &key)?;
         self.steps.leave(&key);
@@ -313,12 +331,14 @@ impl step::Host for HostState {
             .map_err(|e| self.fault(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "step.idempotency_token", skip_all)]
     async fn idempotency_token(&mut self, key: String) -> String {
         step_token(&self.scope.tenant, &key)
     }
 }
 
 impl jobs::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "jobs.enqueue", skip_all)]
     async fn enqueue(
         &mut self,
         task: String,

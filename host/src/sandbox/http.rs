@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tracing::Instrument;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::steps::{OpenSteps, IDEMPOTENCY_HEADER};
@@ -135,6 +136,8 @@ pub struct AllowListHooks {
     /// The run's W3C `traceparent`, sent on every request that does not
     /// carry one of the guest's.
     traceparent: Option<http::HeaderValue>,
+    /// The same, parsed: the parent of each request's client span.
+    run_trace: Option<crate::trace_context::TraceParent>,
 }
 
 impl AllowListHooks {
@@ -171,6 +174,7 @@ impl AllowListHooks {
             steps,
             lease,
             traceparent: None,
+            run_trace: None,
         })
     }
 
@@ -178,6 +182,7 @@ impl AllowListHooks {
     /// producer's trace) on the job's requests.
     pub fn with_traceparent(mut self, traceparent: Option<&str>) -> Self {
         self.traceparent = traceparent.and_then(|t| http::HeaderValue::from_str(t).ok());
+        self.run_trace = traceparent.and_then(crate::trace_context::TraceParent::parse);
         self
     }
 
@@ -248,11 +253,23 @@ impl WasiHttpHooks for AllowListHooks {
                 }
             }
         }
-        if let Some(value) = &self.traceparent {
-            if !request.headers().contains_key(TRACEPARENT_HEADER) {
-                request
-                    .headers_mut()
-                    .insert(TRACEPARENT_HEADER, value.clone());
+        let span = tracing::debug_span!(
+            "http.request",
+            otel.kind = "client",
+            http.request.method = %request.method(),
+            server.address = %host,
+            server.port = port,
+            http.response.status_code = tracing::field::Empty,
+        );
+        if !request.headers().contains_key(TRACEPARENT_HEADER) {
+            // With spans exported, the request is a client span of the run
+            // and the server sees that span as its parent; otherwise it
+            // carries the run's own id.
+            let value = crate::trace_context::join(&span, self.run_trace.as_ref())
+                .and_then(|t| http::HeaderValue::from_str(&t.to_string()).ok())
+                .or_else(|| self.traceparent.clone());
+            if let Some(value) = value {
+                request.headers_mut().insert(TRACEPARENT_HEADER, value);
             }
         }
         let Some(slot) = self.in_flight.try_acquire() else {
@@ -268,29 +285,37 @@ impl WasiHttpHooks for AllowListHooks {
         let denials = self.denials.clone();
         let max_bytes = self.max_response_bytes;
         let traffic = self.traffic.clone();
-        Box::new(async move {
-            let dns_timeout = options.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
-            let addrs = match addresses.resolve(&host, port, dns_timeout).await {
-                Ok(addrs) => addrs,
-                Err(Unreachable::Denied(why)) => {
-                    denials.record(why);
-                    return Err(HttpError::DestinationIpProhibited);
+        Box::new(
+            async move {
+                let dns_timeout = options.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
+                let addrs = match addresses.resolve(&host, port, dns_timeout).await {
+                    Ok(addrs) => addrs,
+                    Err(Unreachable::Denied(why)) => {
+                        denials.record(why);
+                        return Err(HttpError::DestinationIpProhibited);
+                    }
+                    Err(Unreachable::Failed(e)) => return Err(e),
+                };
+                let dest = Destination {
+                    host: &host,
+                    port,
+                    https,
+                    addrs: &addrs,
+                };
+                let cap = BodyCap {
+                    max_bytes,
+                    denials,
+                    _slot: slot,
+                };
+                let sent = client::send(request, dest, options, cap, traffic).await;
+                if let Ok((response, _)) = &sent {
+                    tracing::Span::current()
+                        .record("http.response.status_code", response.status().as_u16());
                 }
-                Err(Unreachable::Failed(e)) => return Err(e),
-            };
-            let dest = Destination {
-                host: &host,
-                port,
-                https,
-                addrs: &addrs,
-            };
-            let cap = BodyCap {
-                max_bytes,
-                denials,
-                _slot: slot,
-            };
-            client::send(request, dest, options, cap, traffic).await
-        })
+                sent
+            }
+            .instrument(span),
+        )
     }
 }
 

@@ -349,20 +349,26 @@ impl Sandbox {
         // delivery that holds it now, and nothing more may be done for it.
         let (pre, payload, run_clock) = (task.pre.clone(), job.payload.clone(), clock.clone());
         let lease = job.lease.clone();
-        let run: OwnedRun<_> = Box::pin(async move {
-            let call = async {
-                let instance = pre.instantiate_async(&mut store).await?;
-                instance.call_run(&mut store, &ctx, &payload).await
-            };
-            let result = tokio::select! {
-                // The lease first: once it is lost the run must not take
-                // another step.
-                biased;
-                _ = lease.lost() => None,
-                result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)) => Some(result),
-            };
-            (result, store)
-        });
+        // The caller's span (the job's run span) goes with the run, also
+        // onto the compute threads: host calls and requests are its children.
+        let span = tracing::Span::current();
+        let run: OwnedRun<_> = Box::pin(tracing::Instrument::instrument(
+            async move {
+                let call = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance.call_run(&mut store, &ctx, &payload).await
+                };
+                let result = tokio::select! {
+                    // The lease first: once it is lost the run must not take
+                    // another step.
+                    biased;
+                    _ = lease.lost() => None,
+                    result = tokio::time::timeout_at(deadline.into(), run_clock.metered(call)) => Some(result),
+                };
+                (result, store)
+            },
+            span,
+        ));
         let (result, store) = match pacing::run_paced(run, &clock, compute).await {
             Ok(finished) => finished,
             // Only while the worker shuts down (or on a host bug): the run

@@ -17,7 +17,7 @@
 //!   neither connections nor CPU.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use redis::aio::MultiplexedConnection;
 
@@ -48,6 +48,27 @@ pub struct Round {
     pub sent: Instant,
     /// The error that ended the round early, if any.
     pub error: Option<redis::RedisError>,
+}
+
+/// When a fetch round ran, on the wall clock: the `fetch` span of each job
+/// it leased.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchWindow {
+    /// When the round was sent.
+    pub start: SystemTime,
+    /// When its jobs were in hand.
+    pub end: SystemTime,
+}
+
+impl FetchWindow {
+    /// A round sent at `sent` that is over now.
+    pub fn since(sent: Instant) -> Self {
+        let end = SystemTime::now();
+        FetchWindow {
+            start: end.checked_sub(sent.elapsed()).unwrap_or(end),
+            end,
+        }
+    }
 }
 
 /// See the module docs.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,7 +23,7 @@ use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::usage::Usage;
 
 use super::catalog::Catalog;
-use super::fetch::{Fetcher, FETCH_BATCH};
+use super::fetch::{FetchWindow, Fetcher, FETCH_BATCH};
 use super::lease::Leases;
 use super::processor::{HostRetries, Processor};
 use super::recorder::Recorder;
@@ -198,6 +199,9 @@ impl Worker {
             };
             let round = fetcher.fetch(free, &self.leases, &self.catalog).await;
             let fetched_any = !round.jobs.is_empty();
+            // The round's wall-clock window, for each job's `fetch` span
+            // (read only when spans are exported).
+            let window = crate::telemetry::exporting().then(|| FetchWindow::since(round.sent));
             for job in round.jobs {
                 let job = Arc::new(job);
                 let permit = slots
@@ -207,7 +211,9 @@ impl Worker {
                 let watch = Arc::new(LeaseWatch::new(round.sent, self.config.lease));
                 self.leases.hold(job.clone(), watch.clone());
                 let (worker, records) = (self.clone(), records.clone());
-                running.spawn(async move { worker.process(job, watch, permit, records).await });
+                running.spawn(
+                    async move { worker.process(job, watch, window, permit, records).await },
+                );
             }
             if let Some(e) = round.error {
                 tracing::warn!(error = %e, retry_in = ?backoff, "fetching jobs failed; retrying");
@@ -238,10 +244,34 @@ impl Worker {
         &self,
         job: Arc<Fetched>,
         watch: Arc<LeaseWatch>,
+        fetched: Option<FetchWindow>,
         slot: OwnedSemaphorePermit,
         records: Arc<Semaphore>,
     ) {
-        let completion = self.processor.process(job.clone(), watch).await;
+        // The job's consumer span: a child of the producer's (the
+        // processor joins it to the envelope's trace context), with the
+        // run's host calls and HTTP requests, then the recording, under it.
+        let span = tracing::debug_span!(
+            "run",
+            otel.kind = "consumer",
+            messaging.system = "wasmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %job.queue,
+            messaging.message.id = %job.id,
+            wasmq.tenant = %job.tenant,
+            wasmq.task = tracing::field::Empty,
+            wasmq.attempt = job.attempt,
+            wasmq.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let completion = self
+            .processor
+            .process(job.clone(), watch, &span, fetched)
+            .await;
+        span.record("wasmq.outcome", completion.outcome.label());
+        if matches!(completion.outcome, Outcome::Dead(_)) {
+            span.record("otel.status_code", "ERROR");
+        }
         // The sandbox is done: free its slot for the next job while the
         // outcome is recorded, holding a recording permit instead (which
         // bounds outcomes waiting for Redis).
@@ -250,7 +280,10 @@ impl Worker {
             .await
             .expect("semaphore is never closed");
         drop(slot);
-        self.recorder.record(completion).await;
+        self.recorder
+            .record(completion)
+            .instrument(tracing::debug_span!(parent: &span, "record"))
+            .await;
         self.leases.drop_job(&job);
         drop(recording);
     }

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use tracing::Instrument;
 
 use crate::backend::redis::{ChildEnqueuer, RedisBackend};
 use crate::broker::envelope::Envelope;
@@ -34,6 +35,7 @@ use crate::trace_context::TraceParent;
 use crate::usage::Usage;
 
 use super::catalog::Catalog;
+use super::fetch::FetchWindow;
 
 /// How the host retries a job for its own faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,9 +130,30 @@ impl Processor {
         }
     }
 
-    /// Run `job`, delivered under `lease`, to an outcome.
-    pub async fn process(&self, job: Arc<Fetched>, lease: Arc<LeaseWatch>) -> Completion {
-        match Envelope::parse(&job.envelope) {
+    /// Run `job`, delivered under `lease` by a fetch round that ran in
+    /// `fetched`, to an outcome, under `span` (not yet entered: it is
+    /// joined here to the producer's trace).
+    pub async fn process(
+        &self,
+        job: Arc<Fetched>,
+        lease: Arc<LeaseWatch>,
+        span: &tracing::Span,
+        fetched: Option<FetchWindow>,
+    ) -> Completion {
+        let envelope = Envelope::parse(&job.envelope);
+        let producer = envelope
+            .as_ref()
+            .ok()
+            .and_then(|e| e.traceparent.as_deref())
+            .and_then(TraceParent::parse);
+        // The run is a span of the producer's trace: the exported span's
+        // id when spans are exported, else one minted here.
+        let traceparent = crate::trace_context::join(span, producer.as_ref())
+            .or_else(|| producer.map(|p| p.child()));
+        if let Some(window) = fetched {
+            crate::trace_context::past_child(span, "fetch", window.start, window.end);
+        }
+        match envelope {
             Err(reason) => {
                 tracing::warn!(job = %job.id, %reason, "dead-lettering a malformed job");
                 Completion {
@@ -144,7 +167,11 @@ impl Processor {
                 }
             }
             Ok(envelope) => {
-                let (outcome, usage, denials) = self.run(&job, &envelope, lease).await;
+                span.record("wasmq.task", envelope.task.as_str());
+                let (outcome, usage, denials) = self
+                    .run(&job, &envelope, lease, traceparent)
+                    .instrument(span.clone())
+                    .await;
                 Completion {
                     job,
                     outcome,
@@ -163,6 +190,7 @@ impl Processor {
         job: &Fetched,
         envelope: &Envelope,
         lease: Arc<LeaseWatch>,
+        traceparent: Option<TraceParent>,
     ) -> (Outcome, Usage, Vec<String>) {
         let not_run = |outcome: Outcome| (outcome, Usage::default(), Vec::new());
         let dead = |f: Failure| not_run(Outcome::Dead(f));
@@ -256,12 +284,7 @@ impl Processor {
             lease_token: Some(job.token.clone()),
             lease,
             max_value_ttl: record.as_ref().and_then(|r| r.limits.max_value_ttl),
-            // The run is a span of the producer's trace.
-            traceparent: envelope
-                .traceparent
-                .as_deref()
-                .and_then(TraceParent::parse)
-                .map(|t| t.child().to_string()),
+            traceparent: traceparent.map(|t| t.to_string()),
         };
         let backend = match self.backend(&job.tenant, record.as_deref()).await {
             Ok(backend) => backend,

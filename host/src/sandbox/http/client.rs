@@ -13,7 +13,6 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -98,7 +97,7 @@ pub async fn send(
     let tcp = Metered::new(tcp, traffic);
     let stream: Box<dyn Stream> = if dest.https {
         let name = rustls::pki_types::ServerName::try_from(dest.host.to_string())?;
-        let tls = tokio::time::timeout(connect_timeout, tls_connector().connect(name, tcp))
+        let tls = tokio::time::timeout(connect_timeout, crate::tls::connector().connect(name, tcp))
             .await
             .map_err(|_| Error::ConnectionTimeout)?
             .map_err(Error::Tls)?;
@@ -198,27 +197,6 @@ async fn connect(addrs: &[SocketAddr]) -> Result<TcpStream, Error> {
         }
     }
     Err(last.map_or(Error::DestinationNotFound, Error::Connect))
-}
-
-/// One TLS client configuration for the process: the Mozilla root set
-/// (as `default_send_request` uses), built once.
-fn tls_connector() -> tokio_rustls::TlsConnector {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    let config = CONFIG.get_or_init(|| {
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.into(),
-        };
-        // The provider is named, not taken from the process default, so a
-        // second crypto backend elsewhere in the build cannot make this panic.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Arc::new(config)
-    });
-    tokio_rustls::TlsConnector::from(config.clone())
 }
 
 /// A response body that fails once it passes the cap, or when the server
