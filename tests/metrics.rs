@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wasmq::broker::{Broker, EnqueueRequest};
+use wasmq::broker::{Broker, EnqueueRequest, LeaseTerms};
 use wasmq::policy::TaskPolicy;
 
 use common::jobs::redis_with_task;
@@ -62,7 +62,36 @@ async fn metrics_pass_promtool_and_count_the_jobs_run() {
     let mut policy = TaskPolicy::default();
     policy.retry.max_attempts = 2;
     policy.retry.backoff_base = Duration::from_millis(10);
+    // One lapsed lease makes a job poison.
+    policy.retry.max_deliveries = 1;
     let (redis, broker) = redis_with_task(TENANT, "hostile", "hostile", &policy).await;
+    // A job whose (made-up) worker died holding it: the worker's first
+    // fetch round dead-letters it as poison, and counts it.
+    let poison = broker
+        .enqueue(EnqueueRequest {
+            tenant: TENANT.into(),
+            task: "hostile".into(),
+            payload: json!({"mode": "echo"}),
+            ..EnqueueRequest::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let doomed = LeaseTerms {
+        worker: "doomed",
+        lease: Duration::from_millis(1),
+        max_deliveries: 1,
+        cluster_cap: None,
+    };
+    assert_eq!(
+        broker
+            .fetch(TENANT, "default", 1, doomed)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut config = in_process_config(&broker, TENANT, 4, Duration::from_secs(10), "metered");
     config.metrics = Some(addr.parse().unwrap());
@@ -88,6 +117,7 @@ async fn metrics_pass_promtool_and_count_the_jobs_run() {
         ids.push(enqueue(json!({"mode": "fail", "message": "no"})).await);
     }
     ids.push(enqueue(json!({"mode": "retry", "ms": 10})).await);
+    ids.push(poison);
     let deadline = Instant::now() + Duration::from_secs(60);
     for id in &ids {
         loop {
@@ -146,6 +176,15 @@ async fn metrics_pass_promtool_and_count_the_jobs_run() {
         value(&s, finished, &[job, r#"outcome="retry-exhausted""#]),
         1.0
     );
+    assert_eq!(value(&s, finished, &[job, r#"outcome="trap""#]), 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "wasmq_dead_letters_total",
+            &[job, r#"category="trap""#, r#"task="hostile""#]
+        ),
+        1.0
+    );
     assert_eq!(value(&s, "wasmq_job_retries_total", &[job]), 1.0);
     assert_eq!(
         value(
@@ -155,13 +194,14 @@ async fn metrics_pass_promtool_and_count_the_jobs_run() {
         ),
         2.0
     );
-    // 5 + 2 + 2 runs; the e2e histogram counts the 8 jobs that ended.
+    // 5 + 2 + 2 runs; the e2e histogram counts the 8 jobs that ended
+    // after a run (not the poison job, which never ran to an outcome).
     assert_eq!(value(&s, "wasmq_job_run_seconds_count", &[job]), 9.0);
     assert_eq!(value(&s, "wasmq_job_e2e_seconds_count", &[job]), 8.0);
     assert_eq!(value(&s, "wasmq_job_fuel_count", &[job]), 9.0);
     assert_eq!(
         value(&s, "wasmq_queue_jobs", &[job, r#"state="dead""#]),
-        3.0
+        4.0
     );
     assert_eq!(
         value(&s, "wasmq_queue_jobs", &[job, r#"state="ready""#]),

@@ -145,6 +145,18 @@ impl Broker {
         n: usize,
         terms: LeaseTerms<'_>,
     ) -> redis::RedisResult<Vec<Fetched>> {
+        Ok(self.fetch_round(tenant, queue, n, terms).await?.jobs)
+    }
+
+    /// [`Broker::fetch`], also telling which tasks' jobs the round
+    /// dead-lettered as poison (for the worker's metrics).
+    pub async fn fetch_round(
+        &self,
+        tenant: &str,
+        queue: &str,
+        n: usize,
+        terms: LeaseTerms<'_>,
+    ) -> redis::RedisResult<FetchReply> {
         let keys = Keys::new(tenant);
         let flat: Vec<redis::Value> = scripts::FETCH
             .key(keys.ready(queue))
@@ -165,7 +177,6 @@ impl Broker {
             .arg(queue)
             .invoke_async(&mut self.connection())
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 5);
         // Job records are written by producers too: a field that does not
         // read as what it should is its default, never the batch's end (the
         // jobs of the batch are leased already).
@@ -173,7 +184,13 @@ impl Broker {
         let number = |v: &redis::Value, default: u32| {
             redis::from_redis_value_ref::<u32>(v).unwrap_or(default)
         };
-        for chunk in flat.chunks_exact(5) {
+        let poisoned = flat.first().map_or(0, |v| number(v, 0) as usize);
+        let (poisoned, leased) = flat
+            .get(1..)
+            .unwrap_or_default()
+            .split_at(poisoned.min(flat.len().saturating_sub(1)));
+        let mut out = Vec::with_capacity(leased.len() / 5);
+        for chunk in leased.chunks_exact(5) {
             out.push(Fetched {
                 tenant: tenant.to_string(),
                 queue: queue.to_string(),
@@ -184,7 +201,10 @@ impl Broker {
                 host_retries: number(&chunk[4], 0),
             });
         }
-        Ok(out)
+        Ok(FetchReply {
+            jobs: out,
+            poisoned: poisoned.iter().map(text).collect(),
+        })
     }
 
     /// Extend the leases of `jobs` (id, token) on `queue` to `lease` from
@@ -370,6 +390,17 @@ impl Completion {
             _ => Some(self.task.as_str()).filter(|t| !t.is_empty()),
         }
     }
+}
+
+/// What one fetch script call did.
+#[derive(Debug, Default)]
+pub struct FetchReply {
+    /// The jobs leased.
+    pub jobs: Vec<Fetched>,
+    /// The task of each job it dead-lettered as poison (its lease lapsed
+    /// on `max_deliveries` deliveries), as its envelope names it (`""`
+    /// when unreadable).
+    pub poisoned: Vec<String>,
 }
 
 /// One outcome to record, for [`Broker::complete_many`].

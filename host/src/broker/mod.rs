@@ -24,7 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redis::aio::ConnectionManager;
 
 pub use admin::{JobStatus, TenantUsage};
-pub use consumer::{Completion, Fetched, LeaseTerms, Outcome, Recorded};
+pub use consumer::{Completion, FetchReply, Fetched, LeaseTerms, Outcome, Recorded};
 pub use control::{Cancelled, ControlMessage, PoolBeat, WorkerBeat};
 pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};

@@ -239,8 +239,9 @@ return {id, 'new'}
 /// job joins it; the entries of dead workers count until their lease ends.
 /// A paused queue (listed in `paused`) still promotes and reclaims, but
 /// leases nothing.
-/// Returns a flat list: id, envelope, attempt, lease token, host retries,
-/// ... A popped id without a job record is dropped.
+/// Returns a flat list: the number P of jobs dead-lettered as poison, the
+/// task of each (P names), then id, envelope, attempt, lease token, host
+/// retries, ... per leased job. A popped id without a job record is dropped.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     with_shared(&format!(
         r#"
@@ -249,6 +250,13 @@ local prefix, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local worker, default_max, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, now_us = clock()
 local function job(id) return prefix .. 'job:' .. id end
+local poisoned = {{}}
+local function answer(out)
+  local reply = {{#poisoned}}
+  for _, task in ipairs(poisoned) do reply[#reply + 1] = task end
+  for _, v in ipairs(out) do reply[#reply + 1] = v end
+  return reply
+end
 -- A job that has ended (cancelled while its record named another queue,
 -- say) is dropped wherever it is found, never run or requeued.
 local function ended(state)
@@ -290,6 +298,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       redis.call('HINCRBY', KEYS[8], ARGV[8], 1)
       local tallies = {{}}
       local task = task_of(f[9])
+      poisoned[#poisoned + 1] = task
       tally(tallies, ARGV[8], task, 'failed')
       tally(tallies, ARGV[8], task, 'dead')
       flush_tallies(prefix, now, tallies)
@@ -304,14 +313,14 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     end
   end
 end
-if redis.call('HEXISTS', KEYS[7], ARGV[8]) == 1 then return {{}} end
+if redis.call('HEXISTS', KEYS[7], ARGV[8]) == 1 then return answer({{}}) end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
   n = math.min(n, cap - redis.call('ZCARD', KEYS[5]))
-  if n <= 0 then return {{}} end
+  if n <= 0 then return answer({{}}) end
 end
 local popped = redis.call('ZPOPMIN', KEYS[1], n)
-if #popped == 0 then return {{}} end
+if #popped == 0 then return answer({{}}) end
 local capped = ''
 if cap > 0 then capped = '1' end
 -- Numbers go to Redis as strings; Lua's own conversion formats them as
@@ -345,7 +354,7 @@ if #leases > 0 then
   redis.call('ZADD', KEYS[3], unpack(leases))
   if cap > 0 then redis.call('ZADD', KEYS[5], unpack(leases)) end
 end
-return out
+return answer(out)
 "#
     ))
 });

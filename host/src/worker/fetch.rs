@@ -22,9 +22,11 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::aio::MultiplexedConnection;
 
 use crate::broker::{Broker, Fetched, LeaseTerms};
+use crate::failure::Category;
 use crate::keys::Keys;
-use crate::metrics::Metrics;
+use crate::metrics::{Ended, Metrics};
 use crate::policy::DEFAULT_MAX_DELIVERIES;
+use crate::usage::Usage;
 
 use super::catalog::Catalog;
 use super::lease::Leases;
@@ -147,12 +149,16 @@ impl Fetcher {
                 cluster_cap: caps.and_then(|c| c.max_cluster_concurrency),
             };
             let sent = Instant::now();
-            let fetched = self.broker.fetch(tenant, queue, want, terms).await;
+            let fetched = self.broker.fetch_round(tenant, queue, want, terms).await;
             if let Some(metrics) = &self.metrics {
                 metrics.redis("fetch", sent.elapsed());
             }
             match fetched {
-                Ok(more) => jobs.extend(more),
+                Ok(reply) => {
+                    jobs.extend(reply.jobs);
+                    self.count_poisoned(tenant, queue, &reply.poisoned, catalog)
+                        .await;
+                }
                 Err(e) => {
                     error = Some(e);
                     break;
@@ -161,6 +167,25 @@ impl Fetcher {
         }
         self.next = (self.next + 1) % self.pairs.len().max(1);
         Round { jobs, sent, error }
+    }
+
+    /// Count jobs the round dead-lettered as poison in the worker's
+    /// metrics, as `trap` deaths (their category in the job record). A
+    /// task label is only ever a deployed task's name, so a producer
+    /// cannot mint one per made-up name.
+    async fn count_poisoned(&self, tenant: &str, queue: &str, tasks: &[String], catalog: &Catalog) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        for task in tasks {
+            let known = matches!(catalog.task(tenant, task).await, Ok(Some(_)));
+            metrics.outcome(
+                (tenant, queue, if known { task } else { "unknown" }),
+                Ended::Dead(Category::Trap.as_str()),
+                &Usage::default(),
+                None,
+            );
+        }
     }
 
     /// Block until a producer signals one of our queues, or a short timeout.
