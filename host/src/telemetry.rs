@@ -95,10 +95,14 @@ pub fn init(json: bool, ansi: bool, runtime: tokio::runtime::Handle) -> Telemetr
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(SERVICE_NAME))
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                meta.target().starts_with("wasmq")
-                    && (meta.is_span() || *meta.level() <= tracing::Level::INFO)
-            }))
+            .with_filter(
+                tracing_subscriber::filter::filter_fn(|meta| {
+                    meta.target().starts_with("wasmq")
+                        && (meta.is_span() || *meta.level() <= tracing::Level::INFO)
+                })
+                // Trace-level callsites stay disabled outright.
+                .with_max_level_hint(tracing::Level::DEBUG),
+            )
     });
     tracing_subscriber::registry().with(logs).with(spans).init();
     if let Some(problem) = problem {
