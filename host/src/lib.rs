@@ -21,6 +21,7 @@
 //!   catalog, manager.
 //! - [`launcher`]: a worker process's pools, runtimes and shutdown
 //!   (`run(config, shutdown)`).
+//! - [`web`]: the web dashboard (`wasmq web`), over the broker.
 //! - [`cli`]: the `wasmq` command line.
 
 pub mod addresses;
@@ -44,4 +45,5 @@ pub mod tenants;
 pub mod trace_context;
 pub mod ttl_cache;
 pub mod usage;
+pub mod web;
 pub mod worker;
