@@ -404,6 +404,25 @@ async fn actions_need_this_sessions_csrf_token_and_origin() {
         .await;
     assert_eq!(r.status, 403);
     assert_eq!(client.get(pause).await.status, 405, "GET does not act");
+    // A DNS-rebinding page reaches the loopback port under its own name.
+    let rebound = client
+        .request("GET", "/t/ops/queues", &[("host", "evil.example:7070")], "")
+        .await;
+    assert_eq!(rebound.status, 421, "{}", rebound.body);
+    assert!(!rebound.body.contains("name=\"csrf\""));
+    let r = client
+        .request(
+            "POST",
+            pause,
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("host", "evil.example:7070"),
+                ("origin", "http://evil.example:7070"),
+            ],
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(r.status, 421);
     assert!(!paused(&broker, TENANT, "idle").await, "nothing changed");
     assert_eq!(state(&broker, TENANT, &job).await, "queued");
 

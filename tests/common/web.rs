@@ -157,10 +157,12 @@ impl Client {
         body: &str,
     ) -> Resp {
         let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.addr,
+            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
         );
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str(&format!("Host: {}\r\n", self.addr));
+        }
         if let Some(c) = &self.cookie {
             head.push_str(&format!("Cookie: wasmq_session={c}\r\n"));
         }

@@ -115,7 +115,7 @@ pub struct Auth {
     /// SHA-256 of the admin token, if one is configured.
     admin_digest: Option<[u8; 32]>,
     /// Loopback: a request without credentials is the admin.
-    open: bool,
+    pub open: bool,
     /// Per-process random key of the CSRF HMAC.
     secret: [u8; 32],
     /// Session id → session.
@@ -287,6 +287,23 @@ pub fn same_origin(host: Option<&str>, origin: Option<&str>, fetch_site: Option<
     }
 }
 
+/// Whether a `Host` header names this machine's loopback (`localhost`,
+/// `127.x.x.x`, `[::1]`, with or without a port). A loopback dashboard
+/// needs no token, so it answers only requests for those names: a page
+/// on another site whose DNS name was rebound to 127.0.0.1 sends its own
+/// name as `Host` and is refused (DNS rebinding).
+pub fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Whether `a` and `b` are equal, taking the same time whatever their
 /// contents (not their lengths, which are public here: digests and hex
 /// tokens of fixed length).
@@ -346,6 +363,28 @@ mod tests {
         assert!(!same_origin(host, Some("null"), None));
         assert!(!same_origin(host, None, Some("cross-site")));
         assert!(!same_origin(None, Some("http://127.0.0.1:7070"), None));
+    }
+
+    #[test]
+    fn a_loopback_dashboard_answers_only_loopback_names() {
+        for ok in [
+            "127.0.0.1:7070",
+            "localhost:7070",
+            "LOCALHOST",
+            "[::1]:7070",
+            "127.0.0.2",
+        ] {
+            assert!(loopback_host(Some(ok)), "{ok}");
+        }
+        for bad in [
+            "evil.example:7070",
+            "10.0.0.5:7070",
+            "127.0.0.1.evil.example",
+            "[::2]:1",
+        ] {
+            assert!(!loopback_host(Some(bad)), "{bad}");
+        }
+        assert!(!loopback_host(None));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! handlers (GET only: none of them changes anything).
 //!
 //! Every tenant's pages live under `/t/TENANT/`; a tenant token gets 403
-//! for any other tenant's. The guard resolves who is asking
+//! for any other tenant's. On loopback the guard answers only requests
+//! whose `Host` is a loopback name (421 otherwise: DNS rebinding). It
+//! resolves who is asking
 //! ([`super::auth`]), answers 401 (with the login form) when nobody is,
 //! adds the security headers to every response, and for every POST
 //! checks, before any handler runs: a same-origin request, the CSRF
@@ -176,6 +178,15 @@ async fn guard(State(app): State<Shared>, request: Request, next: Next) -> Respo
         .and_then(|c| auth::cookie(c, SESSION_COOKIE))
         .map(String::from);
     let authorization = header_str(headers, header::AUTHORIZATION).map(String::from);
+    if app.auth.open && !auth::loopback_host(header_str(headers, header::HOST)) {
+        let refused = WebError(
+            StatusCode::MISDIRECTED_REQUEST,
+            "Refused: this dashboard listens on loopback only and answers only for localhost, \
+             127.0.0.1 or [::1] (another Host could be a DNS-rebinding page)."
+                .into(),
+        );
+        return secure(refused.into_response(), false);
+    }
     if is_post && !same_origin {
         let refused = WebError::forbidden(
             "Refused: this action came from another site (its Origin is not this dashboard).",
