@@ -1,5 +1,5 @@
 //! The dashboard's actions: the only handlers that change anything, each
-//! a POST the guard in [`super::routes`] has already checked (same
+//! a POST the guard in [`super::guard`] has already checked (same
 //! origin, CSRF token, not read-only). Each acts on the tenant in its URL
 //! after checking the principal may see it, through the same broker calls
 //! as the CLI (`wasmq queue pause`, `cancel`, `dead retry`, `dead purge`),
@@ -12,8 +12,9 @@ use axum::{Extension, Form};
 use serde::Deserialize;
 
 use super::auth::{self, SESSION_COOKIE};
+use super::guard::session_cookie;
 use super::pages::{self, enc};
-use super::routes::{allowed, check_id, session_cookie, Ctx, PageResult, Shared, WebError};
+use super::routes::{allowed, check_id, Ctx, PageResult, Shared, WebError};
 use crate::broker::Cancelled;
 
 /// How long a failed login waits before it answers, so guessing is slow.

@@ -4,9 +4,9 @@
 //! Server-rendered pages over the same broker calls the CLI uses, a JSON
 //! endpoint for the overview's live charts, and a little JavaScript; every
 //! asset is compiled in. One file per concern:
-//! - [`routes`]: the URL map, the request guard (who is asking, security
-//!   headers, the origin, CSRF and read-only checks on every POST) and the
-//!   page handlers;
+//! - [`routes`]: the URL map and the page handlers;
+//! - [`guard`]: what every request passes first (host, origin, who is
+//!   asking, read-only, CSRF) and the security headers of every response;
 //! - [`actions`]: the POST handlers, the only ones that change anything;
 //! - [`auth`]: tokens, sessions, CSRF tokens, constant-time comparison;
 //! - [`pages`]: the HTML (escaped by construction);
@@ -20,6 +20,7 @@ mod actions;
 pub mod assets;
 pub mod auth;
 pub mod charts;
+mod guard;
 pub mod pages;
 mod routes;
 

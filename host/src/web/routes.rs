@@ -1,45 +1,31 @@
-//! The dashboard's URL map, the guard every request passes, and the page
-//! handlers (GET only: none of them changes anything).
+//! The dashboard's URL map and its page handlers (GET only: none of them
+//! changes anything; the POSTs are in [`super::actions`]), behind the
+//! guard of [`super::guard`].
 //!
 //! Every tenant's pages live under `/t/TENANT/`; a tenant token gets 403
-//! for any other tenant's. On loopback the guard answers only requests
-//! whose `Host` is a loopback name (421 otherwise: DNS rebinding). It
-//! resolves who is asking
-//! ([`super::auth`]), answers 401 (with the login form) when nobody is,
-//! adds the security headers to every response, and for every POST
-//! checks, before any handler runs: a same-origin request, the CSRF
-//! token (form field `csrf` or header `X-CSRF-Token`), and read-only mode.
+//! for any other tenant's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use maud::Markup;
 
-use super::auth::{self, Principal, Refusal, SESSION_COOKIE};
+use super::auth::Principal;
 use super::pages::{self, enc, Frame, JobFilter, TenantRow};
-use super::{actions, assets, charts, App};
+use super::{actions, assets, charts, guard, App};
 use crate::broker::{JobQuery, JobState};
 
 /// The shared state.
 pub(crate) type Shared = Arc<App>;
 
-/// The largest POST body read (action forms are a few dozen bytes).
-const MAX_FORM_BYTES: usize = 16 * 1024;
-
 /// Jobs a listing shows at most.
 const MAX_LIMIT: usize = 500;
-
-/// The Content-Security-Policy of every response: nothing but this
-/// origin's own files, no inline script or style, no framing.
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Who is asking, for handlers (set by the guard).
 #[derive(Debug, Clone)]
@@ -89,7 +75,7 @@ impl From<anyhow::Error> for WebError {
 
 pub(crate) type PageResult = Result<Response, WebError>;
 
-fn html(markup: Markup) -> Response {
+pub(crate) fn html(markup: Markup) -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         markup.into_string(),
@@ -121,151 +107,8 @@ pub(crate) fn router(app: Shared) -> Router {
         .route("/t/{tenant}/dead", get(dead))
         .route("/t/{tenant}/dead/purge", post(actions::purge))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(app.clone(), guard))
+        .layer(middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app)
-}
-
-/// Security headers on every response.
-fn secure(mut response: Response, cacheable: bool) -> Response {
-    let h = response.headers_mut();
-    h.insert("content-security-policy", HeaderValue::from_static(CSP));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
-    if !cacheable {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    response
-}
-
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// The session cookie header for `id`.
-pub(crate) fn session_cookie(id: &str, max_age_secs: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!(
-        "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_secs}"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// The value of field `name` in an urlencoded form body (CSRF tokens are
-/// hex: no decoding needed).
-fn form_field<'a>(body: &'a [u8], name: &str) -> Option<&'a str> {
-    std::str::from_utf8(body).ok()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then_some(v)
-    })
-}
-
-/// The guard: see the module docs.
-async fn guard(State(app): State<Shared>, request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
-    let public = path.starts_with("/assets/") || path == "/login";
-    let cacheable = path.starts_with("/assets/");
-    let is_post = request.method() == Method::POST;
-    let headers = request.headers();
-    let same_origin = auth::same_origin(
-        header_str(headers, header::HOST),
-        header_str(headers, header::ORIGIN),
-        header_str(headers, "sec-fetch-site"),
-    );
-    let cookie = header_str(headers, header::COOKIE)
-        .and_then(|c| auth::cookie(c, SESSION_COOKIE))
-        .map(String::from);
-    let authorization = header_str(headers, header::AUTHORIZATION).map(String::from);
-    if app.auth.open && !auth::loopback_host(header_str(headers, header::HOST)) {
-        let refused = WebError(
-            StatusCode::MISDIRECTED_REQUEST,
-            "Refused: this dashboard listens on loopback only and answers only for localhost, \
-             127.0.0.1 or [::1] (another Host could be a DNS-rebinding page)."
-                .into(),
-        );
-        return secure(refused.into_response(), false);
-    }
-    if is_post && !same_origin {
-        let refused = WebError::forbidden(
-            "Refused: this action came from another site (its Origin is not this dashboard).",
-        );
-        return secure(refused.into_response(), false);
-    }
-    if public {
-        return secure(next.run(request).await, cacheable);
-    }
-    let resolved = match app
-        .auth
-        .resolve(&app.broker, authorization.as_deref(), cookie.as_deref())
-        .await
-    {
-        Ok(Ok(resolved)) => resolved,
-        Ok(Err(Refusal::Unauthorized(why))) => {
-            let mut response =
-                (StatusCode::UNAUTHORIZED, html(pages::login(Some(why)))).into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"wasmq\""),
-            );
-            return secure(response, false);
-        }
-        Err(e) => return secure(WebError::from(e).into_response(), false),
-    };
-    // Loopback without a cookie: give the browser an anonymous one, the
-    // key of its CSRF tokens.
-    let mut new_cookie = None;
-    let csrf_key = if resolved.csrf_key.is_empty() {
-        let id = hex::encode(rand::random::<[u8; 32]>());
-        let key = format!("anon:{id}");
-        new_cookie = Some(id);
-        key
-    } else {
-        resolved.csrf_key.clone()
-    };
-    let ctx = Ctx {
-        principal: resolved.principal,
-        csrf: app.auth.csrf_token(&csrf_key),
-        logged_in: resolved.logged_in,
-    };
-    let mut request = request;
-    if is_post {
-        if app.read_only && path != "/logout" {
-            let refused =
-                WebError::forbidden("Refused: this dashboard is read-only (--read-only).");
-            return secure(refused.into_response(), false);
-        }
-        // Read the (small) form body to check its CSRF token, then hand
-        // it on to the handler.
-        let (parts, body) = request.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
-            let refused = WebError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "The form is too large.".into(),
-            );
-            return secure(refused.into_response(), false);
-        };
-        let given = header_str(&parts.headers, "x-csrf-token")
-            .or_else(|| form_field(&bytes, "csrf"))
-            .unwrap_or("");
-        if !app.auth.csrf_ok(&csrf_key, given) {
-            let refused = WebError::forbidden(
-                "Refused: the form's CSRF token is missing or wrong. Reload the page and try again.",
-            );
-            return secure(refused.into_response(), false);
-        }
-        request = Request::from_parts(parts, Body::from(bytes));
-    }
-    request.extensions_mut().insert(ctx);
-    let mut response = next.run(request).await;
-    if let Some(id) = new_cookie {
-        response.headers_mut().append(
-            header::SET_COOKIE,
-            session_cookie(&id, auth::SESSION_TTL.as_secs()),
-        );
-    }
-    secure(response, false)
 }
 
 /// Check that `tenant` is a tenant name `ctx` may see.
