@@ -1,6 +1,7 @@
 # wasmq: `make demo` runs the real thing end to end, `make test` runs every
 # test. Both install what is missing on a fresh machine (the wasm32-wasip2
-# target; redis-server and promtool via apt-get when absent and we are root).
+# target; redis-server, promtool and chromium via apt-get when absent and we
+# are root).
 
 CARGO ?= cargo
 GUEST_TARGET := wasm32-wasip2
@@ -8,11 +9,11 @@ GUEST_DIR := target/guests
 GUESTS := noop onboard thumbnail scrape hostile other-world typed
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis promtool guests build test demo bench lint fmt clean
+.PHONY: all setup target redis promtool browser guests build test demo bench lint fmt clean
 
 all: build guests
 
-setup: target redis promtool
+setup: target redis promtool browser
 
 target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(GUEST_TARGET) || rustup target add $(GUEST_TARGET)
@@ -34,6 +35,17 @@ promtool:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else \
 		echo "promtool not found: install it (e.g. 'sudo apt-get install prometheus') and re-run"; exit 1; \
+	fi
+
+# Headless Chromium and its WebDriver (Debian's chromium and
+# chromium-driver) drive the dashboard in the browser tests.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "chromium or chromedriver not found: installing Debian's chromium and chromium-driver with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium or chromedriver not found: install them (e.g. 'sudo apt-get install chromium chromium-driver') and re-run"; exit 1; \
 	fi
 
 # Example tasks and test guests, as WebAssembly components.

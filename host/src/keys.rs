@@ -134,6 +134,12 @@ impl Keys {
     pub fn usage(&self) -> String {
         self.key(&["usage"])
     }
+    /// HASH: the tenant's dashboard tokens (`wasmq web token create`):
+    /// hex SHA-256 of a token → JSON {id, note, created_by, created_at_ms}.
+    /// Only the digest is kept; the token itself is shown once.
+    pub fn web_tokens(&self) -> String {
+        self.key(&["web-tokens"])
+    }
     /// STRING: a job's stored result (JSON), with a TTL.
     pub fn result(&self, id: &str) -> String {
         self.key(&["result", id])

@@ -24,6 +24,7 @@
 //! - [`telemetry`]: logs and OpenTelemetry spans (OTLP export).
 //! - [`trace_context`]: W3C `traceparent` values and the spans they join.
 //! - [`tls`]: the process's TLS client configuration.
+//! - [`web`]: the web dashboard (`wasmq web`), over the broker.
 //! - [`cli`]: the `wasmq` command line.
 
 pub mod addresses;
@@ -49,4 +50,5 @@ pub mod tls;
 pub mod trace_context;
 pub mod ttl_cache;
 pub mod usage;
+pub mod web;
 pub mod worker;

@@ -6,11 +6,13 @@
 //! helper.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod components;
 pub mod http;
 pub mod jobs;
 pub mod redis;
 pub mod sandbox;
+pub mod web;
 pub mod workers;
 
 use std::path::PathBuf;

@@ -275,6 +275,17 @@ impl Broker {
         }))
     }
 
+    /// A job's envelope (task, queue, payload, priority, ...) as its
+    /// producer wrote it; `None` when there is no such job or its envelope
+    /// cannot be read.
+    pub async fn envelope(&self, tenant: &str, id: &str) -> anyhow::Result<Option<Envelope>> {
+        let text: Option<String> = self
+            .connection()
+            .hget(Keys::new(tenant).job(id), "envelope")
+            .await?;
+        Ok(text.and_then(|t| Envelope::parse(&t).ok()))
+    }
+
     /// A tenant's summed usage (runs, fuel, wall time, memory
     /// byte-seconds, network bytes out and in, refusals, and wasted runs),
     /// and what it holds now: `store_bytes`, `store_keys`,

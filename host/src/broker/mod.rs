@@ -5,7 +5,8 @@
 //! idempotency and delays), fetch with leases, lease renewal, recording an
 //! outcome, deploys, results, status and the dead-letter queue; the
 //! operator's views ([`inspect`]: queues, jobs by state, per-minute
-//! counts) and controls ([`control`]: cancel, pause, heartbeats). Every state
+//! counts) and controls ([`control`]: cancel, pause, heartbeats), and the
+//! tenants' dashboard tokens ([`web_tokens`]). Every state
 //! change is one Lua script ([`scripts`]); running jobs is the worker's job.
 
 pub mod acl;
@@ -18,6 +19,7 @@ mod inspect;
 mod producer;
 mod registry;
 mod scripts;
+mod web_tokens;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,9 +28,10 @@ use redis::aio::ConnectionManager;
 pub use admin::{JobStatus, TenantUsage};
 pub use consumer::{Completion, FetchReply, Fetched, LeaseTerms, Outcome, Recorded};
 pub use control::{Cancelled, ControlMessage, PoolBeat, WorkerBeat};
-pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView};
+pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView, RunTimes};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};
 pub use registry::DeployedTask;
+pub use web_tokens::{token_digest, token_tenant, WebToken};
 
 /// Redis-backed broker handle; cheap to clone (one multiplexed connection
 /// that reconnects by itself).

@@ -14,6 +14,7 @@ mod format;
 mod operate;
 mod run;
 mod tenant;
+mod web;
 mod worker;
 
 use std::process::ExitCode;
@@ -115,6 +116,9 @@ pub enum Command {
     /// Pause or resume a queue.
     #[command(subcommand)]
     Queue(operate::QueueCommand),
+    /// The web dashboard (`--listen ADDR`), or its tenant tokens
+    /// (`web token create|list|revoke`).
+    Web(web::WebArgs),
 }
 
 /// Why a command failed.
@@ -166,6 +170,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Jobs(args) => operate::jobs(&cli.redis, &cli.tenant, args).await,
         Command::Cancel { id } => operate::cancel(&cli.redis, &cli.tenant, &id).await,
         Command::Queue(command) => operate::queue(&cli.redis, &cli.tenant, command).await,
+        Command::Web(args) => web::web(&cli.redis, &cli.tenant, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,7 +47,7 @@ pub enum QueueCommand {
 }
 
 /// Who is acting, for the records of cancels and pauses: `user@host`.
-fn who() -> String {
+pub(super) fn who() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
