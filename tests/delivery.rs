@@ -556,6 +556,7 @@ async fn outcomes_are_recorded_and_billed_once() {
         idempotency_key: None,
         task: "noop".into(),
         enqueued_at_ms: 0,
+        log: String::new(),
     };
     assert_eq!(
         broker.complete_many(&[&done]).await.unwrap(),

@@ -534,6 +534,69 @@ async fn guest_controlled_text_is_escaped() {
     assert!(paused(&broker, TENANT, evil_queue).await);
 }
 
+/// A run's log (stdout, stderr and log lines) is kept in its job record:
+/// `wasmq status` prints it and the job page shows it, escaped; a later
+/// run that logs nothing removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_log_shows_in_status_and_on_the_job_page_escaped() {
+    let (redis, broker) = setup(TENANT).await;
+    let (stop, handle) = worker(&redis, TENANT, "logger");
+    let text = "<script>alert('log')</script> done";
+    let job = enqueue(
+        &broker,
+        TENANT,
+        "work",
+        json!({"mode": "log", "text": text}),
+    )
+    .await;
+    until(Duration::from_secs(30), "the job succeeds", || async {
+        state(&broker, TENANT, &job).await == "succeeded"
+    })
+    .await;
+    let log = broker.status(TENANT, &job).await.unwrap().unwrap().log;
+    let log = log.expect("the run's log is kept");
+    for line in [
+        format!("stdout: {text}"),
+        format!("stderr: {text}"),
+        format!("log: {text}"),
+    ] {
+        assert!(log.contains(&line), "{line:?} in {log:?}");
+    }
+    let printed = common::wasmq(&redis.url, TENANT, &["status", &job]);
+    let printed = common::text(&printed.stdout);
+    assert!(
+        printed.contains("log (last run)") && printed.contains(&format!("  stdout: {text}")),
+        "{printed}"
+    );
+
+    let web = Dashboard::start(&broker, TENANT, "127.0.0.1", None, false).await;
+    let mut client = web.client();
+    let page = client.get(&format!("/t/ops/jobs/{job}")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(!page.body.contains("<script>alert('log')"), "{}", page.body);
+    assert!(
+        page.body
+            .contains("stdout: &lt;script&gt;alert('log')&lt;/script&gt; done"),
+        "{}",
+        page.body
+    );
+
+    // A job that logs nothing keeps no log.
+    let quiet = enqueue(&broker, TENANT, "work", json!({"mode": "echo"})).await;
+    until(
+        Duration::from_secs(30),
+        "the quiet job succeeds",
+        || async { state(&broker, TENANT, &quiet).await == "succeeded" },
+    )
+    .await;
+    assert_eq!(
+        broker.status(TENANT, &quiet).await.unwrap().unwrap().log,
+        None
+    );
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}
+
 /// Pause, resume, cancel, retry and purge from the dashboard change
 /// Redis as their CLI twins do; bad input gets a clear 4xx page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@
 //! | nesting of a result (of a payload: one less) | [`MAX_JSON_DEPTH`] ([`MAX_PAYLOAD_DEPTH`]) |
 //! | child jobs per job | [`MAX_CHILDREN_PER_JOB`] |
 //! | log line | [`MAX_LOG_LINE_BYTES`] (the whole log: the policy's `max_log_bytes`) |
+//! | log kept in the job record | [`MAX_STORED_LOG_BYTES`] (the tail) |
 //! | outbound HTTP request headers | [`MAX_REQUEST_HEADER_BYTES`] |
 
 use std::time::Duration;
@@ -56,6 +57,10 @@ pub const MAX_PAYLOAD_DEPTH: usize = MAX_JSON_DEPTH - 1;
 pub const MAX_CHILDREN_PER_JOB: u32 = 1_000;
 /// Longest log line a guest may write in one call (longer ones are cut).
 pub const MAX_LOG_LINE_BYTES: usize = 16 << 10;
+/// The tail of a run's log kept in its job record (`wasmq status`, the
+/// dashboard): enough to see why a run failed, small enough that a
+/// million finished jobs that all log stay a few GB at most.
+pub const MAX_STORED_LOG_BYTES: usize = 4 << 10;
 /// Largest total of an outbound HTTP request's header names and values.
 pub const MAX_REQUEST_HEADER_BYTES: usize = 64 << 10;
 

@@ -55,6 +55,9 @@ pub struct JobStatus {
     pub started_at_ms: Option<u64>,
     /// When the job finished.
     pub finished_at_ms: Option<u64>,
+    /// The tail of the last recorded run's log (stdout, stderr and log
+    /// lines; at most [`crate::limits::MAX_STORED_LOG_BYTES`]).
+    pub log: Option<String>,
     /// Every event, oldest first: enqueued, started, retry, host-retry,
     /// wait, lease-expired, released, dead-retry, succeeded, dead (the last
     /// 100 recorded ones).
@@ -271,6 +274,7 @@ impl Broker {
             due_at_ms,
             started_at_ms: num("started_at_ms"),
             finished_at_ms: num("finished_at_ms"),
+            log: fields.get("log").cloned(),
             history,
         }))
     }

@@ -244,6 +244,7 @@ impl Broker {
             idempotency_key: None,
             task: String::new(),
             enqueued_at_ms: 0,
+            log: String::new(),
         };
         Ok(self.complete_many(&[&record]).await?[0])
     }
@@ -346,7 +347,8 @@ impl Broker {
                 .arg(error)
                 .arg(serde_json::to_string(&c.usage).unwrap_or_default())
                 .arg(denials_json(&c.denials))
-                .arg(group);
+                .arg(group)
+                .arg(&c.log);
         }
         let answers: Vec<String> = call.invoke_async(&mut self.connection()).await?;
         Ok(answers
@@ -423,4 +425,8 @@ pub struct Completion {
     /// When the producer enqueued it (its clock, unix ms; 0 unknown), for
     /// the end-to-end latency metric.
     pub enqueued_at_ms: u64,
+    /// The tail of the run's log to keep in the job record (at most
+    /// [`crate::limits::MAX_STORED_LOG_BYTES`]; empty: none, and a
+    /// previous run's is removed).
+    pub log: String,
 }

@@ -387,7 +387,7 @@ return lost
 });
 
 /// Fields per job in [`COMPLETE`]'s ARGV.
-pub const COMPLETE_FIELDS: usize = 13;
+pub const COMPLETE_FIELDS: usize = 14;
 
 /// Record outcomes of many deliveries in one call (the worker batches
 /// whatever finished since its last call: fewer script invocations, which
@@ -402,7 +402,8 @@ pub const COMPLETE_FIELDS: usize = 13;
 /// result_ttl_ms (0 = do not store), idempotency key or '',
 /// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, and the
 /// run's refusals as a JSON list ('' for none; kept as the job's
-/// `denials`), and its (queue, task) group's number (1-based).
+/// `denials`), its (queue, task) group's number (1-based), and the tail
+/// of the run's log ('' for none: a previous run's is removed).
 ///
 /// Besides the job, a recorded outcome adds to the minute's counts per
 /// queue and task (`succeeded`; `failed` for a retry or a death, and
@@ -464,12 +465,13 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
   local result, result_ttl = ARGV[i + 4], tonumber(ARGV[i + 5])
   local idem, idem_ttl, delay, err = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
   local usage, denials, group = ARGV[i + 10], ARGV[i + 11], tonumber(ARGV[i + 12])
+  local log = ARGV[i + 13]
   local task = group_task[group]
   local job = prefix .. 'job:' .. id
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
   local f = redis.call('HMGET', job, 'lease', 'notify', 'capped', 'has_history',
-    'started_at_ms', 'attempt', 'worker')
+    'started_at_ms', 'attempt', 'worker', 'has_log')
   if f[1] ~= token or token == '' then
     if token ~= '' and redis.call('HGET', job, 'recorded') == token then
       out[#out + 1] = 'recorded'
@@ -490,6 +492,13 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
       redis.call('LTRIM', q .. 'signal', 0, 63)
     end
     if denials ~= '' then redis.call('HSET', job, 'denials', denials) end
+    -- The run's log replaces the last run's (most jobs log nothing: no
+    -- write for them unless an earlier run left one).
+    if log ~= '' then
+      redis.call('HSET', job, 'log', log, 'has_log', '1')
+    elseif f[8] then
+      redis.call('HDEL', job, 'log', 'has_log')
+    end
     if outcome ~= 'succeeded' then started(job, h, f[5], f[6], f[7]) end
     -- A verdict ends attempt f[6] (the fetch set it to attempts + 1):
     -- `attempts` becomes it, in the same HSET as the rest (one write per

@@ -211,6 +211,12 @@ fn describe(s: &JobStatus) -> String {
     for denial in &s.denials {
         let _ = writeln!(out, "denied     {denial}");
     }
+    if let Some(log) = &s.log {
+        let _ = writeln!(out, "log (last run)");
+        for line in log.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     let _ = writeln!(out, "history");
     for event in &s.history {
         let when = event["at_ms"]

@@ -449,8 +449,11 @@ pub fn job(
                     }
                 }
             }
-            h2 { "Logs" }
-            p.empty { "Not kept: workers write a job's guest output to their own log (at debug level, `WASMQ_LOG=wasmq=debug`), not to Redis." }
+            h2 { "Log (last run)" }
+            @match &status.log {
+                Some(log) => pre.log { (log) },
+                None => p.empty { "The last run wrote nothing (the record keeps the last 4 KiB of a run's stdout, stderr and log lines)." },
+            }
         },
     )
 }

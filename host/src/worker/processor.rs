@@ -27,7 +27,7 @@ use crate::broker::envelope::Envelope;
 use crate::broker::{Broker, Completion, DeployedTask, Fetched, Outcome};
 use crate::failure::{Category, Failure};
 use crate::fence::LeaseWatch;
-use crate::limits::MAX_DELAY;
+use crate::limits::{MAX_DELAY, MAX_STORED_LOG_BYTES};
 use crate::retry::{decide, Decision};
 use crate::sandbox::{ComputeThreads, JobInput, JobOutcome, Verdict};
 use crate::tenants::Tenant;
@@ -164,11 +164,12 @@ impl Processor {
                     idempotency_key: None,
                     task: String::new(),
                     enqueued_at_ms: 0,
+                    log: String::new(),
                 }
             }
             Ok(envelope) => {
                 span.record("wasmq.task", envelope.task.as_str());
-                let (outcome, usage, denials) = self
+                let (outcome, usage, denials, log) = self
                     .run(&job, &envelope, lease, traceparent)
                     .instrument(span.clone())
                     .await;
@@ -180,6 +181,7 @@ impl Processor {
                     idempotency_key: envelope.idempotency_key,
                     task: envelope.task,
                     enqueued_at_ms: envelope.enqueued_at_ms,
+                    log,
                 }
             }
         }
@@ -191,8 +193,8 @@ impl Processor {
         envelope: &Envelope,
         lease: Arc<LeaseWatch>,
         traceparent: Option<TraceParent>,
-    ) -> (Outcome, Usage, Vec<String>) {
-        let not_run = |outcome: Outcome| (outcome, Usage::default(), Vec::new());
+    ) -> (Outcome, Usage, Vec<String>, String) {
+        let not_run = |outcome: Outcome| (outcome, Usage::default(), Vec::new(), String::new());
         let dead = |f: Failure| not_run(Outcome::Dead(f));
         let task = match self.catalog.task(&job.tenant, &envelope.task).await {
             Ok(Some(task)) => task,
@@ -306,7 +308,8 @@ impl Processor {
             tracing::debug!(job = %job.id, log = %outcome.log, "job log");
         }
         let recorded = self.verdict(job, &task, envelope, &retry, &outcome);
-        (recorded, outcome.usage, outcome.denials)
+        let log = log_tail(&outcome.log).to_string();
+        (recorded, outcome.usage, outcome.denials, log)
     }
 
     /// What to record for a run that ended with `outcome`.
@@ -399,9 +402,29 @@ impl Processor {
     }
 }
 
+/// The last [`MAX_STORED_LOG_BYTES`] of `log` (cut at a character
+/// boundary): what the job record keeps.
+fn log_tail(log: &str) -> &str {
+    let mut start = log.len().saturating_sub(MAX_STORED_LOG_BYTES);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_log_is_the_tail_cut_at_a_character() {
+        assert_eq!(log_tail("short"), "short");
+        let long = format!("{}é{}", "a".repeat(MAX_STORED_LOG_BYTES), "end");
+        let tail = log_tail(&long);
+        assert!(tail.len() <= MAX_STORED_LOG_BYTES && tail.ends_with("end"));
+        let cut = "é".repeat(MAX_STORED_LOG_BYTES);
+        assert!(log_tail(&cut).len() <= MAX_STORED_LOG_BYTES);
+    }
 
     #[test]
     fn host_retries_back_off_to_a_cap_and_end() {

@@ -138,6 +138,15 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
             let resp = http::get(&url)?;
             Ok(json!({ "status": resp.status, "bytes": resp.body.len() }))
         }
+        "log" => {
+            // A few lines on each channel, then success: what `status`
+            // and the dashboard show as the job's log.
+            let text: String = field(&args, "text")?;
+            println!("stdout: {text}");
+            eprintln!("stderr: {text}");
+            wasmq_guest::log::info(format!("log: {text}"));
+            Ok(json!({ "logged": text }))
+        }
         "print" => {
             let mut i: u64 = 0;
             loop {
