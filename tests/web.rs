@@ -775,6 +775,9 @@ async fn browser_overview_chart_fills_and_pause_pauses() {
     browser.goto(&web.url("/t/ops/workers")).await;
     browser.find(".card").await;
     browser.screenshot("dashboard-workers").await;
+    browser.goto(&web.url("/tenants")).await;
+    browser.find("tr[data-tenant='ops']").await;
+    browser.screenshot("dashboard-tenants").await;
     browser.close().await;
     stop.send(()).unwrap();
     handle.await.unwrap();
@@ -813,6 +816,8 @@ async fn browser_finds_a_job_cancels_it_and_retries_a_dead_one() {
     let browser = Browser::start().await;
 
     browser.goto(&web.url("/t/ops/jobs")).await;
+    browser.find("#job-id").await;
+    browser.screenshot("dashboard-jobs").await;
     browser.type_into("#job-id", &running).await;
     browser.click("#find-job").await;
     browser.find("#job-id-shown").await;
