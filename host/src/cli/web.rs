@@ -117,9 +117,10 @@ async fn serve(redis: &str, tenant: &str, args: WebArgs) -> Result<(), CliError>
     } else {
         "a token is needed"
     };
+    // The bound address, so `--listen 127.0.0.1:0` says which port it got.
+    let bound = listener.local_addr().unwrap_or(args.listen);
     format::notice(&format!(
-        "wasmq web: serving http://{} ({access}{})",
-        args.listen,
+        "wasmq web: serving http://{bound} ({access}{})",
         if args.read_only { "; read-only" } else { "" }
     ));
     let shutdown = async {
