@@ -184,11 +184,9 @@ impl Broker {
         let number = |v: &redis::Value, default: u32| {
             redis::from_redis_value_ref::<u32>(v).unwrap_or(default)
         };
-        let poisoned = flat.first().map_or(0, |v| number(v, 0) as usize);
-        let (poisoned, leased) = flat
-            .get(1..)
-            .unwrap_or_default()
-            .split_at(poisoned.min(flat.len().saturating_sub(1)));
+        let poisoned = flat.last().map_or(0, |v| number(v, 0) as usize);
+        let (leased, poisoned) =
+            flat[..flat.len().saturating_sub(1)].split_at(flat.len().saturating_sub(1 + poisoned));
         let mut out = Vec::with_capacity(leased.len() / 5);
         for chunk in leased.chunks_exact(5) {
             out.push(Fetched {

@@ -239,9 +239,10 @@ return {id, 'new'}
 /// job joins it; the entries of dead workers count until their lease ends.
 /// A paused queue (listed in `paused`) still promotes and reclaims, but
 /// leases nothing.
-/// Returns a flat list: the number P of jobs dead-lettered as poison, the
-/// task of each (P names), then id, envelope, attempt, lease token, host
-/// retries, ... per leased job. A popped id without a job record is dropped.
+/// Returns a flat list: id, envelope, attempt, lease token, host retries,
+/// ... per leased job, then the task of each job dead-lettered as poison
+/// (P names) and last P (appended, so the leased jobs are never copied).
+/// A popped id without a job record is dropped.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     with_shared(&format!(
         r#"
@@ -252,10 +253,9 @@ local now, now_us = clock()
 local function job(id) return prefix .. 'job:' .. id end
 local poisoned = {{}}
 local function answer(out)
-  local reply = {{#poisoned}}
-  for _, task in ipairs(poisoned) do reply[#reply + 1] = task end
-  for _, v in ipairs(out) do reply[#reply + 1] = v end
-  return reply
+  for _, task in ipairs(poisoned) do out[#out + 1] = task end
+  out[#out + 1] = #poisoned
+  return out
 end
 -- A job that has ended (cancelled while its record named another queue,
 -- say) is dropped wherever it is found, never run or requeued.
