@@ -775,6 +775,20 @@ async fn browser_overview_chart_fills_and_pause_pauses() {
     browser.goto(&web.url("/t/ops/workers")).await;
     browser.find(".card").await;
     browser.screenshot("dashboard-workers").await;
+    let nightly = wasmq::schedule::Schedule {
+        task: "idle".into(),
+        payload: serde_json::json!({"report": "daily"}),
+        timing: wasmq::schedule::Timing::cron("0 2 * * *", Some("Europe/Paris")).unwrap(),
+        catch_up: wasmq::schedule::CatchUp::One,
+        paused: false,
+    };
+    broker
+        .schedule_put(TENANT, "nightly-report", nightly)
+        .await
+        .unwrap();
+    browser.goto(&web.url("/t/ops/schedules")).await;
+    browser.find("tr[data-schedule='nightly-report']").await;
+    browser.screenshot("dashboard-schedules").await;
     browser.goto(&web.url("/tenants")).await;
     browser.find("tr[data-tenant='ops']").await;
     browser.screenshot("dashboard-tenants").await;

@@ -140,6 +140,23 @@ impl Keys {
     pub fn web_tokens(&self) -> String {
         self.key(&["web-tokens"])
     }
+    /// HASH: the tenant's schedules: name → JSON definition (task,
+    /// payload, timing, catch-up policy, paused).
+    pub fn schedules(&self) -> String {
+        self.key(&["schedules"])
+    }
+    /// ZSET: each active schedule's name, scored by its next tick (unix
+    /// ms, Redis clock); a paused schedule is absent. A worker fires a tick
+    /// only by moving this score on from the value it read.
+    pub fn schedules_due(&self) -> String {
+        self.key(&["schedules-due"])
+    }
+    /// HASH: each schedule's last fire: name → JSON {tick_ms, job,
+    /// fired_at_ms} (or {tick_ms, error, ...} when the tick could not
+    /// enqueue).
+    pub fn schedule_runs(&self) -> String {
+        self.key(&["schedule-runs"])
+    }
     /// STRING: a job's stored result (JSON), with a TTL.
     pub fn result(&self, id: &str) -> String {
         self.key(&["result", id])

@@ -2,7 +2,8 @@
 //! engine, the sandbox, the Redis connection and one [`Worker`] per pool
 //! (io pools on the caller's runtime, each cpu pool on a runtime of its own
 //! at a low OS priority), the process's [`Presence`] (heartbeat and
-//! control list) and, when asked, its metrics endpoint; runs them until
+//! control list), its [`Scheduler`] (due schedules) and, when asked, its
+//! metrics endpoint; runs them until
 //! `shutdown` resolves, then drains them and returns what they did.
 //!
 //! The CLI parses flags into a [`LaunchConfig`] and passes
@@ -27,7 +28,8 @@ use crate::metrics::Metrics;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
 use crate::worker::{
-    exporter, HostRetries, Identity, Presence, Worker, WorkerConfig, WorkerStats, DEFAULT_LEASE,
+    exporter, HostRetries, Identity, Presence, Scheduler, Worker, WorkerConfig, WorkerStats,
+    DEFAULT_LEASE,
 };
 
 /// How a worker process runs.
@@ -209,6 +211,10 @@ pub async fn run_on(
             tokio::select! { _ = stop => {}, _ = serving => {} }
         });
     }
+    // Schedules are fired by every worker process; a draining one stops
+    // firing at once (the others go on).
+    let scheduler = Scheduler::new(broker.clone(), config.tenants.clone());
+    tokio::spawn(scheduler.run(stopped(stopping.clone())));
     // The heartbeat and the control list last until the pools have
     // drained: a draining worker is still listed, and a cancel still
     // reaches its running jobs.

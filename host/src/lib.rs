@@ -10,6 +10,7 @@
 //! - [`policy`]: the limits and grants a job runs under.
 //! - [`dir_caps`]: opening a directory grant beneath its tenant's cap.
 //! - [`failure`]: the failure categories users see.
+//! - [`schedule`]: periodic jobs: timings, ticks and catch-up plans.
 //! - [`keys`]: every Redis key name, built in one place.
 //! - [`limits`]: every bound on what crosses into the host, in one table.
 //! - [`addresses`]: which network addresses are public.
@@ -44,6 +45,7 @@ pub mod policy;
 pub mod pools;
 pub mod retry;
 pub mod sandbox;
+pub mod schedule;
 pub mod telemetry;
 pub mod tenants;
 pub mod tls;

@@ -5,8 +5,9 @@
 //! idempotency and delays), fetch with leases, lease renewal, recording an
 //! outcome, deploys, results, status and the dead-letter queue; the
 //! operator's views ([`inspect`]: queues, jobs by state, per-minute
-//! counts) and controls ([`control`]: cancel, pause, heartbeats), and the
-//! tenants' dashboard tokens ([`web_tokens`]). Every state
+//! counts) and controls ([`control`]: cancel, pause, heartbeats), the
+//! tenants' schedules ([`schedules`]: definitions, due times, firing a
+//! tick) and dashboard tokens ([`web_tokens`]). Every state
 //! change is one Lua script ([`scripts`]); running jobs is the worker's job.
 
 pub mod acl;
@@ -18,6 +19,7 @@ pub mod envelope;
 mod inspect;
 mod producer;
 mod registry;
+mod schedules;
 mod scripts;
 mod web_tokens;
 
@@ -31,6 +33,7 @@ pub use control::{Cancelled, ControlMessage, PoolBeat, WorkerBeat};
 pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView, RunTimes};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};
 pub use registry::DeployedTask;
+pub use schedules::{DueSchedules, LastFire, ScheduleView, TickClaim, DUE_PER_ROUND};
 pub use web_tokens::{token_digest, token_tenant, WebToken};
 
 /// Redis-backed broker handle; cheap to clone (one multiplexed connection

@@ -6,6 +6,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use super::envelope::{Envelope, ENVELOPE_VERSION, MAX_PRIORITY};
+use super::schedules::TickClaim;
 use super::{now_ms, scripts, Broker};
 use crate::failure::{Category, Failure};
 use crate::keys::{valid_tenant, Keys};
@@ -103,6 +104,20 @@ impl Broker {
         req: EnqueueRequest,
         origin: Origin,
     ) -> anyhow::Result<Enqueued> {
+        self.enqueue_claiming(req, origin, None)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the enqueue script answered 'stale' without a tick"))
+    }
+
+    /// [`Broker::enqueue_as`], and when `tick` is given, only if the
+    /// schedule's tick is still unclaimed (claiming it in the same step):
+    /// `None` when another worker fired it first.
+    pub(super) async fn enqueue_claiming(
+        &self,
+        req: EnqueueRequest,
+        origin: Origin,
+        tick: Option<&TickClaim>,
+    ) -> anyhow::Result<Option<Enqueued>> {
         valid_tenant(&req.tenant).map_err(anyhow::Error::msg)?;
         let (task, tenant) = self.task_and_tenant(&req.tenant, &req.task).await?;
         let task = task.ok_or_else(|| {
@@ -198,8 +213,8 @@ impl Broker {
                 caps.max_children_per_minute.unwrap_or(0),
             ),
         };
-        let reply: Vec<String> = scripts::ENQUEUE
-            .key(keys.job(&envelope.id))
+        let mut invocation = scripts::ENQUEUE.key(keys.job(&envelope.id));
+        invocation
             .key(keys.ready(queue))
             .key(keys.delayed(queue))
             .key(keys.signal(queue))
@@ -214,14 +229,23 @@ impl Broker {
             .arg(req.not_before_ms.unwrap_or(0))
             .arg(max_deliveries(&task.policy))
             .arg(caps.max_idempotency_keys.unwrap_or(0))
-            .arg(children_per_minute)
-            .invoke_async(&mut self.connection())
-            .await?;
+            .arg(children_per_minute);
+        if let Some(tick) = tick {
+            invocation
+                .key(keys.schedules_due())
+                .key(keys.schedule_runs())
+                .arg(&tick.schedule)
+                .arg(tick.due_ms)
+                .arg(tick.next_ms.map(|t| t.to_string()).unwrap_or_default())
+                .arg(tick.tick_ms);
+        }
+        let reply: Vec<String> = invocation.invoke_async(&mut self.connection()).await?;
         match reply.as_slice() {
-            [id, kind] => Ok(Enqueued {
+            [_, kind] if kind == "stale" => Ok(None),
+            [id, kind] => Ok(Some(Enqueued {
                 id: id.clone(),
                 duplicate: kind == "duplicate",
-            }),
+            })),
             [_, _, reason] => Err(failure(Category::Denied, reason.clone())),
             other => anyhow::bail!("the enqueue script answered {other:?}"),
         }

@@ -154,6 +154,14 @@ fn with_clock(body: &str) -> Script {
 /// succeeds and is freed when it dies; a key whose job record is gone is
 /// taken over. Returns {id, 'new'}, {existing_id, 'duplicate'}, or
 /// {'', 'refused', reason} when a quota says no.
+///
+/// A schedule's tick adds KEYS 9-10 (the tenant's schedules-due zset and
+/// schedule-runs hash) and ARGV 9-12 (schedule name, the due score the
+/// worker read, the next due score or '' for none, the tick): the job is
+/// enqueued only if the schedule's due score still reads as the worker saw
+/// it, and the score moves on in the same step, so however many workers
+/// fire a tick, one job comes of it. Otherwise it returns {'', 'stale'}
+/// and writes nothing.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     with_priority_band(
         r#"
@@ -161,11 +169,29 @@ local id, priority = ARGV[1], tonumber(ARGV[3])
 local delay, eta = tonumber(ARGV[4]), tonumber(ARGV[5])
 local idem_quota, child_rate = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now, now_us = clock()
+local tick = KEYS[9]
+if tick then
+  local due = redis.call('ZSCORE', KEYS[9], ARGV[9])
+  if not due or tonumber(due) ~= tonumber(ARGV[10]) then return {'', 'stale'} end
+end
+-- A tick's job is enqueued (or found): the schedule moves on to its next
+-- tick and records this one.
+local function fired(job_id)
+  if not tick then return end
+  if ARGV[11] == '' then
+    redis.call('ZREM', KEYS[9], ARGV[9])
+  else
+    redis.call('ZADD', KEYS[9], ARGV[11], ARGV[9])
+  end
+  redis.call('HSET', KEYS[10], ARGV[9], '{"tick_ms":' .. ARGV[12] .. ',"job":"' .. job_id ..
+    '","fired_at_ms":' .. string.format('%d', now) .. '}')
+end
 local holder = nil
 if KEYS[5] ~= '' then
   holder = redis.call('GET', KEYS[5])
   local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #('job:' .. id))
   if holder and redis.call('EXISTS', prefix .. 'job:' .. holder) == 1 then
+    fired(holder)
     return {holder, 'duplicate'}
   end
 end
@@ -218,6 +244,7 @@ else
 end
 redis.call('LPUSH', KEYS[4], '1')
 redis.call('LTRIM', KEYS[4], 0, 63)
+fired(id)
 return {id, 'new'}
 "#,
     )
@@ -802,6 +829,58 @@ end
 return {ready, redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
   tonumber(redis.call('HGET', KEYS[4], queue)) or 0, redis.call('HGET', KEYS[5], queue) or '',
   oldest, now, succeeded, failed}
+"#,
+    )
+});
+
+/// The tenant's due schedules. KEYS: schedules-due, schedules. ARGV: the
+/// most to return.
+/// Returns {now_ms, next_ms or '', name, due_ms, definition, ...}: each
+/// schedule due by the Redis clock with its definition, and the earliest
+/// tick after now (how long the scheduler may sleep). A due entry without
+/// a definition (removed meanwhile) is dropped.
+pub static SCHEDULES_DUE: LazyLock<Script> = LazyLock::new(|| {
+    with_clock(
+        r#"
+local now = clock()
+local now_ms = string.format('%d', now)
+local out = {now_ms, ''}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
+for i = 1, #due, 2 do
+  local definition = redis.call('HGET', KEYS[2], due[i])
+  if definition then
+    out[#out + 1] = due[i]
+    out[#out + 1] = due[i + 1]
+    out[#out + 1] = definition
+  else
+    redis.call('ZREM', KEYS[1], due[i])
+  end
+end
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #later > 0 then out[2] = later[2] end
+return out
+"#,
+    )
+});
+
+/// Move a schedule on without a job (its tick was dropped by the catch-up
+/// policy, or could not enqueue). KEYS: schedules-due, schedule-runs.
+/// ARGV: name, the due score the worker read, the next due score ('' =
+/// none), the record for `schedule-runs` ('' = keep the last one).
+/// Only if the due score still reads as the worker saw it; returns 1 if
+/// it moved.
+pub static SCHEDULE_ADVANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
+return 1
 "#,
     )
 });

@@ -13,6 +13,7 @@ mod enqueue;
 mod format;
 mod operate;
 mod run;
+mod schedule;
 mod tenant;
 mod web;
 mod worker;
@@ -116,6 +117,10 @@ pub enum Command {
     /// Pause or resume a queue.
     #[command(subcommand)]
     Queue(operate::QueueCommand),
+    /// Periodic jobs: `schedule add|list|remove|pause|resume|run`. Every
+    /// running worker fires them; there is no beat process.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// The web dashboard (`--listen ADDR`), or its tenant tokens
     /// (`web token create|list|revoke`).
     Web(web::WebArgs),
@@ -170,6 +175,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Jobs(args) => operate::jobs(&cli.redis, &cli.tenant, args).await,
         Command::Cancel { id } => operate::cancel(&cli.redis, &cli.tenant, &id).await,
         Command::Queue(command) => operate::queue(&cli.redis, &cli.tenant, command).await,
+        Command::Schedule(command) => schedule::schedule(&cli.redis, &cli.tenant, command).await,
         Command::Web(args) => web::web(&cli.redis, &cli.tenant, args).await,
     };
     match result {

@@ -11,7 +11,9 @@ use maud::{html, Markup, DOCTYPE};
 
 use super::auth::Principal;
 use crate::broker::envelope::Envelope;
-use crate::broker::{JobState, JobStatus, JobSummary, QueueView, ResultState, WorkerBeat};
+use crate::broker::{
+    JobState, JobStatus, JobSummary, QueueView, ResultState, ScheduleView, WorkerBeat,
+};
 
 /// What every page's frame needs.
 pub struct Frame<'a> {
@@ -104,6 +106,7 @@ pub fn layout(frame: &Frame, body: Markup) -> Markup {
         ("workers", format!("/t/{t}/workers"), "Workers"),
         ("jobs", format!("/t/{t}/jobs"), "Jobs"),
         ("dead", format!("/t/{t}/dead"), "Dead letters"),
+        ("schedules", format!("/t/{t}/schedules"), "Schedules"),
         ("tenants", "/tenants".to_string(), "Tenants"),
     ];
     html! {
@@ -489,6 +492,51 @@ pub fn dead(frame: &Frame, jobs: &[JobSummary]) -> Markup {
                 }
                 p.note { "Newest first, at most 100." }
             }
+        },
+    )
+}
+
+/// The tenant's schedules: timing, next tick, last tick and its job.
+pub fn schedules(frame: &Frame, schedules: &[ScheduleView]) -> Markup {
+    let t = enc(frame.tenant);
+    layout(
+        frame,
+        html! {
+            @if schedules.is_empty() {
+                p.empty { "No schedules. " code { "wasmq schedule add NAME TASK --cron EXPR" } " makes one." }
+            } @else {
+                table.jobs {
+                    thead { tr { th { "schedule" } th { "task" } th { "timing" } th { "catch-up" } th { "next tick" } th { "last tick" } th { "last job" } } }
+                    tbody {
+                        @for v in schedules {
+                            tr data-schedule=(v.name) {
+                                td { (v.name) }
+                                td { (v.schedule.task) }
+                                td.mono { (v.schedule.timing.describe()) }
+                                td { (v.schedule.catch_up.as_str()) }
+                                td {
+                                    @if v.schedule.paused { span.badge.cancelled { "paused" } }
+                                    @else { (opt_time(v.next_ms)) }
+                                }
+                                td { (opt_time(v.last.as_ref().map(|l| l.tick_ms))) }
+                                td {
+                                    @if let Some(last) = &v.last {
+                                        @if let Some(job) = &last.job {
+                                            a.mono href=(format!("/t/{t}/jobs/{}", enc(job))) { (job) }
+                                            " "
+                                            @let state = v.last_job_state.as_deref().unwrap_or("?");
+                                            span class=(format!("badge {state}")) { (state) }
+                                        } @else {
+                                            span.error { "not enqueued: " (last.error.as_deref().unwrap_or("?")) }
+                                        }
+                                    } @else { "-" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            p.note { "Every running worker fires due schedules; each tick is one job. Manage them with " code { "wasmq schedule" } "." }
         },
     )
 }

@@ -106,6 +106,7 @@ pub(crate) fn router(app: Shared) -> Router {
         .route("/t/{tenant}/jobs/{id}/retry", post(actions::retry))
         .route("/t/{tenant}/dead", get(dead))
         .route("/t/{tenant}/dead/purge", post(actions::purge))
+        .route("/t/{tenant}/schedules", get(schedules))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app)
@@ -375,6 +376,19 @@ async fn dead(
     let found = app.broker.jobs(&tenant, &query).await?;
     page(&app, &ctx, &tenant, "Dead letters", "dead", |f| {
         pages::dead(f, &found)
+    })
+    .await
+}
+
+async fn schedules(
+    State(app): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(tenant): Path<String>,
+) -> PageResult {
+    allowed(&ctx, &tenant)?;
+    let schedules = app.broker.schedule_list(&tenant).await?;
+    page(&app, &ctx, &tenant, "Schedules", "schedules", |f| {
+        pages::schedules(f, &schedules)
     })
     .await
 }

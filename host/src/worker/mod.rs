@@ -16,7 +16,9 @@
 //!   processors, and drain on shutdown;
 //! - [`presence`]: the process's heartbeat, and the control list through
 //!   which an operator's cancel reaches the pool running the job;
-//! - [`exporter`]: `GET /metrics` for the process's pools.
+//! - [`exporter`]: `GET /metrics` for the process's pools;
+//! - [`scheduler`]: the process's firing of its tenants' due schedules
+//!   (every worker fires them; there is no beat process).
 //!
 //! The launcher ([`crate::launcher`]) builds pools from flags and runs
 //! them; nothing here reads flags or signals.
@@ -29,9 +31,11 @@ mod manager;
 mod presence;
 mod processor;
 mod recorder;
+mod scheduler;
 
 pub use catalog::Catalog;
 pub use lease::DEFAULT_LEASE;
 pub use manager::{Worker, WorkerConfig, WorkerStats};
 pub use presence::{Identity, Presence, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use processor::{HostRetries, MAX_HOST_RETRIES};
+pub use scheduler::Scheduler;

@@ -1,0 +1,648 @@
+//! Schedules (periodic jobs): what a schedule is, when it ticks, and which
+//! ticks a worker fires when it finds one due.
+//!
+//! Pure computation on millisecond instants; Redis (where schedules live
+//! and where a tick is claimed) is [`crate::broker`]'s, and the loop that
+//! fires them is the worker's scheduler. Instants are the Redis server's
+//! clock, as every due time in wasmq is, so workers whose clocks disagree
+//! cannot fire a tick early.
+//!
+//! A cron schedule's ticks are computed in its time zone by `croner`, which
+//! follows Vixie cron across DST changes: a fixed-time tick that falls in
+//! the spring-forward gap fires at the first instant after the gap, a
+//! fixed-time tick in the fall-back overlap fires once (its first
+//! occurrence), and wildcard or stepped fields tick by the wall clock.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, FixedOffset, Offset, TimeZone, Utc};
+use chrono_tz::Tz;
+use croner::parser::{CronParser, Seconds};
+use croner::JobType;
+use serde::{Deserialize, Serialize};
+
+/// The shortest `--every`: a tick is a job, and schedules are polled at
+/// most a few times a second.
+pub const MIN_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest `--every` (a year): longer periods are a cron expression's.
+pub const MAX_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// How late a tick may be found and still count as on time rather than
+/// missed. Workers look at due schedules several times a second, so a tick
+/// found later than this fell due while no worker was looking (all
+/// stopped, or Redis unreachable): the catch-up policy decides about it.
+pub const ON_TIME_GRACE_MS: u64 = 1000;
+
+/// The most missed ticks `--catch-up all` fires (the latest ones): a
+/// schedule that was down for a month must not flood its queue.
+pub const MAX_CATCH_UP: usize = 100;
+
+/// The most cron ticks walked forward to plan a catch-up; a longer
+/// outage is walked back from now instead (and its dropped ticks counted
+/// up to this).
+const FORWARD_WALK: usize = 10_000;
+
+/// The longest schedule name (it is part of every tick's idempotency key).
+pub const MAX_SCHEDULE_NAME_BYTES: usize = 200;
+
+/// What to do with ticks that fell due while no worker ran
+/// (`--catch-up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    /// Drop them; fire only ticks that are on time.
+    Skip,
+    /// Fire the latest due tick once, however many were missed.
+    #[default]
+    One,
+    /// Fire every missed tick (the latest [`MAX_CATCH_UP`]).
+    All,
+}
+
+impl CatchUp {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::Skip => "skip",
+            CatchUp::One => "one",
+            CatchUp::All => "all",
+        }
+    }
+}
+
+/// When a schedule ticks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Timing {
+    /// Every `every_ms`, at `anchor_ms + k * every_ms` (the anchor is when
+    /// the schedule was added, on the Redis clock).
+    Every {
+        /// The period.
+        every_ms: u64,
+        /// One tick's phase.
+        anchor_ms: u64,
+    },
+    /// A cron expression (5 fields, or 6 with seconds first) in a time
+    /// zone (an IANA name).
+    Cron {
+        /// The expression as given.
+        cron: String,
+        /// The zone, e.g. `Europe/Paris`; `UTC` by default.
+        tz: String,
+    },
+}
+
+/// A schedule as stored: its task, payload, timing and policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// The deployed task each tick enqueues.
+    pub task: String,
+    /// Each tick's job payload.
+    pub payload: serde_json::Value,
+    /// When it ticks.
+    pub timing: Timing,
+    /// What to do about missed ticks.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// A paused schedule fires nothing; its ticks meanwhile are dropped.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Which ticks a worker fires for a due schedule, and where it goes next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Ticks to fire, oldest first (each one job).
+    pub fire: Vec<u64>,
+    /// The first tick after now (`None`: the expression has no more).
+    pub next: Option<u64>,
+    /// Due ticks that are not fired (the catch-up policy dropped them).
+    pub dropped: u64,
+}
+
+/// `Err` naming the problem unless `name` can name a schedule.
+pub fn check_name(name: &str) -> Result<(), String> {
+    crate::limits::check_name("schedule name", name, MAX_SCHEDULE_NAME_BYTES)?;
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "schedule name {name:?} holds whitespace or control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The idempotency key of a schedule's tick: the schedule and the tick's
+/// instant, so a tick is one job however many workers fire it.
+pub fn tick_key(name: &str, tick_ms: u64) -> String {
+    format!("schedule:{name}:{tick_ms}")
+}
+
+impl Timing {
+    /// An `--every` timing anchored at `anchor_ms`, or why not.
+    pub fn every(every: Duration, anchor_ms: u64) -> Result<Timing, String> {
+        if every < MIN_EVERY || every > MAX_EVERY {
+            return Err(format!(
+                "--every {} is out of range: from {} to {}",
+                humantime::format_duration(every),
+                humantime::format_duration(MIN_EVERY),
+                humantime::format_duration(MAX_EVERY)
+            ));
+        }
+        if every.subsec_nanos() != 0 {
+            return Err(format!(
+                "--every {} is not a whole number of seconds",
+                humantime::format_duration(every)
+            ));
+        }
+        Ok(Timing::Every {
+            every_ms: every.as_millis() as u64,
+            anchor_ms,
+        })
+    }
+
+    /// A cron timing, or why not: the expression must parse, the zone must
+    /// be an IANA name, and the expression must tick at least once.
+    pub fn cron(expr: &str, tz: Option<&str>) -> Result<Timing, String> {
+        let tz = tz.unwrap_or("UTC");
+        let timing = Timing::Cron {
+            cron: expr.trim().to_string(),
+            tz: tz.to_string(),
+        };
+        let (cron, zone) = timing.parsed_cron()?;
+        let now = Utc::now().with_timezone(&zone);
+        cron.find_next_occurrence(&now, false)
+            .map_err(|e| format!("cron expression {expr:?} never ticks ({e})"))?;
+        Ok(timing)
+    }
+
+    /// The cron expression and zone, parsed.
+    fn parsed_cron(&self) -> Result<(croner::Cron, Tz), String> {
+        let Timing::Cron { cron, tz } = self else {
+            return Err("not a cron timing".into());
+        };
+        let zone = Tz::from_str(tz).map_err(|_| {
+            format!("time zone {tz:?} is not an IANA zone name (e.g. UTC, Europe/Paris)")
+        })?;
+        let parsed = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(cron)
+            .map_err(|e| format!("cron expression {cron:?} is not valid: {e}"))?;
+        Ok((parsed, zone))
+    }
+
+    /// How the schedule reads in `schedule list`.
+    pub fn describe(&self) -> String {
+        match self {
+            Timing::Every { every_ms, .. } => format!(
+                "every {}",
+                humantime::format_duration(Duration::from_millis(*every_ms))
+            ),
+            Timing::Cron { cron, tz } => format!("cron {cron:?} {tz}"),
+        }
+    }
+
+    /// The first tick strictly after `t_ms`.
+    pub fn next_after(&self, t_ms: u64) -> Option<u64> {
+        match self {
+            Timing::Every {
+                every_ms,
+                anchor_ms,
+            } => {
+                let every = (*every_ms).max(1);
+                if t_ms < *anchor_ms {
+                    let behind = (anchor_ms - t_ms - 1) / every;
+                    return Some(anchor_ms - behind * every);
+                }
+                Some(anchor_ms + ((t_ms - anchor_ms) / every + 1) * every)
+            }
+            Timing::Cron { .. } => {
+                let (cron, zone) = self.parsed_cron().ok()?;
+                // Cron ticks are whole seconds; croner keeps the start's
+                // fraction, so start from the whole second.
+                let at = instant(t_ms - t_ms % 1000)?;
+                let local = cron
+                    .find_next_occurrence(&at.with_timezone(&zone), false)
+                    .ok()
+                    .and_then(|t| to_ms(&t));
+                if cron.determine_job_type() == JobType::FixedTime {
+                    return local;
+                }
+                // croner searches the zone's wall clock and maps an
+                // ambiguous time to its first instant, so from inside a
+                // fall-back overlap the repeated wall-clock hour is
+                // skipped. An interval job ticks through it again (Vixie
+                // cron): search on the wall clock of each offset the zone
+                // uses around now, and keep a tick only where the zone
+                // really has that offset.
+                let later = at + chrono::Duration::hours(26);
+                let offsets = [offset_at(&zone, &at), offset_at(&zone, &later)];
+                offsets
+                    .iter()
+                    .filter_map(|offset| {
+                        let tick = cron
+                            .find_next_occurrence(&at.with_timezone(offset), false)
+                            .ok()?;
+                        (offset_at(&zone, &tick.with_timezone(&Utc)) == *offset)
+                            .then(|| to_ms(&tick))
+                            .flatten()
+                    })
+                    .chain(local)
+                    .filter(|&tick| tick > t_ms)
+                    .min()
+            }
+        }
+    }
+
+    /// The last tick at or before `t_ms`.
+    pub fn latest_at_or_before(&self, t_ms: u64) -> Option<u64> {
+        match self {
+            Timing::Every {
+                every_ms,
+                anchor_ms,
+            } => {
+                let every = (*every_ms).max(1);
+                if t_ms >= *anchor_ms {
+                    return Some(anchor_ms + (t_ms - anchor_ms) / every * every);
+                }
+                let behind = (anchor_ms - t_ms).div_ceil(every);
+                anchor_ms.checked_sub(behind * every)
+            }
+            Timing::Cron { .. } => {
+                let (cron, zone) = self.parsed_cron().ok()?;
+                let at = instant(t_ms - t_ms % 1000)?.with_timezone(&zone);
+                let prev = cron.find_previous_occurrence(&at, true).ok()?;
+                to_ms(&prev)
+            }
+        }
+    }
+
+    /// Up to `max` ticks in `[from_ms, to_ms]`, the latest ones, oldest
+    /// first. A cron timing is walked forward with [`Timing::next_after`],
+    /// as a running scheduler ticks, so a DST fold reads the same here as
+    /// in the ticks fired on time; only a range of more than
+    /// [`FORWARD_WALK`] ticks (a long outage) is walked back from its end.
+    fn latest_ticks(&self, from_ms: u64, to_ms: u64, max: usize) -> Vec<u64> {
+        if let Timing::Cron { .. } = self {
+            let mut ticks = std::collections::VecDeque::new();
+            let mut cursor = self.first_at_or_after(from_ms);
+            let mut steps = 0;
+            while let Some(t) = cursor.filter(|&t| t <= to_ms) {
+                if steps == FORWARD_WALK {
+                    return self.latest_ticks_backward(from_ms, to_ms, max);
+                }
+                ticks.push_back(t);
+                if ticks.len() > max {
+                    ticks.pop_front();
+                }
+                cursor = self.next_after(t);
+                steps += 1;
+            }
+            return ticks.into();
+        }
+        self.latest_ticks_backward(from_ms, to_ms, max)
+    }
+
+    /// The first tick at or after `t_ms`.
+    fn first_at_or_after(&self, t_ms: u64) -> Option<u64> {
+        match t_ms.checked_sub(1) {
+            Some(before) => self.next_after(before),
+            None => self.latest_at_or_before(0).filter(|&t| t == 0),
+        }
+    }
+
+    /// [`Timing::latest_ticks`], walking back from `to_ms` (exact for
+    /// `--every`; for cron, croner's backward search).
+    fn latest_ticks_backward(&self, from_ms: u64, to_ms: u64, max: usize) -> Vec<u64> {
+        let mut ticks = Vec::new();
+        let mut cursor = self.latest_at_or_before(to_ms);
+        while let Some(t) = cursor {
+            if t < from_ms || ticks.len() >= max {
+                break;
+            }
+            ticks.push(t);
+            cursor = t.checked_sub(1).and_then(|b| self.latest_at_or_before(b));
+        }
+        ticks.reverse();
+        ticks
+    }
+
+    /// How many ticks lie in `[from_ms, to_ms]` (a cron timing's counted
+    /// up to [`FORWARD_WALK`]).
+    fn count_ticks(&self, from_ms: u64, to_ms: u64) -> u64 {
+        let Some(first) = self.first_at_or_after(from_ms).filter(|&t| t <= to_ms) else {
+            return 0;
+        };
+        match self {
+            Timing::Every { every_ms, .. } => (to_ms - first) / (*every_ms).max(1) + 1,
+            Timing::Cron { .. } => {
+                let mut count = 1;
+                let mut cursor = self.next_after(first);
+                while cursor.is_some_and(|t| t <= to_ms) && count < FORWARD_WALK as u64 {
+                    count += 1;
+                    cursor = cursor.and_then(|t| self.next_after(t));
+                }
+                count
+            }
+        }
+    }
+}
+
+impl Schedule {
+    /// What to fire for this schedule, due at `due_ms`, when the Redis clock
+    /// reads `now_ms`: every due tick is in `[due_ms, now_ms]` (none is
+    /// fired early), and the policy picks among them.
+    pub fn plan(&self, due_ms: u64, now_ms: u64) -> Plan {
+        let next = self.timing.next_after(now_ms);
+        if due_ms > now_ms {
+            return Plan {
+                fire: Vec::new(),
+                next: Some(due_ms),
+                dropped: 0,
+            };
+        }
+        let on_time_from = now_ms.saturating_sub(ON_TIME_GRACE_MS).max(due_ms);
+        let fire = match self.catch_up {
+            CatchUp::Skip => self.timing.latest_ticks(on_time_from, now_ms, MAX_CATCH_UP),
+            CatchUp::One => self.timing.latest_ticks(due_ms, now_ms, 1),
+            CatchUp::All => self.timing.latest_ticks(due_ms, now_ms, MAX_CATCH_UP),
+        };
+        let due = self
+            .timing
+            .count_ticks(due_ms, now_ms)
+            .max(fire.len() as u64);
+        Plan {
+            dropped: due - fire.len() as u64,
+            fire,
+            next,
+        }
+    }
+}
+
+/// The UTC offset `zone` has at `t`.
+fn offset_at(zone: &Tz, t: &DateTime<Utc>) -> FixedOffset {
+    zone.offset_from_utc_datetime(&t.naive_utc()).fix()
+}
+
+/// `t_ms` as a UTC date-time.
+fn instant(t_ms: u64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(i64::try_from(t_ms).ok()?).single()
+}
+
+/// A date-time as unix milliseconds (none before 1970).
+fn to_ms<Z: TimeZone>(t: &DateTime<Z>) -> Option<u64> {
+    u64::try_from(t.timestamp_millis()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(rfc3339: &str) -> u64 {
+        DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis() as u64
+    }
+
+    fn cron(expr: &str, tz: &str) -> Timing {
+        Timing::cron(expr, Some(tz)).unwrap()
+    }
+
+    /// The `n` ticks after `from`, each computed from the one before (what
+    /// a running scheduler does).
+    fn ticks(timing: &Timing, from: &str, n: usize) -> Vec<String> {
+        let mut t = ms(from);
+        (0..n)
+            .map(|_| {
+                t = timing.next_after(t).unwrap();
+                instant(t).unwrap().to_rfc3339()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_daily_tick_across_spring_forward_keeps_its_wall_clock_time() {
+        // Paris: 2026-03-29 02:00 CET becomes 03:00 CEST.
+        let t = cron("30 9 * * *", "Europe/Paris");
+        assert_eq!(
+            ticks(&t, "2026-03-27T12:00:00Z", 3),
+            [
+                "2026-03-28T08:30:00+00:00", // 09:30 CET
+                "2026-03-29T07:30:00+00:00", // 09:30 CEST
+                "2026-03-30T07:30:00+00:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tick_in_the_spring_forward_gap_fires_right_after_it_once() {
+        // 02:30 does not exist in Paris on 2026-03-29.
+        let t = cron("30 2 * * *", "Europe/Paris");
+        assert_eq!(
+            ticks(&t, "2026-03-28T12:00:00Z", 3),
+            [
+                "2026-03-29T01:00:00+00:00", // 03:00 CEST, the first instant after the gap
+                "2026-03-30T00:30:00+00:00", // 02:30 CEST
+                "2026-03-31T00:30:00+00:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tick_in_the_fall_back_overlap_fires_once() {
+        // New York: 2026-11-01 02:00 EDT becomes 01:00 EST; 01:30 happens
+        // twice, the schedule fires at the first.
+        let t = cron("30 1 * * *", "America/New_York");
+        assert_eq!(
+            ticks(&t, "2026-10-31T12:00:00Z", 3),
+            [
+                "2026-11-01T05:30:00+00:00", // 01:30 EDT
+                "2026-11-02T06:30:00+00:00", // 01:30 EST
+                "2026-11-03T06:30:00+00:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_hourly_wildcard_ticks_by_the_wall_clock_through_the_overlap() {
+        // Every 30 minutes in New York through the fall-back hour: the
+        // repeated 01:00 and 01:30 both tick again (Vixie cron's rule for
+        // wildcard fields), so the instants stay 30 minutes apart.
+        let t = cron("*/30 * * * *", "America/New_York");
+        let got = ticks(&t, "2026-11-01T04:50:00Z", 5);
+        assert_eq!(
+            got,
+            [
+                "2026-11-01T05:00:00+00:00", // 01:00 EDT
+                "2026-11-01T05:30:00+00:00", // 01:30 EDT
+                "2026-11-01T06:00:00+00:00", // 01:00 EST
+                "2026-11-01T06:30:00+00:00", // 01:30 EST
+                "2026-11-01T07:00:00+00:00", // 02:00 EST
+            ]
+        );
+    }
+
+    #[test]
+    fn an_hourly_job_runs_in_both_one_oclocks_of_the_fall_back_night() {
+        let t = cron("0 * * * *", "America/New_York");
+        assert_eq!(
+            ticks(&t, "2026-11-01T04:30:00Z", 4),
+            [
+                "2026-11-01T05:00:00+00:00", // 01:00 EDT
+                "2026-11-01T06:00:00+00:00", // 01:00 EST
+                "2026-11-01T07:00:00+00:00", // 02:00 EST
+                "2026-11-01T08:00:00+00:00",
+            ]
+        );
+        // And through spring forward, the 02:00 that does not exist is
+        // skipped: 01:00 EST, then 03:00 EDT, an hour later.
+        assert_eq!(
+            ticks(&t, "2026-03-08T05:30:00Z", 2),
+            ["2026-03-08T06:00:00+00:00", "2026-03-08T07:00:00+00:00"]
+        );
+    }
+
+    #[test]
+    fn seconds_are_optional_and_bad_input_is_named() {
+        let t = cron("*/15 * * * * *", "UTC");
+        assert_eq!(
+            ticks(&t, "2026-01-01T00:00:01Z", 2),
+            ["2026-01-01T00:00:15+00:00", "2026-01-01T00:00:30+00:00"]
+        );
+        let err = Timing::cron("61 * * * *", None).unwrap_err();
+        assert!(err.contains("61 * * * *"), "{err}");
+        let err = Timing::cron("* * * * *", Some("Mars/Olympus")).unwrap_err();
+        assert!(err.contains("Mars/Olympus"), "{err}");
+        let err = Timing::every(Duration::from_millis(500), 0).unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        let err = Timing::every(Duration::from_millis(1500), 0).unwrap_err();
+        assert!(err.contains("whole number"), "{err}");
+        let daily = cron("@daily", "UTC");
+        assert_eq!(
+            ticks(&daily, "2026-01-01T10:00:00Z", 1),
+            ["2026-01-02T00:00:00+00:00"]
+        );
+        assert!(check_name("nightly report").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("nightly-report").is_ok());
+    }
+
+    #[test]
+    fn cron_ticks_are_whole_seconds_whatever_the_start() {
+        let t = cron("*/10 * * * * *", "UTC");
+        let start = ms("2026-01-01T00:00:05Z") + 123;
+        assert_eq!(t.next_after(start), Some(ms("2026-01-01T00:00:10Z")));
+        assert_eq!(
+            t.next_after(start - 123 + 5000),
+            Some(ms("2026-01-01T00:00:20Z"))
+        );
+        assert_eq!(
+            t.latest_at_or_before(start),
+            Some(ms("2026-01-01T00:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn every_ticks_at_its_anchor_phase() {
+        let t = Timing::every(Duration::from_secs(10), 1_000_003).unwrap();
+        assert_eq!(t.next_after(1_000_003), Some(1_010_003));
+        assert_eq!(t.next_after(1_010_002), Some(1_010_003));
+        assert_eq!(t.next_after(1_010_003), Some(1_020_003));
+        assert_eq!(t.next_after(999_000), Some(1_000_003));
+        assert_eq!(t.latest_at_or_before(1_029_999), Some(1_020_003));
+        assert_eq!(t.latest_at_or_before(1_000_002), Some(990_003));
+    }
+
+    fn every_second(catch_up: CatchUp) -> Schedule {
+        Schedule {
+            task: "t".into(),
+            payload: serde_json::json!({}),
+            timing: Timing::every(Duration::from_secs(1), 0).unwrap(),
+            catch_up,
+            paused: false,
+        }
+    }
+
+    #[test]
+    fn on_time_every_policy_fires_the_due_tick_and_none_early() {
+        for policy in [CatchUp::Skip, CatchUp::One, CatchUp::All] {
+            let s = every_second(policy);
+            let plan = s.plan(5000, 5100);
+            assert_eq!(plan.fire, [5000], "{policy:?}");
+            assert_eq!(plan.next, Some(6000));
+            assert_eq!(plan.dropped, 0);
+            let early = s.plan(6000, 5999);
+            assert!(early.fire.is_empty(), "{policy:?}");
+            assert_eq!(early.next, Some(6000));
+        }
+    }
+
+    #[test]
+    fn after_an_outage_each_policy_fires_what_it_promises() {
+        // Due at 10 s, found at 20.5 s: ticks 10..=20 are due; 20 is on time.
+        let skip = every_second(CatchUp::Skip).plan(10_000, 20_500);
+        assert_eq!(skip.fire, [20_000]);
+        assert_eq!(skip.dropped, 10);
+        let one = every_second(CatchUp::One).plan(10_000, 20_500);
+        assert_eq!(one.fire, [20_000]);
+        assert_eq!(one.dropped, 10);
+        let all = every_second(CatchUp::All).plan(10_000, 20_500);
+        assert_eq!(all.fire, (10..=20).map(|s| s * 1000).collect::<Vec<_>>());
+        assert_eq!(all.next, Some(21_000));
+        // Found within the grace of the latest tick: that one is on time.
+        let skip = every_second(CatchUp::Skip).plan(10_000, 21_999);
+        assert_eq!(skip.fire, [21_000]);
+        let mut slow = every_second(CatchUp::Skip);
+        slow.timing = Timing::every(Duration::from_secs(4), 0).unwrap();
+        let plan = slow.plan(4_000, 10_000);
+        assert!(plan.fire.is_empty());
+        assert_eq!(plan.dropped, 2);
+        assert_eq!(plan.next, Some(12_000));
+    }
+
+    #[test]
+    fn a_tick_in_the_repeated_hour_is_fired_when_found_due() {
+        // The second 01:00 of New York's fall-back night, found due 200 ms
+        // late: fired, not mistaken for the first 01:00.
+        let s = Schedule {
+            task: "t".into(),
+            payload: serde_json::json!({}),
+            timing: cron("0 * * * *", "America/New_York"),
+            catch_up: CatchUp::Skip,
+            paused: false,
+        };
+        let due = ms("2026-11-01T06:00:00Z");
+        let plan = s.plan(due, due + 200);
+        assert_eq!(plan.fire, [due]);
+        assert_eq!(plan.next, Some(ms("2026-11-01T07:00:00Z")));
+        // Down from before the first 01:00 to after the second: `all`
+        // fires both.
+        let mut all = s.clone();
+        all.catch_up = CatchUp::All;
+        let plan = all.plan(ms("2026-11-01T05:00:00Z"), ms("2026-11-01T06:30:00Z"));
+        assert_eq!(plan.fire, [ms("2026-11-01T05:00:00Z"), due]);
+    }
+
+    #[test]
+    fn catch_up_all_is_bounded() {
+        let plan = every_second(CatchUp::All).plan(0, 1_000_000);
+        assert_eq!(plan.fire.len(), MAX_CATCH_UP);
+        assert_eq!(plan.fire.last(), Some(&1_000_000));
+        assert_eq!(plan.dropped, 1001 - MAX_CATCH_UP as u64);
+    }
+
+    #[test]
+    fn the_definition_round_trips_as_json() {
+        let s = Schedule {
+            task: "report".into(),
+            payload: serde_json::json!({"kind": "nightly"}),
+            timing: cron("0 2 * * *", "Europe/Paris"),
+            catch_up: CatchUp::All,
+            paused: true,
+        };
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Schedule>(&text).unwrap(), s);
+    }
+}
