@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use wasmq::broker::Broker;
+use wasmq::broker::{Broker, DueSchedule, TickClaim};
 use wasmq::keys::Keys;
 use wasmq::policy::TaskPolicy;
 use wasmq::schedule::{CatchUp, Schedule, Timing};
@@ -271,6 +271,114 @@ async fn a_tick_the_task_refuses_is_recorded_and_the_schedule_goes_on() {
         text(&out.stdout).contains("not enqueued: bad-payload"),
         "{}",
         text(&out.stdout)
+    );
+
+    // A definition that cannot be read (edited by hand, say) is set aside
+    // for a minute and shown, not fired and not dropped.
+    let keys = Keys::new(TENANT);
+    let mut conn = redis.connect().await;
+    let now = broker.redis_now_ms().await.unwrap();
+    let _: () = redis::pipe()
+        .hset(
+            keys.schedules(),
+            "garbled",
+            r#"{"task": "noop", "timing": {"kind": "every", "every_ms": 0, "anchor_ms": 0}}"#,
+        )
+        .zadd(keys.schedules_due(), "garbled", now)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let worker = start_in_process(&broker, TENANT, 2, Duration::from_secs(5), "w2");
+    until_redis(&broker, now + 1_500).await;
+    let _ = worker.0.send(());
+    worker.1.await.unwrap();
+    let parked: u64 = redis::cmd("ZSCORE")
+        .arg(keys.schedules_due())
+        .arg("garbled")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        parked >= now + 50_000,
+        "set aside until {parked} (now {now})"
+    );
+    let out = wasmq(&redis.url, TENANT, &["schedule", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("garbled  cannot be read, not fired:"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(tick_jobs(&redis).await.is_empty());
+}
+
+/// The claim a worker makes on a due every-1s schedule's tick.
+fn claim_of(due: &DueSchedule) -> TickClaim {
+    TickClaim {
+        schedule: due.name.clone(),
+        due_ms: due.due_ms,
+        next_ms: Some(due.due_ms + 1_000),
+        tick_ms: due.due_ms,
+        definition: due.definition.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_claimed_twice_at_once_is_one_job_and_a_replaced_definition_never_fires() {
+    let (redis, broker) = redis_with_task(TENANT, "noop", "noop", &TaskPolicy::default()).await;
+    broker
+        .schedule_put(TENANT, "race", every(1, CatchUp::One))
+        .await
+        .unwrap();
+    let start = anchor(&broker, "race").await;
+    until_redis(&broker, start + 1_000).await;
+    let due = broker.schedules_due(TENANT).await.unwrap().due.remove(0);
+    let schedule = due.schedule.clone().unwrap();
+    let claim = claim_of(&due);
+    // Two workers that read the same due tick race to fire it.
+    let (a, b) = tokio::join!(
+        broker.schedule_fire(TENANT, &schedule, &claim),
+        broker.schedule_fire(TENANT, &schedule, &claim)
+    );
+    let fired: Vec<_> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert!(!fired[0].duplicate);
+    assert_eq!(tick_jobs(&redis).await["race"].len(), 1);
+
+    // A worker that read the definition before it was replaced (same
+    // timing, new payload, so possibly the same next tick) fires nothing.
+    until_redis(&broker, due.due_ms + 1_000).await;
+    let due = broker.schedules_due(TENANT).await.unwrap().due.remove(0);
+    let mut replaced = every(1, CatchUp::One);
+    replaced.payload = json!({"version": 2});
+    broker.schedule_put(TENANT, "race", replaced).await.unwrap();
+    let stale = claim_of(&due);
+    let old = due.schedule.unwrap();
+    assert!(broker
+        .schedule_fire(TENANT, &old, &stale)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(!broker.schedule_advance(TENANT, &stale, None).await.unwrap());
+    assert_eq!(tick_jobs(&redis).await["race"].len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_cannot_take_a_ticks_idempotency_key() {
+    let (_redis, broker) = redis_with_task(TENANT, "noop", "noop", &TaskPolicy::default()).await;
+    let err = broker
+        .enqueue(wasmq::broker::EnqueueRequest {
+            tenant: TENANT.into(),
+            task: "noop".into(),
+            payload: json!({}),
+            idempotency_key: Some("schedule:nightly:1796331373737".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("reserved for schedule ticks"),
+        "{err}"
     );
 }
 

@@ -214,7 +214,8 @@ pub async fn run_on(
     // Schedules are fired by every worker process; a draining one stops
     // firing at once (the others go on).
     let scheduler = Scheduler::new(broker.clone(), config.tenants.clone());
-    tokio::spawn(scheduler.run(stopped(stopping.clone())));
+    let scheduler_stop = stopping.clone();
+    tokio::spawn(scheduler.run_supervised(move || stopped(scheduler_stop.clone())));
     // The heartbeat and the control list last until the pools have
     // drained: a draining worker is still listed, and a cancel still
     // reaches its running jobs.

@@ -33,7 +33,9 @@ pub use control::{Cancelled, ControlMessage, PoolBeat, WorkerBeat};
 pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView, RunTimes};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};
 pub use registry::DeployedTask;
-pub use schedules::{DueSchedules, LastFire, ScheduleView, TickClaim, DUE_PER_ROUND};
+pub use schedules::{
+    read_definition, DueSchedule, DueSchedules, LastFire, ScheduleView, TickClaim, DUE_PER_ROUND,
+};
 pub use web_tokens::{token_digest, token_tenant, WebToken};
 
 /// Redis-backed broker handle; cheap to clone (one multiplexed connection

@@ -11,6 +11,7 @@ use super::{now_ms, scripts, Broker};
 use crate::failure::{Category, Failure};
 use crate::keys::{valid_tenant, Keys};
 use crate::limits;
+use crate::schedule::TICK_KEY_PREFIX;
 use crate::trace_context::TraceParent;
 
 /// What to enqueue.
@@ -76,14 +77,17 @@ fn max_deliveries(policy: &crate::policy::TaskPolicy) -> String {
     }
 }
 
-/// Who asks for a job: a producer, or a guest enqueueing a child job
-/// (whose enqueues the tenant's `max_children_per_minute` limits).
+/// Who asks for a job: a producer, a guest enqueueing a child job (whose
+/// enqueues the tenant's `max_children_per_minute` limits), or a schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Origin {
     /// An application, the CLI, the Rust client API.
     Producer,
     /// A running job's `enqueue` host call.
     Child,
+    /// A schedule's tick (or `schedule run`): the one origin whose
+    /// idempotency keys may start with [`TICK_KEY_PREFIX`].
+    Schedule,
 }
 
 fn failure(category: Category, message: impl Into<String>) -> anyhow::Error {
@@ -139,6 +143,11 @@ impl Broker {
         if let Some(key) = &req.idempotency_key {
             limits::check_name("idempotency key", key, limits::MAX_IDEMPOTENCY_KEY_BYTES)
                 .map_err(bad)?;
+            if origin != Origin::Schedule && key.starts_with(TICK_KEY_PREFIX) {
+                return Err(bad(format!(
+                    "idempotency key {key:?}: keys starting with {TICK_KEY_PREFIX:?} are reserved for schedule ticks"
+                )));
+            }
         }
         let delay = req.countdown.unwrap_or_default();
         limits::check_delay("countdown", delay).map_err(bad)?;
@@ -207,7 +216,7 @@ impl Broker {
             .map(|k| keys.idempotency(&req.task, k))
             .unwrap_or_default();
         let (children, children_per_minute) = match origin {
-            Origin::Producer => (String::new(), 0),
+            Origin::Producer | Origin::Schedule => (String::new(), 0),
             Origin::Child => (
                 keys.children_rate(),
                 caps.max_children_per_minute.unwrap_or(0),
@@ -234,10 +243,12 @@ impl Broker {
             invocation
                 .key(keys.schedules_due())
                 .key(keys.schedule_runs())
+                .key(keys.schedules())
                 .arg(&tick.schedule)
                 .arg(tick.due_ms)
                 .arg(tick.next_ms.map(|t| t.to_string()).unwrap_or_default())
-                .arg(tick.tick_ms);
+                .arg(tick.tick_ms)
+                .arg(&tick.definition);
         }
         let reply: Vec<String> = invocation.invoke_async(&mut self.connection()).await?;
         match reply.as_slice() {

@@ -19,7 +19,7 @@ use super::producer::Origin;
 use super::{scripts, Broker, EnqueueRequest, Enqueued};
 use crate::failure::{Category, Failure};
 use crate::keys::{valid_tenant, Keys};
-use crate::schedule::{check_name, tick_key, Schedule, Timing};
+use crate::schedule::{check_name, run_key, tick_key, Schedule, Timing};
 
 /// The most due schedules one scheduler round fires per tenant (the rest
 /// wait for the next round, a moment later).
@@ -37,6 +37,9 @@ pub struct TickClaim {
     pub next_ms: Option<u64>,
     /// The tick fired.
     pub tick_ms: u64,
+    /// The definition read (the claim holds only if it still reads so: a
+    /// replaced schedule never fires its old definition).
+    pub definition: String,
 }
 
 /// A schedule's last fire, as `schedule-runs` records it.
@@ -60,8 +63,8 @@ pub struct LastFire {
 pub struct ScheduleView {
     /// Name.
     pub name: String,
-    /// Its definition.
-    pub schedule: Schedule,
+    /// Its definition (`Err`: why it cannot be read; it is not fired).
+    pub schedule: Result<Schedule, String>,
     /// Its next tick (ms); `None` while paused or when it has no more.
     pub next_ms: Option<u64>,
     /// Its last fire.
@@ -76,11 +79,32 @@ pub struct ScheduleView {
 pub struct DueSchedules {
     /// The Redis clock when it looked (ms).
     pub now_ms: u64,
-    /// Due schedules: name, due score, definition (unreadable ones are
-    /// left out, with the reason logged by the caller).
-    pub due: Vec<(String, u64, Result<Schedule, String>)>,
+    /// Due schedules.
+    pub due: Vec<DueSchedule>,
     /// The earliest tick after now.
     pub next_ms: Option<u64>,
+}
+
+/// One due schedule.
+#[derive(Debug, Clone)]
+pub struct DueSchedule {
+    /// Its name.
+    pub name: String,
+    /// Its due score (ms).
+    pub due_ms: u64,
+    /// Its definition as stored (claims compare it).
+    pub definition: String,
+    /// The definition read (`Err`: why it cannot be).
+    pub schedule: Result<Schedule, String>,
+}
+
+/// A stored definition, read and checked: it parses, and its timing can
+/// compute ticks.
+pub fn read_definition(text: &str) -> Result<Schedule, String> {
+    let schedule: Schedule =
+        serde_json::from_str(text).map_err(|e| format!("unreadable definition: {e}"))?;
+    schedule.timing.ticker()?;
+    Ok(schedule)
 }
 
 impl Broker {
@@ -122,65 +146,85 @@ impl Broker {
         } else {
             Some(next_tick(&schedule.timing, now, name)?)
         };
-        self.store(tenant, name, &schedule, next).await?;
+        self.store(tenant, name, "", &schedule, next).await?;
         Ok(next)
     }
 
-    /// Write a definition and its due score (removed when `next` is none).
+    /// Write a definition and its due score (removed when `next` is none),
+    /// if the stored definition still reads `expected` ('' = whatever is
+    /// there); false if it did not.
     async fn store(
         &self,
         tenant: &str,
         name: &str,
+        expected: &str,
         schedule: &Schedule,
         next: Option<u64>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let keys = Keys::new(tenant);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(keys.schedules(), name, serde_json::to_string(schedule)?)
-            .ignore();
-        match next {
-            Some(t) => pipe.zadd(keys.schedules_due(), name, t).ignore(),
-            None => pipe.zrem(keys.schedules_due(), name).ignore(),
-        };
-        pipe.query_async::<()>(&mut self.connection()).await?;
-        Ok(())
+        let stored: u32 = scripts::SCHEDULE_STORE
+            .key(keys.schedules())
+            .key(keys.schedules_due())
+            .arg(name)
+            .arg(expected)
+            .arg(serde_json::to_string(schedule)?)
+            .arg(next.map(|t| t.to_string()).unwrap_or_default())
+            .invoke_async(&mut self.connection())
+            .await?;
+        Ok(stored == 1)
     }
 
-    /// A schedule's definition, if it exists.
-    pub async fn schedule_get(&self, tenant: &str, name: &str) -> anyhow::Result<Option<Schedule>> {
+    /// A schedule's stored definition, as text and read, if it exists.
+    async fn schedule_text(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> anyhow::Result<Option<(String, Schedule)>> {
         let text: Option<String> = self
             .connection()
             .hget(Keys::new(tenant).schedules(), name)
             .await?;
-        text.map(|t| {
-            serde_json::from_str(&t)
-                .map_err(|e| anyhow::anyhow!("schedule {name:?} is stored unreadably: {e}"))
-        })
-        .transpose()
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let schedule = read_definition(&text)
+            .map_err(|e| anyhow::anyhow!("schedule {name:?} cannot be read: {e}"))?;
+        Ok(Some((text, schedule)))
+    }
+
+    /// A schedule's definition, if it exists.
+    pub async fn schedule_get(&self, tenant: &str, name: &str) -> anyhow::Result<Option<Schedule>> {
+        Ok(self.schedule_text(tenant, name).await?.map(|(_, s)| s))
     }
 
     /// Pause (`true`) or resume a schedule; false if there is none. A
     /// paused schedule fires nothing; on resume it ticks from now, without
-    /// catching up what fell due while it was paused.
+    /// catching up what fell due while it was paused. A change made
+    /// meanwhile (`schedule add` replacing it) is read again, not lost.
     pub async fn schedule_pause(
         &self,
         tenant: &str,
         name: &str,
         paused: bool,
     ) -> anyhow::Result<bool> {
-        let Some(mut schedule) = self.schedule_get(tenant, name).await? else {
-            return Ok(false);
-        };
-        schedule.paused = paused;
-        let next = if paused {
-            None
-        } else {
-            let now = self.redis_now_ms().await?;
-            Some(next_tick(&schedule.timing, now, name)?)
-        };
-        self.store(tenant, name, &schedule, next).await?;
-        Ok(true)
+        for _ in 0..10 {
+            let Some((text, mut schedule)) = self.schedule_text(tenant, name).await? else {
+                return Ok(false);
+            };
+            schedule.paused = paused;
+            let next = if paused {
+                None
+            } else {
+                let now = self.redis_now_ms().await?;
+                Some(next_tick(&schedule.timing, now, name)?)
+            };
+            if self.store(tenant, name, &text, &schedule, next).await? {
+                return Ok(true);
+            }
+        }
+        anyhow::bail!(
+            "schedule {name:?} kept changing while it was being paused or resumed; try again"
+        )
     }
 
     /// Remove a schedule (its jobs already enqueued stay); false if there
@@ -214,8 +258,7 @@ impl Broker {
         let runs: std::collections::HashMap<_, _> = runs.into_iter().collect();
         let mut views = Vec::new();
         for (name, text) in definitions {
-            let schedule: Schedule = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("schedule {name:?} is stored unreadably: {e}"))?;
+            let schedule = read_definition(&text);
             let last: Option<LastFire> = runs.get(&name).and_then(|r| serde_json::from_str(r).ok());
             let last_job_state = match last.as_ref().and_then(|l| l.job.as_deref()) {
                 Some(job) => {
@@ -238,16 +281,19 @@ impl Broker {
 
     /// Fire a schedule once now (`schedule run`), outside its timing: its
     /// due time does not move. The job's idempotency key names the schedule
-    /// and the Redis clock's instant.
+    /// and the Redis clock's instant (`schedule:NAME:run:MS`).
     pub async fn schedule_run_now(&self, tenant: &str, name: &str) -> anyhow::Result<Enqueued> {
         let schedule = self
             .schedule_get(tenant, name)
             .await?
             .ok_or_else(|| anyhow::anyhow!("no schedule {name:?} in tenant {tenant:?}"))?;
         let now = self.redis_now_ms().await?;
+        let mut request = tick_request(tenant, name, &schedule, now);
+        request.idempotency_key = Some(run_key(name, now));
         let enqueued = self
-            .enqueue(tick_request(tenant, name, &schedule, now))
-            .await?;
+            .enqueue_claiming(request, Origin::Schedule, None)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the enqueue script answered 'stale' without a tick"))?;
         let last = LastFire {
             tick_ms: now,
             job: Some(enqueued.id.clone()),
@@ -287,8 +333,12 @@ impl Broker {
             let [name, score, definition] = entry else {
                 anyhow::bail!("the due-schedules script answered {reply:?}");
             };
-            let schedule = serde_json::from_str(definition).map_err(|e| e.to_string());
-            due.push((name.clone(), number(score)?, schedule));
+            due.push(DueSchedule {
+                name: name.clone(),
+                due_ms: number(score)?,
+                schedule: read_definition(definition),
+                definition: definition.clone(),
+            });
         }
         Ok(DueSchedules {
             now_ms: number(now)?,
@@ -313,19 +363,18 @@ impl Broker {
         claim: &TickClaim,
     ) -> anyhow::Result<Option<Enqueued>> {
         let request = tick_request(tenant, &claim.schedule, schedule, claim.tick_ms);
-        self.enqueue_claiming(request, Origin::Producer, Some(claim))
+        self.enqueue_claiming(request, Origin::Schedule, Some(claim))
             .await
     }
 
-    /// Move a schedule's due score from `due_ms` to `next_ms` without a
-    /// job, recording `last` as its last fire when given; false when the
-    /// score no longer reads `due_ms` (another worker moved it).
+    /// Move a schedule's due score from `claim.due_ms` to `claim.next_ms`
+    /// without a job, recording `last` as its last fire when given; false
+    /// when the score or the definition no longer reads as in the claim
+    /// (another worker moved it, or the schedule was changed).
     pub async fn schedule_advance(
         &self,
         tenant: &str,
-        name: &str,
-        due_ms: u64,
-        next_ms: Option<u64>,
+        claim: &TickClaim,
         last: Option<&LastFire>,
     ) -> anyhow::Result<bool> {
         let keys = Keys::new(tenant);
@@ -336,10 +385,12 @@ impl Broker {
         let moved: u32 = scripts::SCHEDULE_ADVANCE
             .key(keys.schedules_due())
             .key(keys.schedule_runs())
-            .arg(name)
-            .arg(due_ms)
-            .arg(next_ms.map(|t| t.to_string()).unwrap_or_default())
+            .key(keys.schedules())
+            .arg(&claim.schedule)
+            .arg(claim.due_ms)
+            .arg(claim.next_ms.map(|t| t.to_string()).unwrap_or_default())
             .arg(record)
+            .arg(&claim.definition)
             .invoke_async(&mut self.connection())
             .await?;
         Ok(moved == 1)
@@ -349,12 +400,16 @@ impl Broker {
 /// The first tick after `now`, or an error naming the schedule when its
 /// timing has none.
 fn next_tick(timing: &Timing, now: u64, name: &str) -> anyhow::Result<u64> {
-    timing.next_after(now).ok_or_else(|| {
-        anyhow::anyhow!(
-            "schedule {name:?} ({}) never ticks again",
-            timing.describe()
-        )
-    })
+    timing
+        .ticker()
+        .map_err(anyhow::Error::msg)?
+        .next_after(now)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "schedule {name:?} ({}) never ticks again",
+                timing.describe()
+            )
+        })
 }
 
 /// The job of a schedule's tick.

@@ -155,13 +155,14 @@ fn with_clock(body: &str) -> Script {
 /// taken over. Returns {id, 'new'}, {existing_id, 'duplicate'}, or
 /// {'', 'refused', reason} when a quota says no.
 ///
-/// A schedule's tick adds KEYS 9-10 (the tenant's schedules-due zset and
-/// schedule-runs hash) and ARGV 9-12 (schedule name, the due score the
-/// worker read, the next due score or '' for none, the tick): the job is
-/// enqueued only if the schedule's due score still reads as the worker saw
-/// it, and the score moves on in the same step, so however many workers
-/// fire a tick, one job comes of it. Otherwise it returns {'', 'stale'}
-/// and writes nothing.
+/// A schedule's tick adds KEYS 9-11 (the tenant's schedules-due zset,
+/// schedule-runs hash and schedules hash) and ARGV 9-13 (schedule name,
+/// the due score the worker read, the next due score or '' for none, the
+/// tick, the definition the worker read): the job is enqueued only if the
+/// schedule's due score and definition still read as the worker saw them,
+/// and the score moves on in the same step, so however many workers fire
+/// a tick, one job comes of it, and never one of a replaced definition.
+/// Otherwise it returns {'', 'stale'} and writes nothing.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     with_priority_band(
         r#"
@@ -173,6 +174,7 @@ local tick = KEYS[9]
 if tick then
   local due = redis.call('ZSCORE', KEYS[9], ARGV[9])
   if not due or tonumber(due) ~= tonumber(ARGV[10]) then return {'', 'stale'} end
+  if redis.call('HGET', KEYS[11], ARGV[9]) ~= ARGV[13] then return {'', 'stale'} end
 end
 -- A tick's job is enqueued (or found): the schedule moves on to its next
 -- tick and records this one.
@@ -183,8 +185,8 @@ local function fired(job_id)
   else
     redis.call('ZADD', KEYS[9], ARGV[11], ARGV[9])
   end
-  redis.call('HSET', KEYS[10], ARGV[9], '{"tick_ms":' .. ARGV[12] .. ',"job":"' .. job_id ..
-    '","fired_at_ms":' .. string.format('%d', now) .. '}')
+  redis.call('HSET', KEYS[10], ARGV[9],
+    cjson.encode({tick_ms = tonumber(ARGV[12]), job = job_id, fired_at_ms = now}))
 end
 local holder = nil
 if KEYS[5] ~= '' then
@@ -864,22 +866,45 @@ return out
 });
 
 /// Move a schedule on without a job (its tick was dropped by the catch-up
-/// policy, or could not enqueue). KEYS: schedules-due, schedule-runs.
-/// ARGV: name, the due score the worker read, the next due score ('' =
-/// none), the record for `schedule-runs` ('' = keep the last one).
-/// Only if the due score still reads as the worker saw it; returns 1 if
-/// it moved.
+/// policy, could not enqueue, or its definition is unreadable). KEYS:
+/// schedules-due, schedule-runs, schedules. ARGV: name, the due score the
+/// worker read, the next due score ('' = none), the record for
+/// `schedule-runs` ('' = keep the last one), the definition the worker
+/// read. Only if the due score and the definition still read as the
+/// worker saw them; returns 1 if it moved.
 pub static SCHEDULE_ADVANCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not due or tonumber(due) ~= tonumber(ARGV[2]) then return 0 end
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[5] then return 0 end
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[1], ARGV[1])
 else
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
+return 1
+"#,
+    )
+});
+
+/// Write a schedule's definition and due score. KEYS: schedules,
+/// schedules-due. ARGV: name, the definition it must replace ('' = create
+/// or replace whatever is there), the new definition, its next tick (''
+/// = none: paused, or no more ticks). Returns 1, or 0 (writing nothing)
+/// when the definition is no longer the expected one (a concurrent
+/// change; the caller reads again).
+pub static SCHEDULE_STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[4] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+end
 return 1
 "#,
     )

@@ -165,7 +165,10 @@ fn no_such(tenant: &str, name: &str) -> CliError {
 
 /// One line of `schedule list`.
 fn view_line(view: &ScheduleView) -> String {
-    let s = &view.schedule;
+    let s = match &view.schedule {
+        Ok(s) => s,
+        Err(e) => return format!("{}  cannot be read, not fired: {e}", view.name),
+    };
     let next = match (s.paused, view.next_ms) {
         (true, _) => "paused".to_string(),
         (false, Some(t)) => format!("next {}", format::rfc3339(t)),
@@ -197,7 +200,10 @@ fn view_line(view: &ScheduleView) -> String {
 
 /// One JSON object of `schedule list --json`.
 fn view_json(view: &ScheduleView) -> serde_json::Value {
-    let s = &view.schedule;
+    let s = match &view.schedule {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"name": view.name, "error": e}),
+    };
     let mut line = serde_json::json!({
         "name": view.name,
         "task": s.task,

@@ -511,12 +511,17 @@ pub fn schedules(frame: &Frame, schedules: &[ScheduleView]) -> Markup {
                         @for v in schedules {
                             tr data-schedule=(v.name) {
                                 td { (v.name) }
-                                td { (v.schedule.task) }
-                                td.mono { (v.schedule.timing.describe()) }
-                                td { (v.schedule.catch_up.as_str()) }
-                                td {
-                                    @if v.schedule.paused { span.badge.cancelled { "paused" } }
-                                    @else { (opt_time(v.next_ms)) }
+                                @match &v.schedule {
+                                    Ok(s) => {
+                                        td { (s.task) }
+                                        td.mono { (s.timing.describe()) }
+                                        td { (s.catch_up.as_str()) }
+                                        td {
+                                            @if s.paused { span.badge.cancelled { "paused" } }
+                                            @else { (opt_time(v.next_ms)) }
+                                        }
+                                    }
+                                    Err(e) => { td.error colspan="4" { "cannot be read, not fired: " (e) } }
                                 }
                                 td { (opt_time(v.last.as_ref().map(|l| l.tick_ms))) }
                                 td {

@@ -4,18 +4,18 @@
 //! Each round reads a tenant's due schedules on the Redis clock, plans
 //! which ticks to fire ([`Schedule::plan`]: none early, missed ones per
 //! the catch-up policy) and fires them one by one, each claimed by moving
-//! the schedule's due score on from the value read. Several processes
-//! race for the same tick; one enqueue wins and the others find the score
-//! moved and stop. Between rounds it sleeps until the earliest next tick,
-//! but never longer than [`MAX_SLEEP`], so a new or changed schedule is
-//! seen within it.
+//! the schedule's due score on from the value read (and only while its
+//! definition is the one read). Several processes race for the same tick;
+//! one enqueue wins and the others find the score moved and stop. Between
+//! rounds it sleeps until the earliest next tick, but never longer than
+//! [`MAX_SLEEP`], so a new or changed schedule is seen within it.
 
 use std::future::Future;
 use std::time::Duration;
 
-use crate::broker::{Broker, DueSchedules, LastFire, TickClaim};
+use crate::broker::{Broker, DueSchedule, DueSchedules, LastFire, TickClaim};
 use crate::failure::Failure;
-use crate::schedule::Schedule;
+use crate::schedule::Plan;
 
 /// The longest a scheduler sleeps between rounds: how soon it sees a
 /// schedule added (the first tick of an `--every` schedule is a whole
@@ -29,7 +29,12 @@ const MIN_SLEEP: Duration = Duration::from_millis(10);
 /// After a Redis error, the next round waits this long.
 const ERROR_SLEEP: Duration = Duration::from_secs(1);
 
+/// How long a schedule whose definition cannot be read is set aside
+/// before it is looked at again (and logged again), unless it is fixed.
+const UNREADABLE_PARK: Duration = Duration::from_secs(60);
+
 /// Fires the due schedules of some tenants.
+#[derive(Clone)]
 pub struct Scheduler {
     broker: Broker,
     tenants: Vec<String>,
@@ -39,6 +44,25 @@ impl Scheduler {
     /// A scheduler for `tenants` over `broker`.
     pub fn new(broker: Broker, tenants: Vec<String>) -> Self {
         Scheduler { broker, tenants }
+    }
+
+    /// [`Scheduler::run`] until the future `shutdown()` makes resolves,
+    /// started again (after a pause) should it ever panic: a worker that
+    /// looks healthy must not have silently stopped firing.
+    pub async fn run_supervised<F>(self, shutdown: impl Fn() -> F + Send + 'static)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            let run = tokio::spawn(self.clone().run(shutdown()));
+            match run.await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!("the scheduler stopped ({e}); starting it again");
+                    tokio::time::sleep(ERROR_SLEEP).await;
+                }
+            }
+        }
     }
 
     /// Fire due schedules until `shutdown` resolves.
@@ -70,17 +94,12 @@ impl Scheduler {
             next_ms,
         } = self.broker.schedules_due(tenant).await?;
         let busy = !due.is_empty();
-        for (name, due_ms, schedule) in due {
-            match schedule {
-                Ok(schedule) => self.fire(tenant, &name, due_ms, now_ms, &schedule).await?,
-                Err(e) => {
-                    // Not fired and not moved on: a fixed definition
-                    // (`schedule add` again) fires it.
-                    tracing::warn!("schedule {name:?} of tenant {tenant:?} is unreadable: {e}");
-                }
-            }
+        for entry in due {
+            self.fire(tenant, entry, now_ms).await?;
         }
         if busy {
+            // Fired (or set aside) what was due: look again soon, for ticks
+            // that fell due meanwhile.
             return Ok(MIN_SLEEP);
         }
         Ok(next_ms.map_or(MAX_SLEEP, |t| {
@@ -90,35 +109,82 @@ impl Scheduler {
 
     /// Fire the ticks the plan picks for one due schedule, each claimed
     /// from the due score the one before it left.
-    async fn fire(
-        &self,
-        tenant: &str,
-        name: &str,
-        due_ms: u64,
-        now_ms: u64,
-        schedule: &Schedule,
-    ) -> anyhow::Result<()> {
-        let plan = schedule.plan(due_ms, now_ms);
+    async fn fire(&self, tenant: &str, entry: DueSchedule, now_ms: u64) -> anyhow::Result<()> {
+        let DueSchedule {
+            name,
+            due_ms,
+            definition,
+            schedule,
+        } = entry;
+        // Planning a long catch-up walks up to a thousand cron ticks: off
+        // the runtime's threads.
+        let planned = match schedule {
+            Ok(schedule) => tokio::task::spawn_blocking(move || {
+                let plan = schedule.plan(due_ms, now_ms);
+                (schedule, plan)
+            })
+            .await
+            .map(|(schedule, plan)| plan.map(|plan| (schedule, plan)))?,
+            Err(e) => Err(e),
+        };
+        let mut claim = TickClaim {
+            schedule: name.clone(),
+            due_ms,
+            next_ms: None,
+            tick_ms: due_ms,
+            definition,
+        };
+        let (schedule, plan) = match planned {
+            Ok(planned) => planned,
+            Err(e) => {
+                // Set aside, not dropped: fixed (`schedule add` again), it
+                // fires from its next tick.
+                claim.next_ms = Some(now_ms + UNREADABLE_PARK.as_millis() as u64);
+                let last = LastFire {
+                    tick_ms: due_ms,
+                    job: None,
+                    fired_at_ms: now_ms,
+                    error: Some(format!("not fired: {e}")),
+                };
+                if self
+                    .broker
+                    .schedule_advance(tenant, &claim, Some(&last))
+                    .await?
+                {
+                    tracing::warn!(
+                        "schedule {name:?} of tenant {tenant:?} is not fired: {e}; looked at again in {}",
+                        humantime::format_duration(UNREADABLE_PARK)
+                    );
+                }
+                return Ok(());
+            }
+        };
+        let Plan {
+            fire,
+            next,
+            dropped,
+        } = plan;
         // Said by the worker that wins the first claim, not by every racer.
         let tell_dropped = || {
-            if plan.dropped > 0 {
+            if dropped > 0 {
                 tracing::info!(
-                    "schedule {name:?} of tenant {tenant:?}: {} missed tick(s) not fired (catch-up {})",
-                    plan.dropped,
+                    "schedule {name:?} of tenant {tenant:?}: {dropped} missed tick(s) not fired (catch-up {})",
                     schedule.catch_up.as_str()
                 );
             }
         };
-        let mut claimed = due_ms;
-        for (i, &tick) in plan.fire.iter().enumerate() {
-            let next = plan.fire.get(i + 1).copied().or(plan.next);
-            let claim = TickClaim {
-                schedule: name.to_string(),
-                due_ms: claimed,
-                next_ms: next,
-                tick_ms: tick,
-            };
-            match self.broker.schedule_fire(tenant, schedule, &claim).await {
+        if fire.is_empty() {
+            // Every due tick was dropped: move on to the next one.
+            claim.next_ms = next;
+            if self.broker.schedule_advance(tenant, &claim, None).await? {
+                tell_dropped();
+            }
+            return Ok(());
+        }
+        for (i, &tick) in fire.iter().enumerate() {
+            claim.tick_ms = tick;
+            claim.next_ms = fire.get(i + 1).copied().or(next);
+            match self.broker.schedule_fire(tenant, &schedule, &claim).await {
                 Ok(Some(job)) => {
                     if i == 0 {
                         tell_dropped();
@@ -128,12 +194,14 @@ impl Scheduler {
                         job.id
                     );
                 }
-                // Another worker fired this tick (and moved the score on).
+                // Another worker fired this tick (and moved the score on),
+                // or the schedule changed.
                 Ok(None) => return Ok(()),
                 Err(e) => match e.downcast::<Failure>() {
-                    // The job itself is refused (its payload over the cap of the task as redeployed, a quota):
-                    // the tick is recorded as failed and the schedule moves
-                    // on, rather than refiring the refusal every round.
+                    // The job itself is refused (its payload over the cap of
+                    // the task as redeployed, a quota): the tick is recorded
+                    // as failed and the schedule moves on, rather than
+                    // refiring the refusal every round.
                     Ok(failure) => {
                         tracing::warn!(
                             "schedule {name:?} of tenant {tenant:?}: tick {tick} not enqueued: {failure}"
@@ -144,30 +212,20 @@ impl Scheduler {
                             fired_at_ms: now_ms,
                             error: Some(failure.to_string()),
                         };
-                        let moved = self
+                        if !self
                             .broker
-                            .schedule_advance(tenant, name, claimed, next, Some(&last))
-                            .await?;
-                        if !moved {
+                            .schedule_advance(tenant, &claim, Some(&last))
+                            .await?
+                        {
                             return Ok(());
                         }
                     }
                     Err(e) => return Err(e),
                 },
             }
-            match next {
-                Some(t) => claimed = t,
+            match claim.next_ms {
+                Some(t) => claim.due_ms = t,
                 None => return Ok(()),
-            }
-        }
-        if plan.fire.is_empty() {
-            // Every due tick was dropped: move on to the next one.
-            if self
-                .broker
-                .schedule_advance(tenant, name, due_ms, plan.next, None)
-                .await?
-            {
-                tell_dropped();
             }
         }
         Ok(())

@@ -7,20 +7,17 @@
 //! clock, as every due time in wasmq is, so workers whose clocks disagree
 //! cannot fire a tick early.
 //!
-//! A cron schedule's ticks are computed in its time zone by `croner`, which
-//! follows Vixie cron across DST changes: a fixed-time tick that falls in
-//! the spring-forward gap fires at the first instant after the gap, a
-//! fixed-time tick in the fall-back overlap fires once (its first
-//! occurrence), and wildcard or stepped fields tick by the wall clock.
+//! A cron schedule's ticks are computed in its time zone with Vixie cron's
+//! rules across DST changes ([`cron`]).
 
-use std::str::FromStr;
+mod cron;
+
 use std::time::Duration;
 
-use chrono::{DateTime, FixedOffset, Offset, TimeZone, Utc};
-use chrono_tz::Tz;
-use croner::parser::{CronParser, Seconds};
-use croner::JobType;
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
+
+pub use cron::CronClock;
 
 /// The shortest `--every`: a tick is a job, and schedules are polled at
 /// most a few times a second.
@@ -41,8 +38,8 @@ pub const MAX_CATCH_UP: usize = 100;
 
 /// The most cron ticks walked forward to plan a catch-up; a longer
 /// outage is walked back from now instead (and its dropped ticks counted
-/// up to this).
-const FORWARD_WALK: usize = 10_000;
+/// up to this). Bounds the CPU a catch-up costs each worker that plans it.
+const FORWARD_WALK: usize = 1_000;
 
 /// The longest schedule name (it is part of every tick's idempotency key).
 pub const MAX_SCHEDULE_NAME_BYTES: usize = 200;
@@ -133,10 +130,19 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What every schedule job's idempotency key starts with; producers and
+/// guests may not use it.
+pub const TICK_KEY_PREFIX: &str = "schedule:";
+
 /// The idempotency key of a schedule's tick: the schedule and the tick's
 /// instant, so a tick is one job however many workers fire it.
 pub fn tick_key(name: &str, tick_ms: u64) -> String {
-    format!("schedule:{name}:{tick_ms}")
+    format!("{TICK_KEY_PREFIX}{name}:{tick_ms}")
+}
+
+/// The idempotency key of a `schedule run` (never a tick's).
+pub fn run_key(name: &str, at_ms: u64) -> String {
+    format!("{TICK_KEY_PREFIX}{name}:run:{at_ms}")
 }
 
 impl Timing {
@@ -163,34 +169,36 @@ impl Timing {
     }
 
     /// A cron timing, or why not: the expression must parse, the zone must
-    /// be an IANA name, and the expression must tick at least once.
+    /// be an IANA name, and the expression must tick again after now.
     pub fn cron(expr: &str, tz: Option<&str>) -> Result<Timing, String> {
-        let tz = tz.unwrap_or("UTC");
         let timing = Timing::Cron {
             cron: expr.trim().to_string(),
-            tz: tz.to_string(),
+            tz: tz.unwrap_or("UTC").to_string(),
         };
-        let (cron, zone) = timing.parsed_cron()?;
-        let now = Utc::now().with_timezone(&zone);
-        cron.find_next_occurrence(&now, false)
-            .map_err(|e| format!("cron expression {expr:?} never ticks ({e})"))?;
+        let now = Utc::now().timestamp_millis().max(0) as u64;
+        if timing.ticker()?.next_after(now).is_none() {
+            return Err(format!("cron expression {expr:?} never ticks again"));
+        }
         Ok(timing)
     }
 
-    /// The cron expression and zone, parsed.
-    fn parsed_cron(&self) -> Result<(croner::Cron, Tz), String> {
-        let Timing::Cron { cron, tz } = self else {
-            return Err("not a cron timing".into());
-        };
-        let zone = Tz::from_str(tz).map_err(|_| {
-            format!("time zone {tz:?} is not an IANA zone name (e.g. UTC, Europe/Paris)")
-        })?;
-        let parsed = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .build()
-            .parse(cron)
-            .map_err(|e| format!("cron expression {cron:?} is not valid: {e}"))?;
-        Ok((parsed, zone))
+    /// The timing, ready to compute ticks; or why it cannot (a definition
+    /// stored by another version, or edited by hand).
+    pub fn ticker(&self) -> Result<Ticker, String> {
+        match self {
+            Timing::Every {
+                every_ms,
+                anchor_ms,
+            } => {
+                let every = Duration::from_millis(*every_ms);
+                Timing::every(every, *anchor_ms)?;
+                Ok(Ticker::Every {
+                    every_ms: *every_ms,
+                    anchor_ms: *anchor_ms,
+                })
+            }
+            Timing::Cron { cron, tz } => Ok(Ticker::Cron(Box::new(CronClock::parse(cron, tz)?))),
+        }
     }
 
     /// How the schedule reads in `schedule list`.
@@ -203,11 +211,27 @@ impl Timing {
             Timing::Cron { cron, tz } => format!("cron {cron:?} {tz}"),
         }
     }
+}
 
-    /// The first tick strictly after `t_ms`.
+/// A timing ready to compute ticks (a cron expression parsed once).
+#[derive(Debug, Clone)]
+pub enum Ticker {
+    /// `anchor_ms + k * every_ms`.
+    Every {
+        /// The period (checked: 1 s to a year).
+        every_ms: u64,
+        /// One tick.
+        anchor_ms: u64,
+    },
+    /// A cron expression in its zone.
+    Cron(Box<CronClock>),
+}
+
+impl Ticker {
+    /// The first tick strictly after `t_ms` (`None`: no more ticks).
     pub fn next_after(&self, t_ms: u64) -> Option<u64> {
         match self {
-            Timing::Every {
+            Ticker::Every {
                 every_ms,
                 anchor_ms,
             } => {
@@ -216,50 +240,17 @@ impl Timing {
                     let behind = (anchor_ms - t_ms - 1) / every;
                     return Some(anchor_ms - behind * every);
                 }
-                Some(anchor_ms + ((t_ms - anchor_ms) / every + 1) * every)
+                let periods = (t_ms - anchor_ms) / every + 1;
+                anchor_ms.checked_add(periods.checked_mul(every)?)
             }
-            Timing::Cron { .. } => {
-                let (cron, zone) = self.parsed_cron().ok()?;
-                // Cron ticks are whole seconds; croner keeps the start's
-                // fraction, so start from the whole second.
-                let at = instant(t_ms - t_ms % 1000)?;
-                let local = cron
-                    .find_next_occurrence(&at.with_timezone(&zone), false)
-                    .ok()
-                    .and_then(|t| to_ms(&t));
-                if cron.determine_job_type() == JobType::FixedTime {
-                    return local;
-                }
-                // croner searches the zone's wall clock and maps an
-                // ambiguous time to its first instant, so from inside a
-                // fall-back overlap the repeated wall-clock hour is
-                // skipped. An interval job ticks through it again (Vixie
-                // cron): search on the wall clock of each offset the zone
-                // uses around now, and keep a tick only where the zone
-                // really has that offset.
-                let later = at + chrono::Duration::hours(26);
-                let offsets = [offset_at(&zone, &at), offset_at(&zone, &later)];
-                offsets
-                    .iter()
-                    .filter_map(|offset| {
-                        let tick = cron
-                            .find_next_occurrence(&at.with_timezone(offset), false)
-                            .ok()?;
-                        (offset_at(&zone, &tick.with_timezone(&Utc)) == *offset)
-                            .then(|| to_ms(&tick))
-                            .flatten()
-                    })
-                    .chain(local)
-                    .filter(|&tick| tick > t_ms)
-                    .min()
-            }
+            Ticker::Cron(clock) => clock.next_after(t_ms),
         }
     }
 
     /// The last tick at or before `t_ms`.
     pub fn latest_at_or_before(&self, t_ms: u64) -> Option<u64> {
         match self {
-            Timing::Every {
+            Ticker::Every {
                 every_ms,
                 anchor_ms,
             } => {
@@ -268,24 +259,19 @@ impl Timing {
                     return Some(anchor_ms + (t_ms - anchor_ms) / every * every);
                 }
                 let behind = (anchor_ms - t_ms).div_ceil(every);
-                anchor_ms.checked_sub(behind * every)
+                anchor_ms.checked_sub(behind.checked_mul(every)?)
             }
-            Timing::Cron { .. } => {
-                let (cron, zone) = self.parsed_cron().ok()?;
-                let at = instant(t_ms - t_ms % 1000)?.with_timezone(&zone);
-                let prev = cron.find_previous_occurrence(&at, true).ok()?;
-                to_ms(&prev)
-            }
+            Ticker::Cron(clock) => clock.latest_at_or_before(t_ms),
         }
     }
 
     /// Up to `max` ticks in `[from_ms, to_ms]`, the latest ones, oldest
-    /// first. A cron timing is walked forward with [`Timing::next_after`],
+    /// first. A cron timing is walked forward with [`Ticker::next_after`],
     /// as a running scheduler ticks, so a DST fold reads the same here as
     /// in the ticks fired on time; only a range of more than
     /// [`FORWARD_WALK`] ticks (a long outage) is walked back from its end.
     fn latest_ticks(&self, from_ms: u64, to_ms: u64, max: usize) -> Vec<u64> {
-        if let Timing::Cron { .. } = self {
+        if let Ticker::Cron(_) = self {
             let mut ticks = std::collections::VecDeque::new();
             let mut cursor = self.first_at_or_after(from_ms);
             let mut steps = 0;
@@ -313,13 +299,14 @@ impl Timing {
         }
     }
 
-    /// [`Timing::latest_ticks`], walking back from `to_ms` (exact for
+    /// [`Ticker::latest_ticks`], walking back from `to_ms` (exact for
     /// `--every`; for cron, croner's backward search).
     fn latest_ticks_backward(&self, from_ms: u64, to_ms: u64, max: usize) -> Vec<u64> {
-        let mut ticks = Vec::new();
+        let mut ticks: Vec<u64> = Vec::new();
         let mut cursor = self.latest_at_or_before(to_ms);
         while let Some(t) = cursor {
-            if t < from_ms || ticks.len() >= max {
+            // Strictly back in time, and not before the range.
+            if t < from_ms || ticks.len() >= max || ticks.last().is_some_and(|&l| t >= l) {
                 break;
             }
             ticks.push(t);
@@ -336,8 +323,8 @@ impl Timing {
             return 0;
         };
         match self {
-            Timing::Every { every_ms, .. } => (to_ms - first) / (*every_ms).max(1) + 1,
-            Timing::Cron { .. } => {
+            Ticker::Every { every_ms, .. } => (to_ms - first) / (*every_ms).max(1) + 1,
+            Ticker::Cron(_) => {
                 let mut count = 1;
                 let mut cursor = self.next_after(first);
                 while cursor.is_some_and(|t| t <= to_ms) && count < FORWARD_WALK as u64 {
@@ -353,52 +340,38 @@ impl Timing {
 impl Schedule {
     /// What to fire for this schedule, due at `due_ms`, when the Redis clock
     /// reads `now_ms`: every due tick is in `[due_ms, now_ms]` (none is
-    /// fired early), and the policy picks among them.
-    pub fn plan(&self, due_ms: u64, now_ms: u64) -> Plan {
-        let next = self.timing.next_after(now_ms);
+    /// fired early), the policy picks among them, and the next tick is
+    /// after now. Fails when the timing cannot be read.
+    pub fn plan(&self, due_ms: u64, now_ms: u64) -> Result<Plan, String> {
+        let ticker = self.timing.ticker()?;
+        let next = ticker.next_after(now_ms).filter(|&n| n > now_ms);
         if due_ms > now_ms {
-            return Plan {
+            return Ok(Plan {
                 fire: Vec::new(),
                 next: Some(due_ms),
                 dropped: 0,
-            };
+            });
         }
         let on_time_from = now_ms.saturating_sub(ON_TIME_GRACE_MS).max(due_ms);
         let fire = match self.catch_up {
-            CatchUp::Skip => self.timing.latest_ticks(on_time_from, now_ms, MAX_CATCH_UP),
-            CatchUp::One => self.timing.latest_ticks(due_ms, now_ms, 1),
-            CatchUp::All => self.timing.latest_ticks(due_ms, now_ms, MAX_CATCH_UP),
+            CatchUp::Skip => ticker.latest_ticks(on_time_from, now_ms, MAX_CATCH_UP),
+            CatchUp::One => ticker.latest_ticks(due_ms, now_ms, 1),
+            CatchUp::All => ticker.latest_ticks(due_ms, now_ms, MAX_CATCH_UP),
         };
-        let due = self
-            .timing
-            .count_ticks(due_ms, now_ms)
-            .max(fire.len() as u64);
-        Plan {
+        let due = ticker.count_ticks(due_ms, now_ms).max(fire.len() as u64);
+        Ok(Plan {
             dropped: due - fire.len() as u64,
             fire,
             next,
-        }
+        })
     }
-}
-
-/// The UTC offset `zone` has at `t`.
-fn offset_at(zone: &Tz, t: &DateTime<Utc>) -> FixedOffset {
-    zone.offset_from_utc_datetime(&t.naive_utc()).fix()
-}
-
-/// `t_ms` as a UTC date-time.
-fn instant(t_ms: u64) -> Option<DateTime<Utc>> {
-    Utc.timestamp_millis_opt(i64::try_from(t_ms).ok()?).single()
-}
-
-/// A date-time as unix milliseconds (none before 1970).
-fn to_ms<Z: TimeZone>(t: &DateTime<Z>) -> Option<u64> {
-    u64::try_from(t.timestamp_millis()).ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::cron::instant;
     use super::*;
+    use chrono::DateTime;
 
     fn ms(rfc3339: &str) -> u64 {
         DateTime::parse_from_rfc3339(rfc3339)
@@ -410,9 +383,14 @@ mod tests {
         Timing::cron(expr, Some(tz)).unwrap()
     }
 
+    fn ticker(timing: &Timing) -> Ticker {
+        timing.ticker().unwrap()
+    }
+
     /// The `n` ticks after `from`, each computed from the one before (what
     /// a running scheduler does).
     fn ticks(timing: &Timing, from: &str, n: usize) -> Vec<String> {
+        let timing = ticker(timing);
         let mut t = ms(from);
         (0..n)
             .map(|_| {
@@ -505,6 +483,85 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_time_searched_from_inside_the_repeated_hour_is_not_in_the_past() {
+        // 06:10Z is 01:10 EST, the second pass of New York's repeated hour;
+        // 01:30 already ran at its first occurrence (05:30Z).
+        let t = ticker(&cron("30 1 * * *", "America/New_York"));
+        assert_eq!(
+            t.next_after(ms("2026-11-01T06:10:00Z")),
+            Some(ms("2026-11-02T06:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn lists_of_fixed_times_follow_the_fixed_time_rules() {
+        // Vixie calls `0 2,14` fixed-time (no field starts with `*`): once
+        // in Paris's repeated 02:00 hour...
+        let t = cron("0 2,14 * * *", "Europe/Paris");
+        assert_eq!(
+            ticks(&t, "2026-10-24T20:00:00Z", 3),
+            [
+                "2026-10-25T00:00:00+00:00", // 02:00 CEST, the first
+                "2026-10-25T13:00:00+00:00", // 14:00 CET
+                "2026-10-26T01:00:00+00:00",
+            ]
+        );
+        // ...and a time in New York's spring-forward gap runs right after
+        // it.
+        let t = cron("30 2,14 * * *", "America/New_York");
+        assert_eq!(
+            ticks(&t, "2026-03-08T05:00:00Z", 2),
+            [
+                "2026-03-08T07:00:00+00:00", // 03:00 EDT, the end of the gap
+                "2026-03-08T18:30:00+00:00", // 14:30 EDT
+            ]
+        );
+    }
+
+    #[test]
+    fn every_tick_is_later_than_the_one_before_through_dst_changes() {
+        let zones = [
+            "America/New_York",
+            "Europe/Paris",
+            "Australia/Lord_Howe",
+            "UTC",
+        ];
+        let exprs = [
+            "30 1 * * *",
+            "0 2,14 * * *",
+            "*/20 * * * *",
+            "0 * * * *",
+            "15 2 * * *",
+            "0 0-59/10 1-3 * * *",
+            "@daily",
+        ];
+        for zone in zones {
+            for expr in exprs {
+                let t = ticker(&cron(expr, zone));
+                // From before each 2026 change to well after it.
+                for start in [
+                    "2026-03-07T00:00:00Z",
+                    "2026-04-04T00:00:00Z",
+                    "2026-10-03T00:00:00Z",
+                    "2026-10-24T00:00:00Z",
+                    "2026-10-31T00:00:00Z",
+                ] {
+                    let mut at = ms(start);
+                    for _ in 0..400 {
+                        let next = t.next_after(at).unwrap();
+                        assert!(next > at, "{expr} in {zone}: {next} after {at}");
+                        assert!(
+                            next - at <= 25 * 3600 * 1000,
+                            "{expr} in {zone}: gap after {at}"
+                        );
+                        at = next;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn seconds_are_optional_and_bad_input_is_named() {
         let t = cron("*/15 * * * * *", "UTC");
         assert_eq!(
@@ -531,7 +588,7 @@ mod tests {
 
     #[test]
     fn cron_ticks_are_whole_seconds_whatever_the_start() {
-        let t = cron("*/10 * * * * *", "UTC");
+        let t = ticker(&cron("*/10 * * * * *", "UTC"));
         let start = ms("2026-01-01T00:00:05Z") + 123;
         assert_eq!(t.next_after(start), Some(ms("2026-01-01T00:00:10Z")));
         assert_eq!(
@@ -546,7 +603,7 @@ mod tests {
 
     #[test]
     fn every_ticks_at_its_anchor_phase() {
-        let t = Timing::every(Duration::from_secs(10), 1_000_003).unwrap();
+        let t = ticker(&Timing::every(Duration::from_secs(10), 1_000_003).unwrap());
         assert_eq!(t.next_after(1_000_003), Some(1_010_003));
         assert_eq!(t.next_after(1_010_002), Some(1_010_003));
         assert_eq!(t.next_after(1_010_003), Some(1_020_003));
@@ -569,11 +626,11 @@ mod tests {
     fn on_time_every_policy_fires_the_due_tick_and_none_early() {
         for policy in [CatchUp::Skip, CatchUp::One, CatchUp::All] {
             let s = every_second(policy);
-            let plan = s.plan(5000, 5100);
+            let plan = s.plan(5000, 5100).unwrap();
             assert_eq!(plan.fire, [5000], "{policy:?}");
             assert_eq!(plan.next, Some(6000));
             assert_eq!(plan.dropped, 0);
-            let early = s.plan(6000, 5999);
+            let early = s.plan(6000, 5999).unwrap();
             assert!(early.fire.is_empty(), "{policy:?}");
             assert_eq!(early.next, Some(6000));
         }
@@ -582,21 +639,21 @@ mod tests {
     #[test]
     fn after_an_outage_each_policy_fires_what_it_promises() {
         // Due at 10 s, found at 20.5 s: ticks 10..=20 are due; 20 is on time.
-        let skip = every_second(CatchUp::Skip).plan(10_000, 20_500);
+        let skip = every_second(CatchUp::Skip).plan(10_000, 20_500).unwrap();
         assert_eq!(skip.fire, [20_000]);
         assert_eq!(skip.dropped, 10);
-        let one = every_second(CatchUp::One).plan(10_000, 20_500);
+        let one = every_second(CatchUp::One).plan(10_000, 20_500).unwrap();
         assert_eq!(one.fire, [20_000]);
         assert_eq!(one.dropped, 10);
-        let all = every_second(CatchUp::All).plan(10_000, 20_500);
+        let all = every_second(CatchUp::All).plan(10_000, 20_500).unwrap();
         assert_eq!(all.fire, (10..=20).map(|s| s * 1000).collect::<Vec<_>>());
         assert_eq!(all.next, Some(21_000));
         // Found within the grace of the latest tick: that one is on time.
-        let skip = every_second(CatchUp::Skip).plan(10_000, 21_999);
+        let skip = every_second(CatchUp::Skip).plan(10_000, 21_999).unwrap();
         assert_eq!(skip.fire, [21_000]);
         let mut slow = every_second(CatchUp::Skip);
         slow.timing = Timing::every(Duration::from_secs(4), 0).unwrap();
-        let plan = slow.plan(4_000, 10_000);
+        let plan = slow.plan(4_000, 10_000).unwrap();
         assert!(plan.fire.is_empty());
         assert_eq!(plan.dropped, 2);
         assert_eq!(plan.next, Some(12_000));
@@ -614,20 +671,22 @@ mod tests {
             paused: false,
         };
         let due = ms("2026-11-01T06:00:00Z");
-        let plan = s.plan(due, due + 200);
+        let plan = s.plan(due, due + 200).unwrap();
         assert_eq!(plan.fire, [due]);
         assert_eq!(plan.next, Some(ms("2026-11-01T07:00:00Z")));
         // Down from before the first 01:00 to after the second: `all`
         // fires both.
         let mut all = s.clone();
         all.catch_up = CatchUp::All;
-        let plan = all.plan(ms("2026-11-01T05:00:00Z"), ms("2026-11-01T06:30:00Z"));
+        let plan = all
+            .plan(ms("2026-11-01T05:00:00Z"), ms("2026-11-01T06:30:00Z"))
+            .unwrap();
         assert_eq!(plan.fire, [ms("2026-11-01T05:00:00Z"), due]);
     }
 
     #[test]
     fn catch_up_all_is_bounded() {
-        let plan = every_second(CatchUp::All).plan(0, 1_000_000);
+        let plan = every_second(CatchUp::All).plan(0, 1_000_000).unwrap();
         assert_eq!(plan.fire.len(), MAX_CATCH_UP);
         assert_eq!(plan.fire.last(), Some(&1_000_000));
         assert_eq!(plan.dropped, 1001 - MAX_CATCH_UP as u64);
