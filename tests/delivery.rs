@@ -819,6 +819,8 @@ async fn a_fetch_error_on_one_queue_keeps_the_jobs_leased_from_another() {
         "children-rate",
         "paused",
         "dead-by-queue",
+        "gates",
+        "holders:*",
         "stats:*",
         "recent:*",
         "queues",
