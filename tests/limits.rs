@@ -530,3 +530,96 @@ async fn bad_limits_are_refused_with_their_names() {
         text(&tenant.stderr)
     );
 }
+
+/// What gates cost the fetch script, measured by Redis itself (`INFO
+/// commandstats`: microseconds inside the script per call), draining
+/// 10,000 jobs 50 per fetch: an unlimited task; a rate-limited one whose
+/// limit is never reached (the gate check alone); a keyed one whose keys
+/// never fill (holders written); and a 50/s lane holding back a 10,000-job
+/// backlog while an unlimited task's jobs are fetched from the same queue
+/// (set aside, then moved back a few at a time). A benchmark, not a
+/// check: `cargo test --test limits -- --ignored --nocapture fetch_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn fetch_cost_with_and_without_gates() {
+    const JOBS: usize = 10_000;
+    let terms = LeaseTerms {
+        worker: "w",
+        lease: Duration::from_secs(300),
+        max_deliveries: 20,
+        cluster_cap: None,
+        rate_limit: None,
+    };
+    // (label, policy, keys, backlog of an unlimited task alongside)
+    let cases: [(&str, TaskPolicy, bool, bool); 4] = [
+        ("unlimited", TaskPolicy::default(), false, false),
+        ("rate 1000000/s (never closed)", rated("1000000/s"), false, false),
+        ("max_per_key 10000, 10 keys (never full)", keyed(10_000), true, false),
+        ("rate 50/s, 10k backlog + 10k unlimited", rated("50/s"), false, true),
+    ];
+    for (label, policy, with_keys, mixed) in cases {
+        let (redis, broker) = redis_with_task(TENANT, "t", "hostile", &policy).await;
+        let mut conn = redis.connect().await;
+        if with_keys {
+            for i in 0..JOBS {
+                let key = format!("k{}", i % 10);
+                enqueue(&broker, TENANT, "t", json!({}), Some(&key)).await;
+            }
+        } else {
+            let payloads = vec![json!({}); JOBS];
+            broker.enqueue_many(TENANT, "t", &payloads).await.unwrap();
+        }
+        if mixed {
+            broker
+                .deploy(TENANT, "u", &guest_bytes("hostile"), &TaskPolicy::default())
+                .await
+                .unwrap();
+            let payloads = vec![json!({}); JOBS];
+            broker.enqueue_many(TENANT, "u", &payloads).await.unwrap();
+        }
+        // Load the script, then count from zero.
+        broker.fetch(TENANT, "default", 0, terms).await.unwrap();
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let (mut calls, mut leased) = (0u64, 0usize);
+        let mut times = Vec::new();
+        loop {
+            let sent = Instant::now();
+            let got = broker.fetch(TENANT, "default", 50, terms).await.unwrap();
+            times.push(sent.elapsed().as_micros() as u64);
+            calls += 1;
+            leased += got.len();
+            if got.is_empty() || calls >= 400 {
+                break;
+            }
+        }
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let line = stats
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .unwrap_or_default()
+            .to_string();
+        let usec: f64 = line
+            .split(['=', ','])
+            .skip_while(|p| *p != "usec")
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        times.sort_unstable();
+        println!(
+            "{label}: {calls} fetches, {leased} leased; in Redis {:.1} us per fetch, {:.2} us per \
+             leased job; round trip p50 {} us, max {} us",
+            usec / calls as f64,
+            usec / leased.max(1) as f64,
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    }
+}
