@@ -54,6 +54,30 @@ async fn enqueue(
     broker.enqueue(req).await.unwrap().id
 }
 
+/// Deploy the hostile guest as `name`, with the default policy.
+async fn deploy_plain(broker: &Broker, name: &str) {
+    broker
+        .deploy(
+            TENANT,
+            name,
+            &guest_bytes("hostile"),
+            &TaskPolicy::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Lease terms of a test's direct fetches (a lease no test outlives).
+fn terms() -> LeaseTerms<'static> {
+    LeaseTerms {
+        worker: "w",
+        lease: Duration::from_secs(300),
+        max_deliveries: 20,
+        cluster_cap: None,
+        rate_limit: None,
+    }
+}
+
 /// Fields of every job record, in one round trip.
 async fn rows(
     conn: &mut ConnectionManager,
@@ -119,15 +143,7 @@ fn rate_of(starts: &mut [u64]) -> f64 {
 async fn a_rate_limited_task_runs_at_its_rate_and_holds_no_other_task_back() {
     const LIMITED: usize = 500;
     let (_redis, broker) = redis_with_task(TENANT, "limited", "hostile", &rated("50/s")).await;
-    broker
-        .deploy(
-            TENANT,
-            "free",
-            &guest_bytes("hostile"),
-            &TaskPolicy::default(),
-        )
-        .await
-        .unwrap();
+    deploy_plain(&broker, "free").await;
     let payloads = vec![json!({"mode": "echo"}); LIMITED];
     let limited = broker
         .enqueue_many(TENANT, "limited", &payloads)
@@ -335,15 +351,7 @@ async fn a_tenant_rate_limit_caps_its_tasks_together() {
     let broker = Broker::connect(&redis.url).await.unwrap();
     let mut ids = Vec::new();
     for task in ["one", "two"] {
-        broker
-            .deploy(
-                TENANT,
-                task,
-                &guest_bytes("hostile"),
-                &TaskPolicy::default(),
-            )
-            .await
-            .unwrap();
+        deploy_plain(&broker, task).await;
         let payloads = vec![json!({"mode": "echo"}); 120];
         ids.extend(broker.enqueue_many(TENANT, task, &payloads).await.unwrap());
     }
@@ -376,15 +384,7 @@ async fn a_guest_reporting_rate_limited_holds_its_task_back() {
     policy.retry.backoff_base = Duration::from_secs(2);
     policy.retry.max_attempts = 2;
     let (_redis, broker) = redis_with_task(TENANT, "mail", "hostile", &policy).await;
-    broker
-        .deploy(
-            TENANT,
-            "other",
-            &guest_bytes("hostile"),
-            &TaskPolicy::default(),
-        )
-        .await
-        .unwrap();
+    deploy_plain(&broker, "other").await;
     let (stop, worker) = start_in_process(&broker, TENANT, 8, Duration::from_secs(30), "w");
     let upstream_429 =
         json!({"mode": "fail", "kind": "rate-limited", "message": "429 from the mail API"});
@@ -446,13 +446,7 @@ async fn a_job_held_back_is_queued_in_views_and_can_be_cancelled() {
     for _ in 0..3 {
         ids.push(enqueue(&broker, TENANT, "sync", json!({"mode": "echo"}), Some("k")).await);
     }
-    let terms = LeaseTerms {
-        worker: "w",
-        lease: Duration::from_secs(30),
-        max_deliveries: 20,
-        cluster_cap: None,
-        rate_limit: None,
-    };
+    let terms = terms();
     let got = broker.fetch(TENANT, "default", 10, terms).await.unwrap();
     assert_eq!(got.len(), 1, "one job per key");
     assert_eq!(got[0].id, ids[0], "the oldest first");
@@ -531,33 +525,74 @@ async fn bad_limits_are_refused_with_their_names() {
     );
 }
 
+/// One fetch of up to `n` jobs, and the microseconds the script ran inside
+/// Redis (`INFO commandstats`, reset just before).
+async fn timed_fetch(
+    broker: &Broker,
+    conn: &mut ConnectionManager,
+    n: usize,
+    terms: LeaseTerms<'_>,
+) -> (Vec<wasmq::broker::Fetched>, f64) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(conn)
+        .await
+        .unwrap();
+    let got = broker.fetch(TENANT, "default", n, terms).await.unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let usec = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .and_then(|l| l.split(['=', ',']).skip_while(|p| *p != "usec").nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    (got, usec)
+}
+
+/// "label: N fetches, J jobs leased; in Redis per fetch mean / p50 / max,
+/// per leased job".
+fn cost_line(label: &str, mut usecs: Vec<f64>, leased: usize) -> String {
+    usecs.sort_by(f64::total_cmp);
+    let total: f64 = usecs.iter().sum();
+    format!(
+        "{label}: {} fetches, {leased} leased; in Redis per fetch mean {:.0} us, p50 {:.0} us, \
+         max {:.0} us; {:.2} us per leased job",
+        usecs.len(),
+        total / usecs.len() as f64,
+        usecs[usecs.len() / 2],
+        usecs[usecs.len() - 1],
+        total / leased.max(1) as f64
+    )
+}
+
 /// What gates cost the fetch script, measured by Redis itself (`INFO
-/// commandstats`: microseconds inside the script per call), draining
-/// 10,000 jobs 50 per fetch: an unlimited task; a rate-limited one whose
-/// limit is never reached (the gate check alone); a keyed one whose keys
-/// never fill (holders written); and a 50/s lane holding back a 10,000-job
-/// backlog while an unlimited task's jobs are fetched from the same queue
-/// (set aside, then moved back a few at a time). A benchmark, not a
-/// check: `cargo test --test limits -- --ignored --nocapture fetch_cost`.
+/// commandstats`: microseconds inside the script), 50 jobs per fetch:
+/// draining 10,000 jobs of an unlimited task, of a rate-limited one whose
+/// limit is never reached (the gate check alone), of a keyed one whose
+/// keys never fill (holders written); a 50/s task's 10,000-job backlog
+/// set aside while 10,000 unlimited jobs behind it are fetched, then the
+/// lane drained at its rate; and `max_per_key = 1` over 10 keys, each
+/// fetch followed by the jobs' completion. A benchmark, not a check:
+/// `cargo test --test limits -- --ignored --nocapture fetch_cost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn fetch_cost_with_and_without_gates() {
     const JOBS: usize = 10_000;
-    let terms = LeaseTerms {
-        worker: "w",
-        lease: Duration::from_secs(300),
-        max_deliveries: 20,
-        cluster_cap: None,
-        rate_limit: None,
-    };
-    // (label, policy, keys, backlog of an unlimited task alongside)
-    let cases: [(&str, TaskPolicy, bool, bool); 4] = [
-        ("unlimited", TaskPolicy::default(), false, false),
-        ("rate 1000000/s (never closed)", rated("1000000/s"), false, false),
-        ("max_per_key 10000, 10 keys (never full)", keyed(10_000), true, false),
-        ("rate 50/s, 10k backlog + 10k unlimited", rated("50/s"), false, true),
+    let terms = terms();
+    let cases: [(&str, TaskPolicy, bool); 3] = [
+        ("unlimited", TaskPolicy::default(), false),
+        ("rate 1000000/s (never closed)", rated("1000000/s"), false),
+        (
+            "max_per_key 10000, 10 keys (never full)",
+            keyed(10_000),
+            true,
+        ),
     ];
-    for (label, policy, with_keys, mixed) in cases {
+    for (label, policy, with_keys) in cases {
         let (redis, broker) = redis_with_task(TENANT, "t", "hostile", &policy).await;
         let mut conn = redis.connect().await;
         if with_keys {
@@ -569,57 +604,89 @@ async fn fetch_cost_with_and_without_gates() {
             let payloads = vec![json!({}); JOBS];
             broker.enqueue_many(TENANT, "t", &payloads).await.unwrap();
         }
-        if mixed {
+        broker.fetch(TENANT, "default", 0, terms).await.unwrap();
+        let (mut usecs, mut leased) = (Vec::new(), 0);
+        while leased < JOBS {
+            let (got, usec) = timed_fetch(&broker, &mut conn, 50, terms).await;
+            leased += got.len();
+            usecs.push(usec);
+        }
+        println!("{}", cost_line(label, usecs, leased));
+    }
+
+    // A rate-limited backlog ahead of an unlimited task's jobs.
+    let (redis, broker) = redis_with_task(TENANT, "t", "hostile", &rated("50/s")).await;
+    let mut conn = redis.connect().await;
+    let payloads = vec![json!({}); JOBS];
+    let limited = broker.enqueue_many(TENANT, "t", &payloads).await.unwrap();
+    deploy_plain(&broker, "u").await;
+    broker.enqueue_many(TENANT, "u", &payloads).await.unwrap();
+    broker.fetch(TENANT, "default", 0, terms).await.unwrap();
+    let (mut usecs, mut leased, mut empty) = (Vec::new(), 0, 0);
+    while empty < 3 {
+        let (got, usec) = timed_fetch(&broker, &mut conn, 50, terms).await;
+        empty = if got.is_empty() && usecs.len() > 300 {
+            empty + 1
+        } else {
+            0
+        };
+        leased += got.len();
+        usecs.push(usec);
+    }
+    println!(
+        "{}",
+        cost_line(
+            "rate 50/s: 10k backlog set aside, 10k unlimited behind it",
+            usecs,
+            leased
+        )
+    );
+    let (mut usecs, mut leased) = (Vec::new(), 0);
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (got, usec) = timed_fetch(&broker, &mut conn, 50, terms).await;
+        leased += got.len();
+        usecs.push(usec);
+    }
+    println!(
+        "{}",
+        cost_line(
+            "rate 50/s: draining the lane, a fetch every 20 ms",
+            usecs,
+            leased
+        )
+    );
+    let view = broker.queue(TENANT, "default").await.unwrap();
+    println!("  still held back: {} of {}", view.held_back, limited.len());
+
+    // One job per key at a time: each fetch, then its jobs complete.
+    let (redis, broker) = redis_with_task(TENANT, "t", "hostile", &keyed(1)).await;
+    let mut conn = redis.connect().await;
+    for i in 0..2000 {
+        let key = format!("k{}", i % 10);
+        enqueue(&broker, TENANT, "t", json!({}), Some(&key)).await;
+    }
+    broker.fetch(TENANT, "default", 0, terms).await.unwrap();
+    let (mut usecs, mut leased) = (Vec::new(), 0);
+    let done = wasmq::broker::Outcome::Succeeded {
+        result: "{}".into(),
+        store: None,
+        idempotency_ttl: Duration::from_secs(60),
+    };
+    while leased < 2000 && usecs.len() < 1000 {
+        let (got, usec) = timed_fetch(&broker, &mut conn, 50, terms).await;
+        leased += got.len();
+        usecs.push(usec);
+        for job in got {
+            let job = std::sync::Arc::new(job);
             broker
-                .deploy(TENANT, "u", &guest_bytes("hostile"), &TaskPolicy::default())
+                .complete(&job, &done, &wasmq::usage::Usage::default())
                 .await
                 .unwrap();
-            let payloads = vec![json!({}); JOBS];
-            broker.enqueue_many(TENANT, "u", &payloads).await.unwrap();
         }
-        // Load the script, then count from zero.
-        broker.fetch(TENANT, "default", 0, terms).await.unwrap();
-        redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
-        let (mut calls, mut leased) = (0u64, 0usize);
-        let mut times = Vec::new();
-        loop {
-            let sent = Instant::now();
-            let got = broker.fetch(TENANT, "default", 50, terms).await.unwrap();
-            times.push(sent.elapsed().as_micros() as u64);
-            calls += 1;
-            leased += got.len();
-            if got.is_empty() || calls >= 400 {
-                break;
-            }
-        }
-        let stats: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let line = stats
-            .lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .unwrap_or_default()
-            .to_string();
-        let usec: f64 = line
-            .split(['=', ','])
-            .skip_while(|p| *p != "usec")
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        times.sort_unstable();
-        println!(
-            "{label}: {calls} fetches, {leased} leased; in Redis {:.1} us per fetch, {:.2} us per \
-             leased job; round trip p50 {} us, max {} us",
-            usec / calls as f64,
-            usec / leased.max(1) as f64,
-            times[times.len() / 2],
-            times[times.len() - 1]
-        );
     }
+    println!(
+        "{}",
+        cost_line("max_per_key 1, 10 keys, 2000 jobs", usecs, leased)
+    );
 }

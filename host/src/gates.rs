@@ -39,9 +39,11 @@ pub const LANES_PER_FETCH: u32 = 50;
 pub const MAX_LANES_LISTED: usize = 1000;
 
 /// Most jobs one fetch sets aside before it returns what it has: a
-/// backlog of gated jobs is moved aside over several fetches, so one
-/// script never runs long.
-pub const MAX_SET_ASIDE_PER_FETCH: u32 = 1000;
+/// backlog of gated jobs is moved aside over several fetches (each about
+/// a millisecond in Redis at most; setting a job aside costs a few
+/// microseconds), so one script never blocks Redis long. A fetch that
+/// stopped here tells its worker to fetch again at once.
+pub const MAX_SET_ASIDE_PER_FETCH: u32 = 250;
 
 /// When a concurrency key's lane has waiting jobs but no holder to wait
 /// for (its jobs were moved back but not yet fetched), it is looked at

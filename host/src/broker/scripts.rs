@@ -591,6 +591,8 @@ end
 for _, r in pairs(rates) do
   if r and r.dirty then redis.call('HSET', KEYS[9], r.field, string.format('%.3f', r.tat)) end
 end
+-- Stopped by the set-aside bound: there may be jobs to lease behind.
+if aside >= MAX_SET_ASIDE then wake_in = 0 end
 if tenant_rate and leased == n and room(tenant_rate) < 1 then
   wake_in = math.max(0, math.ceil(math.max(tenant_rate.tat, now) - tenant_rate.tau - now))
 end
