@@ -144,21 +144,26 @@ async fn a_rate_limited_task_runs_at_its_rate_and_holds_no_other_task_back() {
     const LIMITED: usize = 500;
     let (_redis, broker) = redis_with_task(TENANT, "limited", "hostile", &rated("50/s")).await;
     deploy_plain(&broker, "free").await;
+    let lease = Duration::from_secs(30);
+    let (stop_a, a) = start_in_process(&broker, TENANT, 16, lease, "a");
+    let (stop_b, b) = start_in_process(&broker, TENANT, 16, lease, "b");
+    // Warm both workers up (their first jobs compile the component), so
+    // what is measured is the limit, not a worker's start.
+    let warm = vec![json!({"mode": "sleep", "ms": 50}); 48];
+    let warm = broker.enqueue_many(TENANT, "free", &warm).await.unwrap();
+    let mut conn = broker.connection();
+    wait_all_succeeded(&mut conn, TENANT, &warm, Duration::from_secs(60)).await;
     let payloads = vec![json!({"mode": "echo"}); LIMITED];
     let limited = broker
         .enqueue_many(TENANT, "limited", &payloads)
         .await
         .unwrap();
-    let lease = Duration::from_secs(30);
-    let (stop_a, a) = start_in_process(&broker, TENANT, 16, lease, "a");
-    let (stop_b, b) = start_in_process(&broker, TENANT, 16, lease, "b");
     // The unlimited task's jobs arrive while the limited backlog drains.
     let mut free = Vec::new();
     for _ in 0..80 {
         free.push(enqueue(&broker, TENANT, "free", json!({"mode": "echo"}), None).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut conn = broker.connection();
     wait_all_succeeded(&mut conn, TENANT, &free, Duration::from_secs(60)).await;
     wait_all_succeeded(&mut conn, TENANT, &limited, Duration::from_secs(60)).await;
     let _ = (stop_a.send(()), stop_b.send(()));
