@@ -360,6 +360,7 @@ async fn a_job_that_kills_every_worker_is_dead_lettered_as_poison() {
         // do not.
         max_deliveries: 1000,
         cluster_cap: None,
+        rate_limit: None,
     };
     for delivery in 1..=LIMIT {
         let got = broker.fetch(TENANT, "default", 10, terms).await.unwrap();

@@ -237,6 +237,7 @@ async fn a_job_whose_workers_died_twice_still_gets_all_its_retries() {
         lease: Duration::from_millis(1),
         max_deliveries: 20,
         cluster_cap: None,
+        rate_limit: None,
     };
     for _ in 0..2 {
         let got = broker.fetch(TENANT, "default", 1, doomed).await.unwrap();
@@ -530,6 +531,7 @@ async fn outcomes_are_recorded_and_billed_once() {
         lease: Duration::from_secs(30),
         max_deliveries: 20,
         cluster_cap: None,
+        rate_limit: None,
     };
     let job = Arc::new(
         broker
@@ -643,6 +645,7 @@ async fn idempotency_keys_follow_their_job() {
         lease: Duration::from_millis(1),
         max_deliveries: 20,
         cluster_cap: None,
+        rate_limit: None,
     };
     let first = broker.fetch(TENANT, "default", 1, doomed).await.unwrap();
     assert_eq!(first.len(), 1);
@@ -816,6 +819,10 @@ async fn a_fetch_error_on_one_queue_keeps_the_jobs_leased_from_another() {
         "children-rate",
         "paused",
         "dead-by-queue",
+        "gates",
+        "holders:*",
+        "schedules*",
+        "schedule-runs",
         "stats:*",
         "recent:*",
         "queues",

@@ -283,6 +283,7 @@ async fn a_jobs_history_stays_bounded() {
         lease: Duration::from_secs(30),
         max_deliveries: 20,
         cluster_cap: None,
+        rate_limit: None,
     };
     for _ in 0..80 {
         let job = broker

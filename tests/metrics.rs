@@ -82,6 +82,7 @@ async fn metrics_pass_promtool_and_count_the_jobs_run() {
         lease: Duration::from_millis(1),
         max_deliveries: 1,
         cluster_cap: None,
+        rate_limit: None,
     };
     assert_eq!(
         broker

@@ -186,6 +186,31 @@ impl Keys {
     pub fn children_rate(&self) -> String {
         self.key(&["children-rate"])
     }
+    /// HASH: rate limits and concurrency keys (see `gates`): config
+    /// written at deploy, `rate:TASK` → `"COUNT PERIOD_MS"` and
+    /// `per-key:TASK` → N; state written by the scripts, `tat:TASK` (and
+    /// `tat` for the tenant's own `--rate-limit`) → the lane's GCRA
+    /// theoretical arrival time (ms, Redis clock).
+    pub fn gates(&self) -> String {
+        self.key(&["gates"])
+    }
+    /// ZSET: a queue's lanes that have jobs set aside (`r:TASK` for a
+    /// task's rate, `k:LEN:TASK:KEY` for a concurrency key), by when the
+    /// lane may open again (ms); the fetch script moves their jobs back.
+    pub fn lanes(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "lanes"])
+    }
+    /// ZSET: a lane's jobs set aside in a queue (built by the scripts from
+    /// the prefix), by their ready-queue score, so they go back in order.
+    pub fn waiting(&self, queue: &str, lane: &str) -> String {
+        self.key(&["queue", queue, "waiting", lane])
+    }
+    /// ZSET: the jobs holding a concurrency key lane (`k:LEN:TASK:KEY`)
+    /// across all queues and workers, by lease expiry (ms): a holder whose
+    /// worker died ages out when its lease ends.
+    pub fn holders(&self, lane: &str) -> String {
+        self.key(&["holders", lane])
+    }
     /// STRING: a guest's key-value entry.
     pub fn kv(&self, key: &str) -> String {
         self.key(&["kv", key])

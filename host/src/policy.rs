@@ -360,6 +360,16 @@ pub struct TaskPolicy {
     pub result_ttl: Duration,
     /// Largest payload accepted, in bytes.
     pub max_payload_bytes: usize,
+    /// Most jobs of this task started per second, minute or hour across
+    /// all workers (`"100/s"`, see `gates`); `None`: no limit. Left out of
+    /// records when unset, like every field added since workers refuse
+    /// fields they do not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::gates::RateLimit>,
+    /// Most jobs with one concurrency key (`wasmq enqueue --key`) running
+    /// at once across all workers; `None`: keys are ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_key: Option<u32>,
 }
 
 /// Default largest payload: payloads carry references, not data.
@@ -375,6 +385,8 @@ impl Default for TaskPolicy {
             store_result: false,
             result_ttl: DEFAULT_RESULT_TTL,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            rate_limit: None,
+            max_per_key: None,
         }
     }
 }
@@ -386,6 +398,11 @@ impl TaskPolicy {
         policy
             .check_grants()
             .map_err(|e| format!("task manifest: {e}"))?;
+        if policy.max_per_key == Some(0) {
+            return Err(
+                "task manifest: max_per_key = 0 would never run a keyed job: use at least 1".into(),
+            );
+        }
         Ok(policy)
     }
 

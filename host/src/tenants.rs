@@ -88,6 +88,11 @@ pub struct TenantLimits {
     /// Idempotency keys the tenant may hold at once (pending jobs' keys and
     /// succeeded jobs' keys within their TTL), from producers and guests.
     pub max_idempotency_keys: Option<u32>,
+    /// Most jobs of this tenant started per second, minute or hour, all
+    /// its tasks together, across all workers (enforced by the fetch
+    /// script, see `gates`). Left out of records when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::gates::RateLimit>,
 }
 
 /// A tenant: its name and caps.

@@ -141,6 +141,10 @@ impl Broker {
         policy
             .check_grants()
             .map_err(|e| anyhow::anyhow!("task {name:?}: {e}"))?;
+        anyhow::ensure!(
+            policy.max_per_key != Some(0),
+            "task {name:?}: max_per_key = 0 would never run a keyed job: use at least 1"
+        );
         self.check_component_size(tenant, component.len() as u64)
             .await?;
         if let Some(record) = self.tenant(tenant).await? {
@@ -170,14 +174,24 @@ impl Broker {
              (cpu and io jobs need separate pools)",
             policy.queue
         );
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .set_nx(keys.component(&hash), component)
             .hset(keys.task(name), "spec", serde_json::to_string(&task)?)
             .sadd(keys.tasks(), name)
-            .sadd(keys.queues(), &policy.queue)
-            .query_async::<()>(&mut conn)
-            .await?;
+            .sadd(keys.queues(), &policy.queue);
+        // The gates' config, where the fetch script reads it (see `gates`):
+        // a redeploy changes the limits of jobs already queued too.
+        let (rate, per_key) = (format!("rate:{name}"), format!("per-key:{name}"));
+        match policy.rate_limit {
+            Some(r) => pipe.hset(keys.gates(), &rate, r.to_redis()),
+            None => pipe.hdel(keys.gates(), &rate),
+        };
+        match policy.max_per_key {
+            Some(n) => pipe.hset(keys.gates(), &per_key, n),
+            None => pipe.hdel(keys.gates(), &per_key),
+        };
+        pipe.query_async::<()>(&mut conn).await?;
         Ok(task)
     }
 

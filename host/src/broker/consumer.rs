@@ -52,6 +52,15 @@ pub enum Outcome {
         /// What this attempt ended with.
         error: Failure,
     },
+    /// [`Outcome::Retry`] of a rate-limited task whose guest reported
+    /// `rate-limited` (an upstream said "slow down"): the task's whole
+    /// rate lane also waits `delay` before its next job starts.
+    RateLimited {
+        /// Wait from the moment the outcome is recorded (Redis time).
+        delay: Duration,
+        /// What this attempt ended with.
+        error: Failure,
+    },
     /// Run again after `delay` without counting this attempt against the
     /// task: the host failed (Redis unavailable mid-run, component not
     /// fetchable), not the task. Counted in the job's host retries.
@@ -108,6 +117,8 @@ pub struct LeaseTerms<'a> {
     pub max_deliveries: u32,
     /// The tenant's cap on its jobs leased across all workers, if any.
     pub cluster_cap: Option<u32>,
+    /// The tenant's rate limit (all its tasks together), if any.
+    pub rate_limit: Option<crate::gates::RateLimit>,
 }
 
 /// Refusals a job's record keeps (the first ones; the count is in its
@@ -167,6 +178,8 @@ impl Broker {
             .key(keys.idempotency_index())
             .key(keys.paused())
             .key(keys.dead_by_queue())
+            .key(keys.gates())
+            .key(keys.lanes(queue))
             .arg(keys.prefix())
             .arg(n)
             .arg(ms(terms.lease))
@@ -175,6 +188,7 @@ impl Broker {
             .arg(terms.cluster_cap.unwrap_or(0))
             .arg(ms(FINISHED_RETENTION))
             .arg(queue)
+            .arg(terms.rate_limit.map(|r| r.to_redis()).unwrap_or_default())
             .invoke_async(&mut self.connection())
             .await?;
         // Job records are written by producers too: a field that does not
@@ -183,6 +197,12 @@ impl Broker {
         let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).unwrap_or_default();
         let number = |v: &redis::Value, default: u32| {
             redis::from_redis_value_ref::<u32>(v).unwrap_or(default)
+        };
+        // Last the wait until a lane opens (-1: none), before it the
+        // poisoned count, before that the poisoned tasks.
+        let (wake_in, flat) = match flat.split_last() {
+            Some((last, rest)) => (redis::from_redis_value_ref::<i64>(last).unwrap_or(-1), rest),
+            None => (-1, &flat[..]),
         };
         let poisoned = flat.last().map_or(0, |v| number(v, 0) as usize);
         let (leased, poisoned) =
@@ -202,6 +222,7 @@ impl Broker {
         Ok(FetchReply {
             jobs: out,
             poisoned: poisoned.iter().map(text).collect(),
+            wake_in: u64::try_from(wake_in).ok().map(Duration::from_millis),
         })
     }
 
@@ -265,6 +286,7 @@ impl Broker {
             .key(keys.idempotency_index())
             .key(keys.succeeded())
             .key(keys.dead_by_queue())
+            .key(keys.gates())
             .arg(keys.prefix())
             .arg(ms(FINISHED_RETENTION));
         // The batch's usage, summed here so the script adds it once; it
@@ -321,6 +343,9 @@ impl Broker {
                 Outcome::Retry { delay, error } => {
                     ("retry", "", 0, 0, ms(*delay), error_json(error))
                 }
+                Outcome::RateLimited { delay, error } => {
+                    ("rate-limited", "", 0, 0, ms(*delay), error_json(error))
+                }
                 Outcome::HostRetry { delay, error } => {
                     ("host-retry", "", 0, 0, ms(*delay), error_json(error))
                 }
@@ -368,6 +393,7 @@ impl Outcome {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Dead(f) => f.category.as_str(),
             Outcome::Retry { .. } => "retry",
+            Outcome::RateLimited { .. } => "rate-limited",
             Outcome::HostRetry { .. } => "host-retry",
             Outcome::Wait { .. } => "waiting",
             Outcome::Release => "released",
@@ -401,6 +427,10 @@ pub struct FetchReply {
     /// on `max_deliveries` deliveries), as its envelope names it (`""`
     /// when unreadable).
     pub poisoned: Vec<String>,
+    /// When nothing was leased: how soon a rate limit or concurrency key
+    /// holding jobs back may let one through (`None`: nothing waits), so
+    /// an idle worker looks again then rather than at its idle timeout.
+    pub wake_in: Option<Duration>,
 }
 
 /// One outcome to record, for [`Broker::complete_many`].

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::envelope::{Envelope, PRIORITY_BAND};
 use super::{scripts, Broker};
+use crate::gates::MAX_LANES_LISTED;
 use crate::keys::Keys;
 
 /// Who paused a queue, and when (Redis clock, ms).
@@ -27,8 +28,12 @@ pub struct Paused {
 pub struct QueueView {
     /// Queue name.
     pub name: String,
-    /// Jobs ready to run.
+    /// Jobs ready to run, those a rate limit or concurrency key holds
+    /// back included.
     pub ready: u64,
+    /// Of `ready`, the jobs set aside by a rate limit or a concurrency key
+    /// (waiting in a lane, see `gates`).
+    pub held_back: u64,
     /// Jobs not due yet (countdown, ETA, retry backoff).
     pub delayed: u64,
     /// Jobs leased to a worker now.
@@ -231,7 +236,7 @@ impl Broker {
     /// One queue's figures, read in one script call.
     pub async fn queue(&self, tenant: &str, queue: &str) -> anyhow::Result<QueueView> {
         let keys = Keys::new(tenant);
-        let (ready, delayed, running, dead, paused, oldest, now, succeeded, failed): (
+        let (ready, delayed, running, dead, paused, oldest, now, succeeded, failed, held_back): (
             u64,
             u64,
             u64,
@@ -241,19 +246,22 @@ impl Broker {
             u64,
             u64,
             u64,
+            u64,
         ) = scripts::QUEUE_VIEW
             .key(keys.ready(queue))
             .key(keys.delayed(queue))
             .key(keys.leased(queue))
             .key(keys.dead_by_queue())
             .key(keys.paused())
+            .key(keys.lanes(queue))
             .arg(keys.prefix())
             .arg(queue)
             .invoke_async(&mut self.connection())
             .await?;
         Ok(QueueView {
             name: queue.to_string(),
-            ready,
+            ready: ready + held_back,
+            held_back,
             delayed,
             running,
             dead,
@@ -273,6 +281,19 @@ impl Broker {
         };
         let states: Vec<JobState> = query.state.map_or(JobState::ALL.to_vec(), |s| vec![s]);
         let keys = Keys::new(tenant);
+        // Queued jobs a rate limit or concurrency key set aside are queued
+        // too: each lane's waiting set is listed like a ready queue.
+        let mut queued_sets = Vec::new();
+        for q in &queues {
+            queued_sets.push(keys.ready(q));
+            let lanes: Vec<String> = redis::cmd("ZRANGE")
+                .arg(keys.lanes(q))
+                .arg(0)
+                .arg(MAX_LANES_LISTED - 1)
+                .query_async(&mut self.connection())
+                .await?;
+            queued_sets.extend(lanes.iter().map(|lane| keys.waiting(q, lane)));
+        }
         let mut found = Vec::new();
         for state in states {
             // The per-queue states have an index per queue; the others one
@@ -280,10 +301,9 @@ impl Broker {
             let sources: Vec<Source> = match state {
                 // Newest first within each priority band (the score is the
                 // band, then the enqueue sequence); merged by time below.
-                JobState::Queued => queues
+                JobState::Queued => queued_sets
                     .iter()
-                    .flat_map(|q| {
-                        let ready = keys.ready(q);
+                    .flat_map(|ready| {
                         (0..10u64).map(move |band| {
                             let low = band * PRIORITY_BAND;
                             Source::Band(ready.clone(), low, low + PRIORITY_BAND - 1)

@@ -40,6 +40,10 @@ pub struct EnqueueRequest {
     pub max_attempts: Option<u32>,
     /// The producer's W3C trace context: the job's run joins its trace.
     pub traceparent: Option<String>,
+    /// Concurrency key (`--key`): with the task's `max_per_key = N`, at
+    /// most N jobs with the same key run at once across all workers, the
+    /// others waiting in order. Refused for a task without `max_per_key`.
+    pub key: Option<String>,
 }
 
 /// The answer to an enqueue.
@@ -149,6 +153,22 @@ impl Broker {
                 )));
             }
         }
+        if let Some(key) = &req.key {
+            limits::check_name("concurrency key", key, crate::gates::MAX_KEY_BYTES).map_err(bad)?;
+            if task.policy.max_per_key.is_none() {
+                return Err(bad(format!(
+                    "task {:?} has no max_per_key in its policy, so a concurrency key would \
+                     not limit anything: set max_per_key in its task.toml, or enqueue without --key",
+                    req.task
+                )));
+            }
+        }
+        let gate = crate::gates::gate_field(
+            &req.task,
+            task.policy.rate_limit.is_some(),
+            req.key.as_deref(),
+        )
+        .unwrap_or_default();
         let delay = req.countdown.unwrap_or_default();
         limits::check_delay("countdown", delay).map_err(bad)?;
         if let Some(eta) = req.not_before_ms {
@@ -238,7 +258,8 @@ impl Broker {
             .arg(req.not_before_ms.unwrap_or(0))
             .arg(max_deliveries(&task.policy))
             .arg(caps.max_idempotency_keys.unwrap_or(0))
-            .arg(children_per_minute);
+            .arg(children_per_minute)
+            .arg(gate);
         if let Some(tick) = tick {
             invocation
                 .key(keys.schedules_due())
@@ -280,6 +301,8 @@ impl Broker {
         })?;
         let keys = Keys::new(tenant);
         let queue = &deployed.policy.queue;
+        let gate = crate::gates::gate_field(task, deployed.policy.rate_limit.is_some(), None)
+            .unwrap_or_default();
         let now = now_ms();
         let mut ids = Vec::with_capacity(payloads.len());
         let mut conn = self.connection();
@@ -321,6 +344,7 @@ impl Broker {
                     .arg(max_deliveries(&deployed.policy))
                     .arg(0)
                     .arg(0)
+                    .arg(&gate)
                     .ignore();
                 ids.push(envelope.id);
             }

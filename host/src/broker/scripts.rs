@@ -33,6 +33,10 @@ use std::sync::LazyLock;
 use redis::Script;
 
 use super::envelope::PRIORITY_BAND;
+use crate::gates::{
+    KEY_LANE_RECHECK, LANES_PER_FETCH, LANE_RELEASE_BATCH, MAX_LANES_LISTED,
+    MAX_SET_ASIDE_PER_FETCH, RATE_BURST_DIVISOR,
+};
 use crate::keys::{FINISHED_INDEX_KEPT, STATS_RETENTION_MINUTES};
 
 /// Events a job's history keeps (the oldest are dropped): a job retried
@@ -122,9 +126,50 @@ local function clock()
 end
 "#;
 
+/// Lua shared by the scripts that pass jobs through gates (see `gates`):
+/// - `gate_of(gate)` reads a job's `gate` field: its task, whether the
+///   task is rate limited, and its concurrency key's lane ('' for none);
+/// - `rate_cfg(text)` reads a `rate:TASK` config: the emission interval
+///   and the burst tolerance (ms), or nil;
+/// - `release_key(prefix, lane, id, lanes_key, signal_key, now)` frees
+///   the job's place under its key and, if the key has jobs waiting,
+///   opens its lane now and wakes a worker.
+fn gate_lua() -> String {
+    format!(
+        r#"
+local RATE_BURST_DIVISOR = {RATE_BURST_DIVISOR}
+local function gate_of(gate)
+  local flags, len, rest = string.match(gate or '', '^(%a+):(%d+):(.*)$')
+  if not flags then return nil end
+  len = tonumber(len)
+  local task = string.sub(rest, 1, len)
+  local key_lane = ''
+  if string.find(flags, 'k', 1, true) then
+    key_lane = 'k:' .. len .. ':' .. task .. ':' .. string.sub(rest, len + 2)
+  end
+  return task, string.find(flags, 'r', 1, true) ~= nil, key_lane
+end
+local function rate_cfg(text)
+  local count, per = string.match(text or '', '^(%d+) (%d+)$')
+  if not count or tonumber(count) < 1 then return nil end
+  count = tonumber(count)
+  local t = tonumber(per) / count
+  return t, t * (math.max(1, math.floor(count / RATE_BURST_DIVISOR)) - 1)
+end
+local function release_key(prefix, lane, id, lanes_key, signal_key, now)
+  if redis.call('ZREM', prefix .. 'holders:' .. lane, id) == 1 and
+    redis.call('ZADD', lanes_key, 'XX', 'LT', 'CH', now, lane) == 1 then
+    redis.call('LPUSH', signal_key, '1')
+    redis.call('LTRIM', signal_key, 0, 63)
+  end
+end
+"#
+    )
+}
+
 /// A script whose source is [`CLOCK_LUA`], [`shared_lua`], then `body`.
 fn with_shared(body: &str) -> Script {
-    Script::new(&format!("{CLOCK_LUA}{}{body}", shared_lua()))
+    Script::new(&format!("{CLOCK_LUA}{}{}{body}", shared_lua(), gate_lua()))
 }
 
 /// [`with_clock`], with `PRIORITY_BAND` defined (the ready-queue scores
@@ -145,7 +190,8 @@ fn with_clock(body: &str) -> Script {
 /// ARGV: id, envelope, priority (0-9), delay_ms (from the server's now),
 /// eta_ms (unix ms; 0 = none, wins over the delay), max_deliveries (''
 /// = the default, 20), the tenant's `max_idempotency_keys` and (for
-/// guest enqueues) `max_children_per_minute` (0 = none).
+/// guest enqueues) `max_children_per_minute` (0 = none), and the job's
+/// gate ('' for none; see `gates::gate_field`).
 ///
 /// The ready-queue score is (9 - priority) * 2^44 + a per-queue sequence
 /// number, so higher priorities run first and equal priorities in enqueue
@@ -156,7 +202,7 @@ fn with_clock(body: &str) -> Script {
 /// {'', 'refused', reason} when a quota says no.
 ///
 /// A schedule's tick adds KEYS 9-11 (the tenant's schedules-due zset,
-/// schedule-runs hash and schedules hash) and ARGV 9-13 (schedule name,
+/// schedule-runs hash and schedules hash) and ARGV 10-14 (schedule name,
 /// the due score the worker read, the next due score or '' for none, the
 /// tick, the definition the worker read): the job is enqueued only if the
 /// schedule's due score and definition still read as the worker saw them,
@@ -172,21 +218,21 @@ local idem_quota, child_rate = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now, now_us = clock()
 local tick = KEYS[9]
 if tick then
-  local due = redis.call('ZSCORE', KEYS[9], ARGV[9])
-  if not due or tonumber(due) ~= tonumber(ARGV[10]) then return {'', 'stale'} end
-  if redis.call('HGET', KEYS[11], ARGV[9]) ~= ARGV[13] then return {'', 'stale'} end
+  local due = redis.call('ZSCORE', KEYS[9], ARGV[10])
+  if not due or tonumber(due) ~= tonumber(ARGV[11]) then return {'', 'stale'} end
+  if redis.call('HGET', KEYS[11], ARGV[10]) ~= ARGV[14] then return {'', 'stale'} end
 end
 -- A tick's job is enqueued (or found): the schedule moves on to its next
 -- tick and records this one.
 local function fired(job_id)
   if not tick then return end
-  if ARGV[11] == '' then
-    redis.call('ZREM', KEYS[9], ARGV[9])
+  if ARGV[12] == '' then
+    redis.call('ZREM', KEYS[9], ARGV[10])
   else
-    redis.call('ZADD', KEYS[9], ARGV[11], ARGV[9])
+    redis.call('ZADD', KEYS[9], ARGV[12], ARGV[10])
   end
-  redis.call('HSET', KEYS[10], ARGV[9],
-    cjson.encode({tick_ms = tonumber(ARGV[12]), job = job_id, fired_at_ms = now}))
+  redis.call('HSET', KEYS[10], ARGV[10],
+    cjson.encode({tick_ms = tonumber(ARGV[13]), job = job_id, fired_at_ms = now}))
 end
 local holder = nil
 if KEYS[5] ~= '' then
@@ -226,7 +272,7 @@ if due > now then state = 'scheduled' end
 local score = (9 - priority) * PRIORITY_BAND + redis.call('INCR', KEYS[6])
 -- One HSET, whatever the options: the enqueue is on every job's path.
 local score_text = string.format('%.0f', score)
-if KEYS[5] == '' and ARGV[6] == '' and state == 'queued' then
+if KEYS[5] == '' and ARGV[6] == '' and ARGV[9] == '' and state == 'queued' then
   redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', state, 'attempts', 0,
     'deliveries', 0, 'score', score_text, 'enqueued_at_ms', now, 'enqueued_at_us', now_us)
 else
@@ -234,6 +280,7 @@ else
     'score', score_text, 'enqueued_at_ms', now, 'enqueued_at_us', now_us}
   if KEYS[5] ~= '' then fields[#fields + 1] = 'idem'; fields[#fields + 1] = KEYS[5] end
   if ARGV[6] ~= '' then fields[#fields + 1] = 'max_deliveries'; fields[#fields + 1] = ARGV[6] end
+  if ARGV[9] ~= '' then fields[#fields + 1] = 'gate'; fields[#fields + 1] = ARGV[9] end
   if state == 'scheduled' then
     fields[#fields + 1] = 'due_at_ms'; fields[#fields + 1] = string.format('%d', due)
   end
@@ -253,37 +300,62 @@ return {id, 'new'}
 });
 
 /// Fetch up to n jobs. KEYS: ready, delayed, leased, dead, inflight,
-/// idempotency index, paused, dead-by-queue.
+/// idempotency index, paused, dead-by-queue, gates, lanes.
 /// ARGV: prefix, n, lease_ms, worker, max_deliveries (default for jobs
-/// without their own), cluster_cap (0 = none), finished_ttl_ms, queue.
+/// without their own), cluster_cap (0 = none), finished_ttl_ms, queue,
+/// the tenant's rate limit ('COUNT PERIOD_MS', '' = none).
 ///
 /// First promotes due delayed jobs and reclaims expired leases (their
 /// workers died, froze or lost Redis): each reclaim counts one lost
-/// delivery and names the worker; a job whose lease was lost
-/// `max_deliveries` times is dead-lettered as poison. Then pops by score
-/// and leases each popped job. A delivery is not an attempt: the attempt a
-/// delivery runs is the number of runs that ended in a verdict, plus one.
+/// delivery and names the worker, and frees the job's concurrency key; a
+/// job whose lease was lost `max_deliveries` times is dead-lettered as
+/// poison. Then moves jobs set aside back from lanes whose time has come
+/// (as many as each lane may start now), pops by score and leases each
+/// popped job. A delivery is not an attempt: the attempt a delivery runs
+/// is the number of runs that ended in a verdict, plus one.
 /// With a cluster cap, the tenant's `inflight` set (every job of the tenant
 /// leased by any worker, scored by lease expiry) bounds n, and each leased
 /// job joins it; the entries of dead workers count until their lease ends.
+/// A tenant rate limit bounds n by what its lane admits now.
 /// A paused queue (listed in `paused`) still promotes and reclaims, but
 /// leases nothing.
+///
+/// Gates (see `gates`): a popped job with a `gate` field passes its
+/// concurrency key (fewer than `per-key:TASK` holders whose lease has not
+/// lapsed) and its task's rate (GCRA on `tat:TASK`), and no older job of
+/// either lane may be waiting; otherwise it is set aside in the lane's
+/// waiting set and the lane is noted in `lanes` with when it may open, and
+/// popping goes on, so other tasks' jobs are never held behind it.
+/// Ungated jobs cost one more field in the read of their record.
+///
 /// Returns a flat list: id, envelope, attempt, lease token, host retries,
 /// ... per leased job, then the task of each job dead-lettered as poison
-/// (P names) and last P (appended, so the leased jobs are never copied).
+/// (P names), then P, and last the ms until a lane (or the tenant's rate)
+/// opens again (-1: none waits), so an idle worker looks again then.
 /// A popped id without a job record is dropped.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     with_shared(&format!(
         r#"
 local MAX_LOST_WORKERS = {MAX_LOST_WORKERS}
+local LANE_RELEASE_BATCH, LANES_PER_FETCH = {LANE_RELEASE_BATCH}, {LANES_PER_FETCH}
+local MAX_SET_ASIDE, KEY_LANE_RECHECK = {MAX_SET_ASIDE_PER_FETCH}, {key_lane_recheck_ms}
 local prefix, n, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local worker, default_max, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, now_us = clock()
 local function job(id) return prefix .. 'job:' .. id end
+local q = prefix .. 'queue:' .. ARGV[8] .. ':'
 local poisoned = {{}}
+local wake_in = -1
 local function answer(out)
+  -- Only a worker that got nothing waits: only it needs to know.
+  local idle = #out == 0
   for _, task in ipairs(poisoned) do out[#out + 1] = task end
   out[#out + 1] = #poisoned
+  if wake_in == -1 and idle then
+    local first = redis.call('ZRANGE', KEYS[10], 0, 0, 'WITHSCORES')
+    if first[2] then wake_in = math.max(0, math.ceil(tonumber(first[2]) - now)) end
+  end
+  out[#out + 1] = string.format('%d', math.max(wake_in, -1))
   return out
 end
 -- A job that has ended (cancelled while its record named another queue,
@@ -305,7 +377,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
   local f = redis.call('HMGET', job(id), 'score', 'lost', 'started_at_ms', 'attempt',
-    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope', 'state')
+    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope', 'state', 'gate')
+  if f[11] then
+    local _, _, key_lane = gate_of(f[11])
+    if key_lane and key_lane ~= '' then
+      release_key(prefix, key_lane, id, KEYS[10], q .. 'signal', now)
+    end
+  end
   if f[1] and not ended(f[10]) then
     local h = prefix .. 'history:' .. id
     started(job(id), h, f[3], f[4], f[5])
@@ -342,14 +420,159 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     end
   end
 end
-if redis.call('HEXISTS', KEYS[7], ARGV[8]) == 1 then return answer({{}}) end
+-- Paused or at its cap, a queue has nothing to wake a worker for.
+if redis.call('HEXISTS', KEYS[7], ARGV[8]) == 1 then wake_in = -2; return answer({{}}) end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
   n = math.min(n, cap - redis.call('ZCARD', KEYS[5]))
-  if n <= 0 then return answer({{}}) end
+  if n <= 0 then wake_in = -2; return answer({{}}) end
 end
-local popped = redis.call('ZPOPMIN', KEYS[1], n)
-if #popped == 0 then return answer({{}}) end
+-- Rate lanes, read once per call and written back at the end: `rates`
+-- by task ('' is the tenant's own), false for a task without a limit.
+local rates, keyed, per_key, firsts, noted = {{}}, {{}}, {{}}, {{}}, {{}}
+local function rate(field, cfg)
+  local t, tau = rate_cfg(cfg)
+  if not t then return false end
+  return {{t = t, tau = tau, field = field,
+    tat = tonumber(redis.call('HGET', KEYS[9], field)) or 0, dirty = false}}
+end
+local function task_rate(task)
+  local r = rates[task]
+  if r == nil then
+    r = rate('tat:' .. task, redis.call('HGET', KEYS[9], 'rate:' .. task))
+    rates[task] = r
+  end
+  return r
+end
+-- How many jobs a rate lane admits now.
+local function room(r)
+  local tat = math.max(r.tat, now)
+  if tat - r.tau > now then return 0 end
+  return math.floor((now + r.tau - tat) / r.t) + 1
+end
+local function take(r)
+  r.tat = math.max(r.tat, now) + r.t
+  r.dirty = true
+end
+local tenant_rate = false
+if ARGV[9] ~= '' then
+  tenant_rate = rate('tat', ARGV[9])
+  if tenant_rate then
+    rates[''] = tenant_rate
+    n = math.min(n, room(tenant_rate))
+    if n <= 0 then
+      wake_in = math.max(0, math.ceil(math.max(tenant_rate.tat, now) - tenant_rate.tau - now))
+      return answer({{}})
+    end
+  end
+end
+-- A key lane's state: its limit and live holders (lapsed ones dropped).
+local function key_state(lane, task)
+  local s = keyed[lane]
+  if s == nil then
+    local max = per_key[task]
+    if max == nil then
+      max = tonumber(redis.call('HGET', KEYS[9], 'per-key:' .. task)) or false
+      per_key[task] = max
+    end
+    s = false
+    if max then
+      local h = prefix .. 'holders:' .. lane
+      redis.call('ZREMRANGEBYSCORE', h, '-inf', now)
+      s = {{max = max, held = redis.call('ZCARD', h), key = h}}
+    end
+    keyed[lane] = s
+  end
+  return s
+end
+-- When a closed key lane may open: its first holder's lease expiry.
+local function key_opens(s)
+  local first = redis.call('ZRANGE', s.key, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) end
+  return now + KEY_LANE_RECHECK
+end
+-- Lanes whose time has come: move back as many jobs as each may start.
+for _, lane in ipairs(redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', now, 'LIMIT', 0, LANES_PER_FETCH)) do
+  local free, opens = LANE_RELEASE_BATCH, now + KEY_LANE_RECHECK
+  if string.sub(lane, 1, 2) == 'r:' then
+    local r = task_rate(string.sub(lane, 3))
+    if r then
+      free = room(r)
+      opens = math.max(r.tat, now) + free * r.t - r.tau
+    end
+  else
+    local task = gate_of(lane)
+    local s = task and key_state(lane, task)
+    if s then
+      free = s.max - s.held
+      if free <= 0 then opens = key_opens(s) end
+    end
+  end
+  local w = q .. 'waiting:' .. lane
+  if free > 0 then
+    local back = redis.call('ZPOPMIN', w, math.min(free, LANE_RELEASE_BATCH))
+    for i = 1, #back, 2 do redis.call('ZADD', KEYS[1], back[i + 1], back[i]) end
+  end
+  if redis.call('EXISTS', w) == 0 then
+    redis.call('ZREM', KEYS[10], lane)
+  else
+    redis.call('ZADD', KEYS[10], opens, lane)
+  end
+end
+-- The score of a lane's oldest waiting job (false: none): a job behind
+-- it waits too, so a lane keeps its order.
+local function first_waiting(lane)
+  local v = firsts[lane]
+  if v == nil then
+    local first = redis.call('ZRANGE', q .. 'waiting:' .. lane, 0, 0, 'WITHSCORES')
+    v = first[2] and tonumber(first[2]) or false
+    firsts[lane] = v
+  end
+  return v
+end
+local aside = 0
+local function set_aside(lane, id, score, opens)
+  redis.call('ZADD', q .. 'waiting:' .. lane, score, id)
+  local first = firsts[lane]
+  if not first or tonumber(score) < first then firsts[lane] = tonumber(score) end
+  if not noted[lane] then
+    redis.call('ZADD', KEYS[10], 'LT', opens, lane)
+    noted[lane] = true
+  end
+  aside = aside + 1
+end
+-- Whether a gated job may start now; if not, it is set aside. A job
+-- that may start takes its place under its key (scored by its lease
+-- expiry) and its slot of its task's rate.
+local function admit(gate, id, score, expiry)
+  local task, rated, key_lane = gate_of(gate)
+  if not task then return true end
+  local s = key_lane ~= '' and key_state(key_lane, task)
+  if s then
+    local first = first_waiting(key_lane)
+    if s.held >= s.max or (first and first < tonumber(score)) then
+      local opens = now
+      if s.held >= s.max then opens = key_opens(s) end
+      set_aside(key_lane, id, score, opens)
+      return false
+    end
+  end
+  local r = rated and task_rate(task)
+  if r then
+    local lane = 'r:' .. task
+    local first = first_waiting(lane)
+    if room(r) < 1 or (first and first < tonumber(score)) then
+      set_aside(lane, id, score, math.max(math.max(r.tat, now) - r.tau, now))
+      return false
+    end
+    take(r)
+  end
+  if s then
+    redis.call('ZADD', s.key, expiry, id)
+    s.held = s.held + 1
+  end
+  return true
+end
 local capped = ''
 if cap > 0 then capped = '1' end
 -- Numbers go to Redis as strings; Lua's own conversion formats them as
@@ -358,61 +581,91 @@ if cap > 0 then capped = '1' end
 local expiry = string.format('%d', now + lease)
 local now_ms = string.format('%d', now)
 local out, leases = {{}}, {{}}
-for i = 1, #popped, 2 do
-  local id = popped[i]
-  local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries', 'state')
-  if f[1] and not ended(f[5]) then
-    local deliveries = string.format('%d', (tonumber(f[2]) or 0) + 1)
-    local attempt = string.format('%d', (tonumber(f[3]) or 0) + 1)
-    -- The worker, the delivery and the server's clock: no two deliveries
-    -- share a token, even after `dead retry` starts `deliveries` again.
-    local token = worker .. ':' .. deliveries .. '@' .. now_us
-    redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'deliveries', deliveries,
-      'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us, 'worker', worker,
-      'capped', capped)
-    leases[#leases + 1] = expiry
-    leases[#leases + 1] = id
-    out[#out + 1] = id
-    out[#out + 1] = f[1]
-    out[#out + 1] = attempt
-    out[#out + 1] = token
-    out[#out + 1] = f[4] or '0'
+local leased = 0
+-- Pop until n are leased or the queue is empty: jobs set aside make room
+-- for the next ones (bounded, so one call never runs long).
+while leased < n and aside < MAX_SET_ASIDE do
+  local want = n - leased
+  local popped = redis.call('ZPOPMIN', KEYS[1], want)
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local f = redis.call('HMGET', job(id), 'envelope', 'deliveries', 'attempts', 'host_retries', 'state',
+      'gate')
+    if f[1] and not ended(f[5]) and (not f[6] or admit(f[6], id, popped[i + 1], expiry)) then
+      local deliveries = string.format('%d', (tonumber(f[2]) or 0) + 1)
+      local attempt = string.format('%d', (tonumber(f[3]) or 0) + 1)
+      -- The worker, the delivery and the server's clock: no two deliveries
+      -- share a token, even after `dead retry` starts `deliveries` again.
+      local token = worker .. ':' .. deliveries .. '@' .. now_us
+      redis.call('HSET', job(id), 'state', 'active', 'lease', token, 'deliveries', deliveries,
+        'attempt', attempt, 'started_at_ms', now_ms, 'started_at_us', now_us, 'worker', worker,
+        'capped', capped)
+      if tenant_rate then take(tenant_rate) end
+      leases[#leases + 1] = expiry
+      leases[#leases + 1] = id
+      out[#out + 1] = id
+      out[#out + 1] = f[1]
+      out[#out + 1] = attempt
+      out[#out + 1] = token
+      out[#out + 1] = f[4] or '0'
+      leased = leased + 1
+    end
   end
+  if #popped < 2 * want then break end
 end
 if #leases > 0 then
   redis.call('ZADD', KEYS[3], unpack(leases))
   if cap > 0 then redis.call('ZADD', KEYS[5], unpack(leases)) end
 end
+for _, r in pairs(rates) do
+  if r and r.dirty then redis.call('HSET', KEYS[9], r.field, string.format('%.3f', r.tat)) end
+end
+-- Stopped by the set-aside bound: there may be jobs to lease behind.
+if aside >= MAX_SET_ASIDE then wake_in = 0 end
+if tenant_rate and leased == n and room(tenant_rate) < 1 then
+  wake_in = math.max(0, math.ceil(math.max(tenant_rate.tat, now) - tenant_rate.tau - now))
+end
 return answer(out)
-"#
+"#,
+        key_lane_recheck_ms = KEY_LANE_RECHECK.as_millis()
     ))
 });
 
 /// Extend leases. KEYS: leased, inflight. ARGV: prefix, lease_ms, id1,
 /// token1, ...
+/// A keyed job's place under its key is extended with it.
 /// Only jobs whose lease token still matches are extended (a job whose lease
 /// lapsed and was redelivered belongs to its new holder). Returns the ids
 /// another delivery owns now (not those whose outcome this caller has just
 /// recorded: their lease ended with it).
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    with_clock(
+    Script::new(&format!(
+        "{CLOCK_LUA}{}{}",
+        gate_lua(),
         r#"
 local now = clock()
 local expiry = string.format('%d', now + tonumber(ARGV[2]))
 local lost = {}
 for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local f = redis.call('HMGET', ARGV[1] .. 'job:' .. id, 'lease', 'recorded')
+  local f = redis.call('HMGET', ARGV[1] .. 'job:' .. id, 'lease', 'recorded', 'gate')
   if f[1] == token then
     redis.call('ZADD', KEYS[1], 'XX', expiry, id)
     redis.call('ZADD', KEYS[2], 'XX', expiry, id)
+    -- A key's holder stays one as long as its lease.
+    if f[3] then
+      local _, _, key_lane = gate_of(f[3])
+      if key_lane and key_lane ~= '' then
+        redis.call('ZADD', ARGV[1] .. 'holders:' .. key_lane, 'XX', expiry, id)
+      end
+    end
   elseif f[2] ~= token then
     lost[#lost + 1] = id
   end
 end
 return lost
-"#,
-    )
+"#
+    ))
 });
 
 /// Fields per job in [`COMPLETE`]'s ARGV.
@@ -421,18 +674,23 @@ pub const COMPLETE_FIELDS: usize = 14;
 /// Record outcomes of many deliveries in one call (the worker batches
 /// whatever finished since its last call: fewer script invocations, which
 /// cost more than the commands they run).
-/// KEYS: usage, dead, idempotency index, succeeded index, dead-by-queue.
+/// KEYS: usage, dead, idempotency index, succeeded index, dead-by-queue,
+/// gates.
 /// ARGV: prefix, finished_ttl_ms, the batch's usage totals over the runs
 /// that ran a sandbox (runs, fuel, wall_time_us, run_time_us,
 /// memory_byte_seconds, net_out_bytes, net_in_bytes, denied), the number
 /// of (queue, task) groups in the batch and each group's queue and task,
 /// then per job [`COMPLETE_FIELDS`] fields: id, queue, token, outcome ('succeeded' |
-/// 'retry' | 'host-retry' | 'wait' | 'dead' | 'release'), result,
+/// 'retry' | 'rate-limited' | 'host-retry' | 'wait' | 'dead' | 'release'), result,
 /// result_ttl_ms (0 = do not store), idempotency key or '',
 /// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, and the
 /// run's refusals as a JSON list ('' for none; kept as the job's
 /// `denials`), its (queue, task) group's number (1-based), and the tail
 /// of the run's log ('' for none: a previous run's is removed).
+///
+/// A keyed job leaves its key's holders (its lane opens if jobs wait on
+/// it). 'rate-limited' is a retry that also holds the task's rate lane
+/// shut for the delay (its GCRA time moves past it).
 ///
 /// Besides the job, a recorded outcome adds to the minute's counts per
 /// queue and task (`succeeded`; `failed` for a retry or a death, and
@@ -500,7 +758,7 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
   local f = redis.call('HMGET', job, 'lease', 'notify', 'capped', 'has_history',
-    'started_at_ms', 'attempt', 'worker', 'has_log')
+    'started_at_ms', 'attempt', 'worker', 'has_log', 'gate')
   if f[1] ~= token or token == '' then
     if token ~= '' and redis.call('HGET', job, 'recorded') == token then
       out[#out + 1] = 'recorded'
@@ -519,6 +777,27 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
     if f[3] == '1' and redis.call('ZREM', prefix .. 'inflight', id) == 1 then
       redis.call('LPUSH', q .. 'signal', '1')
       redis.call('LTRIM', q .. 'signal', 0, 63)
+    end
+    -- A keyed job frees its place under its key, whatever the outcome:
+    -- a retry takes a place again when it is fetched again.
+    if f[9] then
+      local _, _, key_lane = gate_of(f[9])
+      if key_lane and key_lane ~= '' then
+        release_key(prefix, key_lane, id, q .. 'lanes', q .. 'signal', now)
+      end
+    end
+    -- A guest told it was rate limited upstream: its task's whole lane
+    -- waits out the delay (the next job of the task starts no sooner).
+    if outcome == 'rate-limited' then
+      local cfg = redis.call('HMGET', KEYS[6], 'rate:' .. task, 'tat:' .. task)
+      local t, tau = rate_cfg(cfg[1])
+      if t then
+        local until_ms = now + tonumber(delay) + tau
+        if until_ms > (tonumber(cfg[2]) or 0) then
+          redis.call('HSET', KEYS[6], 'tat:' .. task, string.format('%.3f', until_ms))
+        end
+      end
+      outcome = 'retry'
     end
     if denials ~= '' then redis.call('HSET', job, 'denials', denials) end
     -- The run's log replaces the last run's (most jobs log nothing: no
@@ -694,6 +973,9 @@ return 1
 /// Cancel a job. KEYS: job, history, done, idempotency index, cancelled
 /// index, inflight. ARGV: prefix, id, who, finished_ttl_ms.
 ///
+/// A gated job set aside in a lane leaves it; a running keyed job frees
+/// its place under its key.
+///
 /// A queued or scheduled job leaves its queue and never runs; an active
 /// one leaves the lease set, so its worker's lease is gone: the worker's
 /// renewal or outcome finds another owner (none) and stops the run, and
@@ -708,7 +990,7 @@ pub static CANCEL: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local prefix, id, who, retention = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local f = redis.call('HMGET', KEYS[1], 'state', 'envelope', 'queue', 'worker', 'lease', 'notify',
-  'started_at_ms', 'attempt')
+  'started_at_ms', 'attempt', 'gate')
 if not f[1] then return {} end
 local state = f[1]
 if state ~= 'queued' and state ~= 'scheduled' and state ~= 'active' then
@@ -731,6 +1013,18 @@ for _, name in ipairs(queues) do
   redis.call('ZREM', q .. 'ready', id)
   redis.call('ZREM', q .. 'delayed', id)
   redis.call('ZREM', q .. 'leased', id)
+end
+-- A gated job may be set aside in a lane, or hold a place under its key.
+if f[9] then
+  local gate_task, rated, key_lane = gate_of(f[9])
+  for _, name in ipairs(queues) do
+    local q = prefix .. 'queue:' .. name .. ':'
+    if rated then redis.call('ZREM', q .. 'waiting:r:' .. gate_task, id) end
+    if key_lane and key_lane ~= '' then
+      redis.call('ZREM', q .. 'waiting:' .. key_lane, id)
+      release_key(prefix, key_lane, id, q .. 'lanes', q .. 'signal', clock())
+    end
+  end
 end
 if redis.call('ZREM', KEYS[6], id) == 1 then
   -- A place under the tenant's cluster cap is free: wake a worker.
@@ -795,16 +1089,18 @@ return now
 });
 
 /// One queue's figures for `wasmq queues`, read at one instant.
-/// KEYS: ready, delayed, leased, dead-by-queue, paused. ARGV: prefix,
-/// queue.
+/// KEYS: ready, delayed, leased, dead-by-queue, paused, lanes. ARGV:
+/// prefix, queue.
 ///
 /// Returns {ready, delayed, running, dead, paused (JSON or ''), enqueue
 /// time of the oldest ready job (ms, -1 for none), now (ms), succeeded
-/// and failed in this clock minute and the one before}. The oldest ready
+/// and failed in this clock minute and the one before, jobs set aside in
+/// the queue's lanes (counted over its first [`MAX_LANES_LISTED`])}. The oldest ready
 /// job is the first of some priority band (within a band, jobs are in
 /// enqueue order), so ten lookups find it however long the queue is.
 pub static QUEUE_VIEW: LazyLock<Script> = LazyLock::new(|| {
-    with_priority_band(
+    with_priority_band(&format!(
+        "local MAX_LANES_LISTED = {MAX_LANES_LISTED}\n{}",
         r#"
 local prefix, queue = ARGV[1], ARGV[2]
 local now = clock()
@@ -828,11 +1124,15 @@ for m = minute - 1, minute do
   succeeded = succeeded + (tonumber(f[1]) or 0)
   failed = failed + (tonumber(f[2]) or 0)
 end
+local held = 0
+for _, lane in ipairs(redis.call('ZRANGE', KEYS[6], 0, MAX_LANES_LISTED - 1)) do
+  held = held + redis.call('ZCARD', prefix .. 'queue:' .. queue .. ':waiting:' .. lane)
+end
 return {ready, redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
   tonumber(redis.call('HGET', KEYS[4], queue)) or 0, redis.call('HGET', KEYS[5], queue) or '',
-  oldest, now, succeeded, failed}
+  oldest, now, succeeded, failed, held}
 "#,
-    )
+    ))
 });
 
 /// The tenant's due schedules. KEYS: schedules-due, schedules. ARGV: the

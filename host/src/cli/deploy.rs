@@ -127,6 +127,7 @@ pub async fn tasks(redis: &str, tenant: &str) -> Result<(), CliError> {
                 "fuel": p.sandbox.fuel, "memory_bytes": p.sandbox.memory_bytes,
                 "timeout": humantime::format_duration(p.sandbox.timeout).to_string(),
                 "max_attempts": p.retry.max_attempts, "store_result": p.store_result,
+                "rate_limit": p.rate_limit.map(|r| r.to_string()), "max_per_key": p.max_per_key,
             })
         );
     }

@@ -42,6 +42,12 @@ pub struct EnqueueArgs {
     /// Priority 0-9 within the queue, higher first.
     #[arg(long, default_value_t = 0)]
     pub priority: u8,
+    /// Concurrency key (one customer, one account): with the task's
+    /// `max_per_key = N`, at most N jobs with this key run at once across
+    /// all workers; the others wait in order. Refused for a task without
+    /// `max_per_key`.
+    #[arg(long)]
+    pub key: Option<String>,
     /// Wait up to this long for the result and print it.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub wait: Option<Duration>,
@@ -92,6 +98,7 @@ pub async fn enqueue(redis: &str, tenant: &str, args: EnqueueArgs) -> Result<(),
         priority: args.priority,
         max_attempts: None,
         traceparent: args.traceparent,
+        key: args.key,
     };
     let enqueued = broker.enqueue(request).await.map_err(into_cli)?;
     match args.wait {

@@ -111,6 +111,10 @@ pub struct LimitArgs {
     /// Idempotency keys the tenant may hold at once.
     #[arg(long = "max-idempotency-keys")]
     pub max_idempotency_keys: Option<u32>,
+    /// Most jobs started per second, minute or hour, all the tenant's
+    /// tasks together, across all workers, e.g. `100/s`, `20/m`, `500/h`.
+    #[arg(long = "rate-limit", value_parser = crate::gates::RateLimit::parse)]
+    pub rate_limit: Option<crate::gates::RateLimit>,
 }
 
 impl LimitArgs {
@@ -150,6 +154,7 @@ impl LimitArgs {
             .max_children_per_minute
             .or(limits.max_children_per_minute);
         limits.max_idempotency_keys = self.max_idempotency_keys.or(limits.max_idempotency_keys);
+        limits.rate_limit = self.rate_limit.or(limits.rate_limit);
     }
 }
 

@@ -14,7 +14,9 @@
 //!   signals one, or a short timeout (delayed jobs coming due and expired
 //!   leases are found by looking), on one connection kept for that; a wait
 //!   that fails backs off before the next, so a Redis that is down costs
-//!   neither connections nor CPU.
+//!   neither connections nor CPU. When a rate limit or concurrency key
+//!   holds jobs back, the fetch says when the first may go, and the wait
+//!   is no longer than that.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,6 +39,11 @@ pub const FETCH_BATCH: usize = 256;
 /// How long an idle worker blocks waiting for a wake-up before it looks
 /// again.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// Waits shorter than this (a rate-limited lane opening in a few ms)
+/// sleep rather than block on the wake-up lists: Redis times blocked
+/// commands out on its `hz` tick (100 ms by default), so a shorter BLPOP
+/// timeout would wake late and a rate would fall short of its limit.
+const MIN_BLOCKING_WAIT: Duration = Duration::from_millis(100);
 /// The first wait after a failed blocking wait; doubles up to
 /// [`MAX_WAIT_BACKOFF`].
 const WAIT_BACKOFF: Duration = Duration::from_millis(100);
@@ -89,6 +96,9 @@ pub struct Fetcher {
     /// The pause after the next failed wait.
     wait_backoff: Duration,
     metrics: Option<Arc<Metrics>>,
+    /// The soonest a lane holding jobs back (a rate limit, a concurrency
+    /// key) may open, as the last round's fetches said.
+    wake_in: Option<Duration>,
 }
 
 impl Fetcher {
@@ -110,6 +120,7 @@ impl Fetcher {
             blocking: None,
             wait_backoff: WAIT_BACKOFF,
             metrics: config.metrics.clone(),
+            wake_in: None,
         }
     }
 
@@ -118,6 +129,7 @@ impl Fetcher {
         let sent = Instant::now();
         let mut jobs: Vec<Fetched> = Vec::new();
         let mut error = None;
+        self.wake_in = None;
         for i in 0..self.pairs.len() {
             let (tenant, queue) = &self.pairs[(self.next + i) % self.pairs.len()];
             let mut want = free.saturating_sub(jobs.len()).min(FETCH_BATCH);
@@ -147,6 +159,7 @@ impl Fetcher {
                 lease: self.lease,
                 max_deliveries: DEFAULT_MAX_DELIVERIES,
                 cluster_cap: caps.and_then(|c| c.max_cluster_concurrency),
+                rate_limit: caps.and_then(|c| c.rate_limit),
             };
             let sent = Instant::now();
             let fetched = self.broker.fetch_round(tenant, queue, want, terms).await;
@@ -155,6 +168,9 @@ impl Fetcher {
             }
             match fetched {
                 Ok(reply) => {
+                    if let Some(wake) = reply.wake_in {
+                        self.wake_in = Some(self.wake_in.map_or(wake, |w| w.min(wake)));
+                    }
                     jobs.extend(reply.jobs);
                     self.count_poisoned(tenant, queue, &reply.poisoned, catalog)
                         .await;
@@ -188,8 +204,17 @@ impl Fetcher {
         }
     }
 
-    /// Block until a producer signals one of our queues, or a short timeout.
+    /// Block until a producer signals one of our queues, or a short timeout
+    /// (sooner when a rate limit or concurrency key lets jobs through
+    /// sooner).
     pub async fn wait_for_work(&mut self) {
+        let wait = self.wake_in.map_or(IDLE_WAIT, |w| w.min(IDLE_WAIT));
+        // BLPOP's timeout 0 blocks for ever, and its clock is coarse
+        // (MIN_BLOCKING_WAIT): short waits sleep instead.
+        if wait < MIN_BLOCKING_WAIT {
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+            return;
+        }
         let conn = match self.blocking.as_mut() {
             Some(conn) => conn,
             None => match self.broker.blocking_connection(IDLE_WAIT).await {
@@ -199,7 +224,7 @@ impl Fetcher {
         };
         let woken: redis::RedisResult<Option<(String, String)>> = redis::cmd("BLPOP")
             .arg(&self.signals)
-            .arg(IDLE_WAIT.as_secs_f64())
+            .arg(wait.as_secs_f64())
             .query_async(conn)
             .await;
         match woken {

@@ -27,6 +27,7 @@ use crate::broker::envelope::Envelope;
 use crate::broker::{Broker, Completion, DeployedTask, Fetched, Outcome};
 use crate::failure::{Category, Failure};
 use crate::fence::LeaseWatch;
+use crate::gates::{DEFAULT_RATE_LIMITED_HOLD, RATE_LIMITED_KIND};
 use crate::limits::{MAX_DELAY, MAX_STORED_LOG_BYTES};
 use crate::retry::{decide, Decision};
 use crate::sandbox::{ComputeThreads, JobInput, JobOutcome, Verdict};
@@ -327,6 +328,25 @@ impl Processor {
         if outcome.lease_lost {
             return Outcome::Release;
         }
+        // A rate-limited task told "slow down" by its upstream retries the
+        // job (an attempt, at the policy's backoff without jitter) and holds
+        // its whole lane back for that long (see `gates`).
+        let rate_limited = task.policy.rate_limit.is_some()
+            && matches!(&outcome.verdict, Verdict::Failed { failure, kind: Some(k) }
+                if k == RATE_LIMITED_KIND && failure.category == Category::TaskError);
+        let slowed;
+        let retry = if rate_limited {
+            let mut kinds = retry.auto_retry_kinds.clone();
+            kinds.push(RATE_LIMITED_KIND.to_string());
+            slowed = crate::policy::RetryPolicy {
+                jitter: false,
+                auto_retry_kinds: kinds,
+                ..retry.clone()
+            };
+            &slowed
+        } else {
+            retry
+        };
         let decision = decide(retry, job.attempt, outcome.verdict.clone());
         // A verdict a retry might fix: a retry, or the last attempt of one.
         let retryable = match &decision {
@@ -362,6 +382,14 @@ impl Processor {
                     .unwrap_or(task.policy.store_result)
                     .then_some(task.policy.result_ttl),
                 idempotency_ttl: task.policy.result_ttl,
+            },
+            Decision::Retry { delay, error } if rate_limited => Outcome::RateLimited {
+                delay: if delay.is_zero() {
+                    DEFAULT_RATE_LIMITED_HOLD
+                } else {
+                    delay.min(MAX_DELAY)
+                },
+                error,
             },
             Decision::Retry { delay, error } => Outcome::Retry {
                 delay: delay.min(MAX_DELAY),

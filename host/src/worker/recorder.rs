@@ -94,7 +94,9 @@ impl Recorder {
         let ended = match &completion.outcome {
             Outcome::Succeeded { .. } => Ended::Succeeded,
             Outcome::Dead(f) => Ended::Dead(f.category.as_str()),
-            Outcome::Retry { error, .. } => Ended::Retried(error.category.as_str()),
+            Outcome::Retry { error, .. } | Outcome::RateLimited { error, .. } => {
+                Ended::Retried(error.category.as_str())
+            }
             Outcome::HostRetry { .. } => Ended::HostFault,
             Outcome::Wait { .. } | Outcome::Release => Ended::Other,
         };
@@ -120,7 +122,10 @@ impl Recorder {
         let kind = match outcome {
             Outcome::Succeeded { .. } => &c.succeeded,
             Outcome::Dead(_) => &c.dead,
-            Outcome::Retry { .. } | Outcome::HostRetry { .. } | Outcome::Wait { .. } => &c.retried,
+            Outcome::Retry { .. }
+            | Outcome::RateLimited { .. }
+            | Outcome::HostRetry { .. }
+            | Outcome::Wait { .. } => &c.retried,
             Outcome::Release => &c.released,
         };
         kind.fetch_add(1, Ordering::Relaxed);
