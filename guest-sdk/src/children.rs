@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::bindings::wasmq::task::jobs as wit;
+use crate::bindings::wasmq::task0_1_0::jobs as wit;
 use crate::{millis, HostError};
 
 /// Options of a child job; `EnqueueOptions::default()` starts it now with no

@@ -7,7 +7,7 @@
 //! marker around [`incr`] can count twice if the worker dies between the
 //! two).
 
-use crate::bindings::wasmq::task::counter as wit;
+use crate::bindings::wasmq::task0_1_0::counter as wit;
 use crate::HostError;
 
 /// Adds `delta` (may be negative) to counter `name` and returns the new

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::bindings::wasmq::task::types as wit;
+use crate::bindings::wasmq::task0_1_0::types as wit;
 
 /// How a task run failed, and what the host should do about it.
 ///

@@ -1,6 +1,9 @@
 //! [`Job`]: what the host tells a task about the job it is running.
 
-use crate::bindings::wasmq::task::types::JobContext;
+use serde::de::DeserializeOwned;
+
+use crate::bindings::wasmq::task0_2_0::types::{DependencyOutcome, JobContext};
+use crate::TaskError;
 
 /// The job being run, as the host describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +20,31 @@ pub struct Job {
     pub max_attempts: u32,
     /// The idempotency key the producer gave, if any.
     pub idempotency_key: Option<String>,
+    /// Set when the job is a step of a workflow.
+    pub flow: Option<FlowPosition>,
+}
+
+/// Where a job stands in a workflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowPosition {
+    /// The workflow's id.
+    pub flow_id: String,
+    /// The steps this job waited for, in the flow's order, with how each
+    /// ended: a chain's next step gets the previous step's, a chord's
+    /// `then` every member's.
+    pub dependencies: Vec<Dependency>,
+}
+
+/// One step a job waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dependency {
+    /// The step's job id.
+    pub job_id: String,
+    /// The step's task.
+    pub task: String,
+    /// Its JSON result, or how it failed (only seen when the flow said to
+    /// go on after a failure).
+    pub outcome: Result<String, String>,
 }
 
 impl Job {
@@ -24,6 +52,33 @@ impl Job {
     /// (useful to fail with a clearer message instead).
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts
+    }
+
+    /// The steps this job waited for (empty outside a workflow).
+    pub fn dependencies(&self) -> &[Dependency] {
+        self.flow.as_ref().map_or(&[], |f| &f.dependencies)
+    }
+
+    /// The results of the steps this job waited for, in order, each
+    /// deserialized into `T`. A step that failed (the flow went on
+    /// anyway) or a result that is not a `T` fails with a message naming
+    /// the step; read [`Job::dependencies`] to handle failures yourself.
+    pub fn results<T: DeserializeOwned>(&self) -> Result<Vec<T>, TaskError> {
+        self.dependencies()
+            .iter()
+            .map(|d| match &d.outcome {
+                Ok(json) => serde_json::from_str(json).map_err(|e| {
+                    TaskError::fail(format!(
+                        "the result of step {} ({}) does not match: {e}",
+                        d.job_id, d.task
+                    ))
+                }),
+                Err(failure) => Err(TaskError::fail(format!(
+                    "step {} ({}) failed: {failure}",
+                    d.job_id, d.task
+                ))),
+            })
+            .collect()
     }
 }
 
@@ -36,6 +91,21 @@ impl From<JobContext> for Job {
             attempt: c.attempt,
             max_attempts: c.max_attempts,
             idempotency_key: c.idempotency_key,
+            flow: c.flow.map(|f| FlowPosition {
+                flow_id: f.flow_id,
+                dependencies: f
+                    .dependencies
+                    .into_iter()
+                    .map(|d| Dependency {
+                        job_id: d.job_id,
+                        task: d.task,
+                        outcome: match d.outcome {
+                            DependencyOutcome::Succeeded(r) => Ok(r),
+                            DependencyOutcome::Failed(f) => Err(f),
+                        },
+                    })
+                    .collect(),
+            }),
         }
     }
 }

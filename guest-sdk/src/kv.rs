@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::bindings::wasmq::task::kv as wit;
+use crate::bindings::wasmq::task0_1_0::kv as wit;
 use crate::{millis, HostError, TaskError};
 
 /// The value stored under `key`, or `None`.

@@ -1,11 +1,12 @@
 //! # wasmq-guest: write wasmq tasks in Rust
 //!
 //! A wasmq task is a WebAssembly component implementing the `task` world of
-//! the `wasmq:task` WIT package (`wit/task.wit`). This crate hides the
+//! the `wasmq:task@0.2.0` WIT package (`wit/task.wit`; components built
+//! against 0.1.0 keep running unchanged). This crate hides the
 //! component bindings: a task crate writes one ordinary function, marks it
 //! with [`#[task]`](macro@task), and gets typed arguments, typed results and
 //! safe wrappers around the host's state (key-value, counters, locks, step
-//! markers, child jobs, logging, outbound HTTP).
+//! markers, child jobs, workflows, logging, outbound HTTP).
 //!
 //! Every job runs in a fresh instance, so globals do not survive between
 //! jobs. Whatever must survive a retry, a duplicate delivery or another
@@ -102,6 +103,7 @@ extern crate self as wasmq_guest;
 mod children;
 pub mod counter;
 mod error;
+pub mod flow;
 pub mod fs;
 pub mod http;
 mod job;
@@ -112,7 +114,7 @@ mod step;
 
 pub use children::{enqueue, enqueue_with, EnqueueOptions};
 pub use error::{HostError, TaskError};
-pub use job::Job;
+pub use job::{Dependency, FlowPosition, Job};
 pub use lock::Lock;
 pub use step::{once, once_with, step_token, StepOptions};
 
@@ -146,7 +148,7 @@ pub use wasmq_guest_macros::task;
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "task",
+        world: "wasmq:task/task@0.2.0",
         path: "../wit",
         // Task crates do not depend on wit-bindgen themselves: the macro
         // expansion and the generated code reach it through this crate.
@@ -157,6 +159,8 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_task_world",
         default_bindings_module: "::wasmq_guest::bindings",
+        // The 0.1.0 interfaces the 0.2.0 world imports are ours to bind too.
+        generate_all,
     });
 }
 
@@ -164,7 +168,8 @@ pub mod bindings {
 /// release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::bindings::wasmq::task::types::{JobContext, TaskError as WitTaskError};
+    pub use crate::bindings::wasmq::task0_1_0::types::TaskError as WitTaskError;
+    pub use crate::bindings::wasmq::task0_2_0::types::JobContext;
     pub use crate::bindings::Guest;
     pub use wit_bindgen;
 
@@ -230,6 +235,7 @@ mod tests {
             attempt: 1,
             max_attempts: 3,
             idempotency_key: None,
+            flow: None,
         }
     }
 

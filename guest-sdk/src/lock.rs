@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::bindings::wasmq::task::lock::{self as wit, Lease};
+use crate::bindings::wasmq::task0_1_0::lock::{self as wit, Lease};
 use crate::{millis, HostError};
 
 /// A distributed lock held by this job, released when dropped.

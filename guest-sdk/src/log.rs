@@ -3,7 +3,7 @@
 //! Use these rather than `println!`: stdout and stderr may be discarded or
 //! capped by the host, while these lines are stored with the job's attempts.
 
-use crate::bindings::wasmq::task::log::{write, Level};
+use crate::bindings::wasmq::task0_1_0::log::{write, Level};
 
 /// Appends a debug line to the job's log.
 pub fn debug(message: impl AsRef<str>) {

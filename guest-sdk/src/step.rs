@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::bindings::wasmq::task::step::{self as wit, StepState};
+use crate::bindings::wasmq::task0_1_0::step::{self as wit, StepState};
 use crate::{millis, HostError, TaskError};
 
 /// How long a claim on a step lasts by default. Long enough for a typical

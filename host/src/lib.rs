@@ -37,6 +37,7 @@ pub mod dir_caps;
 pub mod engine;
 pub mod failure;
 pub mod fence;
+pub mod flow;
 pub mod gates;
 pub mod keys;
 pub mod launcher;

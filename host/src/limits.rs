@@ -20,6 +20,7 @@
 //! | countdown, ETA, retry delay | [`MAX_DELAY`] |
 //! | nesting of a result (of a payload: one less) | [`MAX_JSON_DEPTH`] ([`MAX_PAYLOAD_DEPTH`]) |
 //! | child jobs per job | [`MAX_CHILDREN_PER_JOB`] |
+//! | flows a job starts, and a flow's definition and steps | [`MAX_FLOWS_PER_JOB`], [`MAX_FLOW_DEFINITION_BYTES`], [`MAX_FLOW_STEPS`] |
 //! | log line | [`MAX_LOG_LINE_BYTES`] (the whole log: the policy's `max_log_bytes`) |
 //! | log kept in the job record | [`MAX_STORED_LOG_BYTES`] (the tail) |
 //! | outbound HTTP request headers | [`MAX_REQUEST_HEADER_BYTES`] |
@@ -55,6 +56,13 @@ pub const MAX_PAYLOAD_DEPTH: usize = MAX_JSON_DEPTH - 1;
 /// Child jobs one job may enqueue: a guest that enqueues in a loop is a
 /// fork bomb for the whole queue.
 pub const MAX_CHILDREN_PER_JOB: u32 = 1_000;
+/// Flows one job may start (each is one atomic submission of its steps).
+pub const MAX_FLOWS_PER_JOB: u32 = 100;
+/// Largest flow definition (its JSON, payloads included).
+pub const MAX_FLOW_DEFINITION_BYTES: usize = 4 << 20;
+/// Most steps (jobs) in one flow: a flow is submitted in one Redis script,
+/// which must stay short.
+pub const MAX_FLOW_STEPS: usize = 1_000;
 /// Longest log line a guest may write in one call (longer ones are cut).
 pub const MAX_LOG_LINE_BYTES: usize = 16 << 10;
 /// The tail of a run's log kept in its job record (`wasmq status`, the

@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendError, BackendResult, ChildJob, Claimant, StepState};
+use super::{
+    Backend, BackendError, BackendResult, ChildJob, Claimant, FlowRequest, StartedFlow, StepState,
+};
 
 /// `tenant` and name joined by a separator that cannot appear in a tenant
 /// name, so keys of different tenants never collide.
@@ -74,6 +76,7 @@ struct State {
     steps_done: HashMap<Key, Expiring<Vec<u8>>>,
     step_claims: HashMap<Key, Expiring<String>>,
     children: Vec<(String, ChildJob)>,
+    flows: Vec<(String, FlowRequest, StartedFlow)>,
     next_child: u64,
 }
 
@@ -123,6 +126,11 @@ impl MemoryBackend {
     /// Child jobs enqueued so far, as `(tenant, job)`.
     pub fn children(&self) -> Vec<(String, ChildJob)> {
         self.lock().children.clone()
+    }
+
+    /// Flows started so far (tenant, request, what it was told), in order.
+    pub fn flows(&self) -> Vec<(String, FlowRequest, StartedFlow)> {
+        self.lock().flows.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -316,6 +324,28 @@ impl Backend for MemoryBackend {
         let id = format!("local-child-{}", s.next_child);
         s.children.push((tenant.to_string(), child));
         Ok(id)
+    }
+
+    /// Checked and recorded, not run (embedded mode has no queue); the
+    /// same job and ordinal find the same flow again.
+    async fn start_flow(&self, tenant: &str, request: FlowRequest) -> BackendResult<StartedFlow> {
+        let plan = crate::flow::plan(&request.definition).map_err(BackendError::Invalid)?;
+        let mut s = self.lock();
+        let again = s.flows.iter().find(|(t, r, _)| {
+            t == tenant && r.started_by == request.started_by && r.ordinal == request.ordinal
+        });
+        if let Some((_, _, started)) = again {
+            return Ok(started.clone());
+        }
+        let flow_id = format!("local-flow-{}", s.flows.len() + 1);
+        let started = StartedFlow {
+            job_ids: (1..=plan.steps.len())
+                .map(|i| format!("{flow_id}-{i}"))
+                .collect(),
+            flow_id,
+        };
+        s.flows.push((tenant.to_string(), request, started.clone()));
+        Ok(started)
     }
 }
 

@@ -105,6 +105,29 @@ pub struct ChildJob {
     pub traceparent: Option<String>,
 }
 
+/// A workflow a task asked to start.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowRequest {
+    /// The flow's JSON definition (see `flow`).
+    pub definition: String,
+    /// The job that starts it.
+    pub started_by: String,
+    /// 1 for the first flow this run starts, 2 for the second, ...: with
+    /// `started_by`, what makes a repeated start find the same flow.
+    pub ordinal: u32,
+    /// The run's W3C trace context: the flow's jobs join its trace.
+    pub traceparent: Option<String>,
+}
+
+/// A workflow that was started (or found already started).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StartedFlow {
+    /// The flow's id.
+    pub flow_id: String,
+    /// Its jobs, in the order their steps appear in the definition.
+    pub job_ids: Vec<String>,
+}
+
 /// The state store behind the host interfaces. See the module docs.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -191,4 +214,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Enqueue a child job in `tenant`; its job id.
     async fn enqueue_child(&self, tenant: &str, child: ChildJob) -> BackendResult<String>;
+
+    /// Start a workflow in `tenant`, or find the one this `request`'s job
+    /// and ordinal started before.
+    async fn start_flow(&self, tenant: &str, request: FlowRequest) -> BackendResult<StartedFlow>;
 }

@@ -28,7 +28,9 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 
-use super::{Backend, BackendError, BackendResult, ChildJob, Claimant, StepState};
+use super::{
+    Backend, BackendError, BackendResult, ChildJob, Claimant, FlowRequest, StartedFlow, StepState,
+};
 use crate::keys::Keys;
 use crate::limits::MAX_VALUE_BYTES;
 
@@ -38,6 +40,8 @@ use crate::limits::MAX_VALUE_BYTES;
 pub trait ChildEnqueuer: Send + Sync {
     /// Enqueue `child` in `tenant`; its job id.
     async fn enqueue_child(&self, tenant: &str, child: ChildJob) -> BackendResult<String>;
+    /// Start (or find again) the flow `request` asks for in `tenant`.
+    async fn start_flow(&self, tenant: &str, request: FlowRequest) -> BackendResult<StartedFlow>;
 }
 
 /// A tenant's quota on what its guests store; 0 means no cap.
@@ -785,6 +789,15 @@ impl Backend for RedisBackend {
             Some(e) => e.enqueue_child(tenant, child).await,
             None => Err(BackendError::Unavailable(
                 "child jobs need a broker".to_string(),
+            )),
+        }
+    }
+
+    async fn start_flow(&self, tenant: &str, request: FlowRequest) -> BackendResult<StartedFlow> {
+        match &self.enqueuer {
+            Some(e) => e.start_flow(tenant, request).await,
+            None => Err(BackendError::Unavailable(
+                "workflows need a broker".to_string(),
             )),
         }
     }

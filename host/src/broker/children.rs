@@ -1,4 +1,4 @@
-//! Child jobs a guest enqueues: the broker is the [`ChildEnqueuer`] the
+//! Child jobs and flows a guest starts: the broker is the [`ChildEnqueuer`] the
 //! Redis backend hands them to, since the broker owns the job format and
 //! the queue keys. The backend defines the trait; this is its only
 //! implementation.
@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use super::producer::Origin;
 use super::{Broker, EnqueueRequest};
 use crate::backend::redis::ChildEnqueuer;
-use crate::backend::{BackendError, BackendResult, ChildJob};
+use crate::backend::{BackendError, BackendResult, ChildJob, FlowRequest, StartedFlow};
 use crate::failure::{Category, Failure};
 
 #[async_trait]
@@ -35,5 +35,14 @@ impl ChildEnqueuer for Broker {
                 None => Err(crate::backend::redis::classify("child enqueue", &e)),
             },
         }
+    }
+
+    async fn start_flow(&self, tenant: &str, request: FlowRequest) -> BackendResult<StartedFlow> {
+        let started = self.start_flow_for_job(tenant, &request).await;
+        started.map_err(|e| match e.downcast_ref::<Failure>() {
+            Some(f) if f.category == Category::Denied => BackendError::Denied(f.message.clone()),
+            Some(f) => BackendError::Invalid(f.to_string()),
+            None => crate::backend::redis::classify("flow start", &e),
+        })
     }
 }

@@ -16,6 +16,7 @@ mod children;
 mod consumer;
 mod control;
 pub mod envelope;
+mod flows;
 mod inspect;
 mod producer;
 mod registry;

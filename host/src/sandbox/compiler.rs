@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::bindings::TaskPre;
+use super::world::WorldPre;
 use super::{PreparedTask, Sandbox};
 use crate::component::{check_header, content_hash};
 use crate::engine::CompileSettings;
@@ -299,15 +299,7 @@ impl Sandbox {
                 format!("component needs imports the wasmq host does not provide: {e:#}"),
             )
         })?;
-        let pre = TaskPre::new(pre).map_err(|e| {
-            Failure::new(
-                Category::InvalidComponent,
-                format!(
-                    "component does not implement the wasmq:task world \
-                     (export `run: func(job, payload) -> result<string, task-error>`): {e:#}"
-                ),
-            )
-        })?;
+        let pre = WorldPre::new(pre)?;
         Ok(PreparedTask {
             hash: hash.to_string(),
             component_bytes: bytes.len() as u64,

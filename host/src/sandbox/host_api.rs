@@ -18,10 +18,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::bindings::wasmq::task::{counter, jobs, kv, lock, log, step, types};
+use super::bindings::v0_2::wasmq::task0_1_0::{counter, jobs, kv, lock, log, step, types};
+use super::bindings::v0_2::wasmq::task0_2_0::{flow, types as types_v0_2};
 use super::state::HostState;
 use super::steps::step_token;
-use crate::backend::{BackendError, ChildJob, StepState};
+use crate::backend::{BackendError, ChildJob, FlowRequest, StepState};
 use crate::limits::{self, MAX_NAME_BYTES, MAX_VALUE_BYTES};
 
 use types::HostError;
@@ -109,6 +110,7 @@ impl HostState {
 }
 
 impl types::Host for HostState {}
+impl types_v0_2::Host for HostState {}
 
 impl log::Host for HostState {
     async fn write(&mut self, level: log::Level, message: String) {
@@ -378,5 +380,41 @@ impl jobs::Host for HostState {
             .enqueue_child(&self.scope.tenant, child)
             .await
             .map_err(|e| self.fault(e))
+    }
+}
+
+impl flow::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "flow.start", skip_all)]
+    async fn start(&mut self, definition: String) -> Result<flow::Started, HostError> {
+        limits::check_len(
+            "flow definition",
+            definition.len(),
+            limits::MAX_FLOW_DEFINITION_BYTES,
+        )
+        .map_err(invalid)?;
+        if self.flows_started >= limits::MAX_FLOWS_PER_JOB {
+            let what = format!(
+                "starting more than {} flows from one job",
+                limits::MAX_FLOWS_PER_JOB
+            );
+            self.denials.record(what.clone());
+            return Err(HostError::Denied(what));
+        }
+        self.flows_started += 1;
+        let request = FlowRequest {
+            definition,
+            started_by: self.scope.claimant.job.clone(),
+            ordinal: self.flows_started,
+            traceparent: self.scope.traceparent.clone(),
+        };
+        let started = self
+            .backend
+            .start_flow(&self.scope.tenant, request)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(flow::Started {
+            flow_id: started.flow_id,
+            job_ids: started.job_ids,
+        })
     }
 }

@@ -25,6 +25,7 @@ mod output;
 mod pacing;
 mod state;
 mod steps;
+mod world;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,8 +43,8 @@ use crate::fence::LeaseWatch;
 use crate::policy::SandboxPolicy;
 use crate::tenants::TenantLimits;
 pub use crate::usage::Usage;
-use bindings::wasmq::task::types::{JobContext, TaskError};
-use bindings::{Task, TaskPre};
+use bindings::v0_2::wasmq::task0_1_0::types::TaskError;
+use bindings::v0_2::Task;
 pub use compiler::CompileStats;
 use compiler::Compiler;
 use disk::DiskLedgers;
@@ -57,6 +58,7 @@ use pacing::{OwnedRun, RunClock};
 use state::{HostState, JobScope};
 use steps::OpenSteps;
 pub use steps::{step_token, IDEMPOTENCY_HEADER};
+use world::WorldPre;
 
 /// Task error kinds the host gives a meaning to. A task (through the SDK)
 /// reports a payload that does not fit its argument type as `bad-payload`,
@@ -98,6 +100,30 @@ pub struct JobInput {
     /// The run's W3C `traceparent` (a child of the producer's), sent on
     /// its outgoing HTTP requests and given to the child jobs it enqueues.
     pub traceparent: Option<String>,
+    /// The job's place in a workflow, with the results of the steps it
+    /// waited for; `None` for a job outside any flow.
+    pub flow: Option<FlowInput>,
+}
+
+/// What a step of a workflow is told about the flow (a 0.2.0 component
+/// reads it in its job context).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowInput {
+    /// The flow's id.
+    pub flow_id: String,
+    /// The steps the job waited for, in the flow's order.
+    pub dependencies: Vec<DependencyInput>,
+}
+
+/// One step a job waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DependencyInput {
+    /// The step's job id.
+    pub job_id: String,
+    /// The step's task.
+    pub task: String,
+    /// Its JSON result, or how it failed ("CATEGORY: message").
+    pub outcome: Result<String, String>,
 }
 
 impl JobInput {
@@ -116,6 +142,7 @@ impl JobInput {
             lease: Arc::new(LeaseWatch::unbounded()),
             max_value_ttl: None,
             traceparent: None,
+            flow: None,
         }
     }
 }
@@ -176,7 +203,14 @@ pub struct PreparedTask {
     pub hash: String,
     /// Size of the component (a tenant's cap applies to it on every job).
     pub component_bytes: u64,
-    pre: TaskPre<HostState>,
+    pre: WorldPre,
+}
+
+impl PreparedTask {
+    /// The `wasmq:task` world version the component implements.
+    pub fn world_version(&self) -> &'static str {
+        self.pre.version()
+    }
 }
 
 /// Returned by the epoch callback once the wall-clock deadline has passed.
@@ -333,31 +367,20 @@ impl Sandbox {
             }
         };
         let deadline = started + policy.timeout;
-        let ctx = JobContext {
-            id: job.id.clone(),
-            task: job.task.clone(),
-            tenant: job.tenant.clone(),
-            attempt: job.attempt,
-            max_attempts: job.max_attempts,
-            idempotency_key: job.idempotency_key.clone(),
-        };
         // The epoch callback stops a guest that computes past its deadline;
         // the timeout around the call stops one that waits past it (on HTTP,
         // a lock, a sleep), when no wasm runs to reach an epoch check.
         // Owned, so that it can move to the compute threads mid-run.
         // A delivery that lost its lease stops here: the job belongs to the
         // delivery that holds it now, and nothing more may be done for it.
-        let (pre, payload, run_clock) = (task.pre.clone(), job.payload.clone(), clock.clone());
+        let (pre, input, run_clock) = (task.pre.clone(), job.clone(), clock.clone());
         let lease = job.lease.clone();
         // The caller's span (the job's run span) goes with the run, also
         // onto the compute threads: host calls and requests are its children.
         let span = tracing::Span::current();
         let run: OwnedRun<_> = Box::pin(tracing::Instrument::instrument(
             async move {
-                let call = async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    instance.call_run(&mut store, &ctx, &payload).await
-                };
+                let call = pre.run(&mut store, &input, &input.payload);
                 let result = tokio::select! {
                     // The lease first: once it is lost the run must not take
                     // another step.
@@ -508,6 +531,7 @@ impl Sandbox {
             },
             backend,
             children_enqueued: 0,
+            flows_started: 0,
             host_fault: std::sync::OnceLock::new(),
             waiting_on_step: false,
         };

@@ -50,6 +50,9 @@ pub struct HostState {
     pub(crate) scope: JobScope,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) children_enqueued: u32,
+    /// Flows this run started so far (their ordinal makes a retried
+    /// `start` find the flow its earlier delivery started).
+    pub(crate) flows_started: u32,
     /// The first host-side reason the run may not succeed: the state store
     /// was unavailable.
     pub(crate) host_fault: std::sync::OnceLock<String>,

@@ -288,6 +288,7 @@ impl Processor {
             lease,
             max_value_ttl: record.as_ref().and_then(|r| r.limits.max_value_ttl),
             traceparent: traceparent.map(|t| t.to_string()),
+            flow: None,
         };
         let backend = match self.backend(&job.tenant, record.as_deref()).await {
             Ok(backend) => backend,

@@ -1,0 +1,436 @@
+//! Workflows: the definition a user writes (chain, group, chord), checked
+//! and planned into steps, each one job that waits for the steps before it.
+//!
+//! Pure: no Redis here. The broker stores a [`Plan`] and the scripts move
+//! its jobs on as their dependencies end (see `broker::flows`).
+//!
+//! ```json
+//! {"chord": {"group": [{"task": "scrape", "payload": {"url": "a"}},
+//!                      {"task": "scrape", "payload": {"url": "b"}}],
+//!            "then": {"task": "summarize", "payload": {}}}}
+//! ```
+//!
+//! A node's *ends* are the steps whose results it yields: a step's is
+//! itself, a chain's is its last node's, a group's is every member's
+//! (in order), a chord's is its `then`'s. A node that comes after another
+//! (the next in a chain, a chord's `then`) waits for that node's ends and
+//! receives their results, in that order.
+
+use serde_json::{Map, Value};
+
+use crate::limits;
+
+/// What a step's failure does to the steps that wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// They end `cancelled`, naming the failed step (the default).
+    Cancel,
+    /// They run anyway; the failure is in their job context.
+    Continue,
+}
+
+/// A node of a workflow definition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    /// One job.
+    Step {
+        task: String,
+        payload: Value,
+        on_failure: Option<OnFailure>,
+    },
+    /// One after another.
+    Chain {
+        nodes: Vec<Node>,
+        on_failure: Option<OnFailure>,
+    },
+    /// Side by side.
+    Group {
+        nodes: Vec<Node>,
+        on_failure: Option<OnFailure>,
+    },
+    /// A group, then one node that receives all its results.
+    Chord {
+        group: Vec<Node>,
+        then: Box<Node>,
+        on_failure: Option<OnFailure>,
+    },
+}
+
+/// One job of a planned flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedStep {
+    /// The step's task.
+    pub task: String,
+    /// Its payload.
+    pub payload: Value,
+    /// Where it is in the definition (`chord.group[3]`), for messages.
+    pub path: String,
+    /// The steps (indexes into [`Plan::steps`]) it waits for, in order.
+    pub waits_on: Vec<usize>,
+    /// Its own failure lets what waits on it run.
+    pub on_failure: OnFailure,
+}
+
+/// The shape of a flow's result: a step's result, or a list of shapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultShape {
+    /// The result of step N.
+    Step(usize),
+    /// A group's: one entry per member.
+    List(Vec<ResultShape>),
+}
+
+impl ResultShape {
+    /// Every step this shape names, in order.
+    pub fn steps(&self) -> Vec<usize> {
+        match self {
+            ResultShape::Step(i) => vec![*i],
+            ResultShape::List(items) => items.iter().flat_map(|s| s.steps()).collect(),
+        }
+    }
+
+    /// As JSON with job ids: `"ID"` for a step, `[...]` for a list.
+    pub fn to_json(&self, ids: &[String]) -> Value {
+        match self {
+            ResultShape::Step(i) => Value::String(ids[*i].clone()),
+            ResultShape::List(items) => {
+                Value::Array(items.iter().map(|s| s.to_json(ids)).collect())
+            }
+        }
+    }
+
+    /// The shape [`ResultShape::to_json`] wrote, with each job id mapped to
+    /// a value by `lookup`.
+    pub fn fill(shape: &Value, lookup: &mut dyn FnMut(&str) -> Value) -> Value {
+        match shape {
+            Value::String(id) => lookup(id),
+            Value::Array(items) => {
+                Value::Array(items.iter().map(|s| Self::fill(s, lookup)).collect())
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// A definition, checked and laid out as steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Every step, in the order it appears in the definition; a step only
+    /// waits for steps before it.
+    pub steps: Vec<PlannedStep>,
+    /// What the whole flow's result is made of.
+    pub result: ResultShape,
+}
+
+impl Plan {
+    /// For each step, the steps that wait for it.
+    pub fn dependents(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.steps.len()];
+        for (i, step) in self.steps.iter().enumerate() {
+            for &d in &step.waits_on {
+                out[d].push(i);
+            }
+        }
+        out
+    }
+}
+
+/// Parse and plan a definition; the error names the node at fault.
+pub fn plan(definition: &str) -> Result<Plan, String> {
+    let value: Value = serde_json::from_str(definition)
+        .map_err(|e| format!("flow definition is not valid JSON: {e}"))?;
+    let node = parse(&value, "flow")?;
+    plan_node(&node)
+}
+
+/// Lay out a parsed definition.
+pub fn plan_node(node: &Node) -> Result<Plan, String> {
+    let mut steps = Vec::new();
+    let (_, result) = lay_out(node, &[], OnFailure::Cancel, "flow", &mut steps)?;
+    Ok(Plan { steps, result })
+}
+
+/// Parse one node at `path`.
+pub fn parse(value: &Value, path: &str) -> Result<Node, String> {
+    let Value::Object(map) = value else {
+        return Err(format!("{path}: a node is an object (a step `{{\"task\": ...}}`, or `chain`, `group` or `chord`)"));
+    };
+    let on_failure = on_failure(map, path)?;
+    let kinds: Vec<&str> = ["task", "chain", "group", "chord"]
+        .into_iter()
+        .filter(|k| map.contains_key(*k))
+        .collect();
+    let kind = match kinds.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(format!(
+                "{path}: a node needs one of `task`, `chain`, `group` or `chord`"
+            ))
+        }
+        many => {
+            return Err(format!(
+                "{path}: a node is one of `task`, `chain`, `group` or `chord`, not {}",
+                many.join(" and ")
+            ))
+        }
+    };
+    let allowed: &[&str] = match kind {
+        "task" => &["task", "payload", "on_failure"],
+        _ => &[kind, "on_failure"],
+    };
+    if let Some(extra) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!(
+            "{path}: unknown field `{extra}` in a `{kind}` node"
+        ));
+    }
+    match kind {
+        "task" => {
+            let Some(task) = map["task"].as_str() else {
+                return Err(format!("{path}.task: a task name is a string"));
+            };
+            limits::check_name("task name", task, limits::MAX_NAME_BYTES)
+                .map_err(|e| format!("{path}.task: {e}"))?;
+            Ok(Node::Step {
+                task: task.to_string(),
+                payload: map
+                    .get("payload")
+                    .cloned()
+                    .unwrap_or(Value::Object(Map::new())),
+                on_failure,
+            })
+        }
+        "chain" => Ok(Node::Chain {
+            nodes: members(&map["chain"], &format!("{path}.chain"))?,
+            on_failure,
+        }),
+        "group" => Ok(Node::Group {
+            nodes: members(&map["group"], &format!("{path}.group"))?,
+            on_failure,
+        }),
+        _ => {
+            let chord_path = format!("{path}.chord");
+            let Value::Object(chord) = &map["chord"] else {
+                return Err(format!(
+                    "{chord_path}: a chord is `{{\"group\": [...], \"then\": NODE}}`"
+                ));
+            };
+            if let Some(extra) = chord.keys().find(|k| *k != "group" && *k != "then") {
+                return Err(format!(
+                    "{chord_path}: unknown field `{extra}` (a chord has `group` and `then`)"
+                ));
+            }
+            let group = members(
+                chord.get("group").unwrap_or(&Value::Null),
+                &format!("{chord_path}.group"),
+            )?;
+            let then = chord
+                .get("then")
+                .ok_or_else(|| format!("{chord_path}: a chord needs `then`, the node that receives the group's results"))?;
+            Ok(Node::Chord {
+                group,
+                then: Box::new(parse(then, &format!("{chord_path}.then"))?),
+                on_failure,
+            })
+        }
+    }
+}
+
+fn on_failure(map: &Map<String, Value>, path: &str) -> Result<Option<OnFailure>, String> {
+    match map.get("on_failure") {
+        None => Ok(None),
+        Some(Value::String(s)) if s == "cancel" => Ok(Some(OnFailure::Cancel)),
+        Some(Value::String(s)) if s == "continue" => Ok(Some(OnFailure::Continue)),
+        Some(other) => Err(format!(
+            "{path}.on_failure: `cancel` or `continue`, not {other}"
+        )),
+    }
+}
+
+fn members(value: &Value, path: &str) -> Result<Vec<Node>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!("{path}: a list of nodes"));
+    };
+    if items.is_empty() {
+        return Err(format!(
+            "{path}: an empty list (a flow step needs at least one node)"
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| parse(item, &format!("{path}[{i}]")))
+        .collect()
+}
+
+/// Lay out `node` after the steps `before`, inheriting `inherited`; its
+/// ends and result shape.
+fn lay_out(
+    node: &Node,
+    before: &[usize],
+    inherited: OnFailure,
+    path: &str,
+    steps: &mut Vec<PlannedStep>,
+) -> Result<(Vec<usize>, ResultShape), String> {
+    let own = |o: &Option<OnFailure>| o.unwrap_or(inherited);
+    match node {
+        Node::Step {
+            task,
+            payload,
+            on_failure,
+        } => {
+            if steps.len() >= limits::MAX_FLOW_STEPS {
+                return Err(format!(
+                    "{path}: a flow has at most {} steps",
+                    limits::MAX_FLOW_STEPS
+                ));
+            }
+            steps.push(PlannedStep {
+                task: task.clone(),
+                payload: payload.clone(),
+                path: path.to_string(),
+                waits_on: before.to_vec(),
+                on_failure: own(on_failure),
+            });
+            let i = steps.len() - 1;
+            Ok((vec![i], ResultShape::Step(i)))
+        }
+        Node::Chain { nodes, on_failure } => {
+            let mut ends = before.to_vec();
+            let mut shape = ResultShape::List(Vec::new());
+            for (i, n) in nodes.iter().enumerate() {
+                (ends, shape) = lay_out(
+                    n,
+                    &ends,
+                    own(on_failure),
+                    &format!("{path}.chain[{i}]"),
+                    steps,
+                )?;
+            }
+            Ok((ends, shape))
+        }
+        Node::Group { nodes, on_failure } => group(
+            nodes,
+            before,
+            own(on_failure),
+            &format!("{path}.group"),
+            steps,
+        ),
+        Node::Chord {
+            group: members,
+            then,
+            on_failure,
+        } => {
+            let inherit = own(on_failure);
+            let (ends, _) = group(
+                members,
+                before,
+                inherit,
+                &format!("{path}.chord.group"),
+                steps,
+            )?;
+            lay_out(then, &ends, inherit, &format!("{path}.chord.then"), steps)
+        }
+    }
+}
+
+fn group(
+    nodes: &[Node],
+    before: &[usize],
+    inherited: OnFailure,
+    path: &str,
+    steps: &mut Vec<PlannedStep>,
+) -> Result<(Vec<usize>, ResultShape), String> {
+    let mut ends = Vec::new();
+    let mut shapes = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let (e, s) = lay_out(n, before, inherited, &format!("{path}[{i}]"), steps)?;
+        ends.extend(e);
+        shapes.push(s);
+    }
+    Ok((ends, ResultShape::List(shapes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(i: usize, plan: &Plan) -> (&str, Vec<usize>, OnFailure) {
+        let s = &plan.steps[i];
+        (s.task.as_str(), s.waits_on.clone(), s.on_failure)
+    }
+
+    #[test]
+    fn a_chain_passes_each_end_on() {
+        let p = plan(r#"{"chain": [{"task": "a"}, {"task": "b"}, {"task": "c"}]}"#).unwrap();
+        assert_eq!(step(0, &p), ("a", vec![], OnFailure::Cancel));
+        assert_eq!(step(1, &p), ("b", vec![0], OnFailure::Cancel));
+        assert_eq!(step(2, &p), ("c", vec![1], OnFailure::Cancel));
+        assert_eq!(p.result, ResultShape::Step(2));
+        assert_eq!(p.dependents(), vec![vec![1], vec![2], vec![]]);
+    }
+
+    #[test]
+    fn a_chord_waits_for_every_member_and_nested_ends() {
+        let p = plan(
+            r#"{"chord": {"group": [{"task": "a"}, {"chain": [{"task": "b"}, {"task": "c"}]}],
+                "then": {"task": "d", "payload": {"x": 1}}}, "on_failure": "continue"}"#,
+        )
+        .unwrap();
+        assert_eq!(step(3, &p), ("d", vec![0, 2], OnFailure::Continue));
+        assert_eq!(p.steps[3].payload["x"], 1);
+        assert_eq!(p.steps[3].path, "flow.chord.then");
+        assert_eq!(p.result, ResultShape::Step(3));
+    }
+
+    #[test]
+    fn a_group_after_a_step_fans_out_and_its_result_is_a_list() {
+        let p = plan(
+            r#"{"chain": [{"task": "a"}, {"group": [{"task": "b"}, {"task": "c", "on_failure": "continue"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(step(1, &p), ("b", vec![0], OnFailure::Cancel));
+        assert_eq!(step(2, &p), ("c", vec![0], OnFailure::Continue));
+        assert_eq!(
+            p.result,
+            ResultShape::List(vec![ResultShape::Step(1), ResultShape::Step(2)])
+        );
+        let ids = vec!["x".to_string(), "y".to_string(), "z".to_string()];
+        assert_eq!(p.result.to_json(&ids), serde_json::json!(["y", "z"]));
+    }
+
+    #[test]
+    fn bad_definitions_name_the_node() {
+        for (text, expect) in [
+            ("[]", "flow: a node is an object"),
+            (r#"{"chain": []}"#, "flow.chain: an empty list"),
+            (
+                r#"{"group": [{"tsk": "a"}]}"#,
+                "flow.group[0]: a node needs one of",
+            ),
+            (r#"{"task": "a", "chain": []}"#, "not task and chain"),
+            (
+                r#"{"task": "a", "payload": 1, "retry": 3}"#,
+                "unknown field `retry`",
+            ),
+            (r#"{"chord": {"group": [{"task": "a"}]}}"#, "needs `then`"),
+            (
+                r#"{"task": "a", "on_failure": "ignore"}"#,
+                "`cancel` or `continue`",
+            ),
+            (r#"{"task": ""}"#, "flow.task:"),
+            ("{", "not valid JSON"),
+        ] {
+            let err = plan(text).unwrap_err();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_flow_is_bounded() {
+        let steps: Vec<String> = (0..=limits::MAX_FLOW_STEPS)
+            .map(|_| r#"{"task": "a"}"#.to_string())
+            .collect();
+        let err = plan(&format!(r#"{{"group": [{}]}}"#, steps.join(","))).unwrap_err();
+        assert!(err.contains("at most"), "{err}");
+    }
+}
