@@ -823,6 +823,7 @@ async fn a_fetch_error_on_one_queue_keeps_the_jobs_leased_from_another() {
         "holders:*",
         "schedules*",
         "schedule-runs",
+        "flow:*",
         "stats:*",
         "recent:*",
         "queues",

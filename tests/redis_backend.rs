@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::redis::RedisServer;
 use wasmq::backend::redis::{ChildEnqueuer, RedisBackend};
-use wasmq::backend::{Backend, BackendError, BackendResult, ChildJob, Claimant, StepState};
+use wasmq::backend::{
+    Backend, BackendError, BackendResult, ChildJob, Claimant, FlowRequest, StartedFlow, StepState,
+};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -285,6 +287,13 @@ impl ChildEnqueuer for RecordingEnqueuer {
         jobs.push((tenant.to_string(), child));
         Ok(format!("child-{}", jobs.len()))
     }
+
+    async fn start_flow(&self, _: &str, request: FlowRequest) -> BackendResult<StartedFlow> {
+        Ok(StartedFlow {
+            flow_id: format!("flow-of-{}", request.started_by),
+            job_ids: Vec::new(),
+        })
+    }
 }
 
 #[tokio::test]
@@ -311,6 +320,23 @@ async fn child_jobs_need_an_enqueuer() {
         "child-1"
     );
     assert_eq!(*e.0.lock().unwrap(), vec![("t".to_string(), child)]);
+
+    // Flows go the same way: nowhere without an enqueuer.
+    let request = FlowRequest {
+        definition: "{}".into(),
+        started_by: "j1".into(),
+        ordinal: 1,
+        traceparent: None,
+    };
+    let bare = backend(&server).await;
+    assert!(matches!(
+        bare.start_flow("t", request.clone()).await,
+        Err(BackendError::Unavailable(m)) if m.contains("broker")
+    ));
+    assert_eq!(
+        b.start_flow("t", request).await.unwrap().flow_id,
+        "flow-of-j1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

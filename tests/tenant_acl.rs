@@ -169,6 +169,23 @@ async fn a_producer_enqueues_and_reads_results_in_its_own_tenant() {
         .await
         .unwrap();
     let reloaded = producer.enqueue(request("a")).await.unwrap();
+    // A workflow: submitted as the producer, its waiting step visible.
+    let chain = json!({"chain": [{"task": "noop", "payload": {"n": 1}},
+        {"task": "noop", "payload": {"n": 2}}]});
+    let flow = producer
+        .start_flow("a", &chain.to_string(), None)
+        .await
+        .unwrap();
+    let waiting = producer
+        .status("a", &flow.job_ids[1])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(waiting.state, "waiting");
+    assert_eq!(
+        waiting.flow.unwrap().still_waiting_on,
+        vec![flow.job_ids[0].clone()]
+    );
 
     // A worker (admin credentials) runs the jobs; the producer waits for
     // the results (BLMOVE on done:ID) and reads them.
@@ -182,6 +199,14 @@ async fn a_producer_enqueues_and_reads_results_in_its_own_tenant() {
         let status = producer.status("a", id).await.unwrap().unwrap();
         assert_eq!(status.state, "succeeded");
     }
+    let done = producer
+        .flow_state("a", &flow.flow_id, Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(done, wasmq::broker::FlowState::Finished(Ok(_))),
+        "{done:?}"
+    );
     stop.send(()).unwrap();
     worker.await.unwrap();
 }

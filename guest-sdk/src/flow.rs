@@ -68,8 +68,9 @@ pub fn chord(members: impl IntoIterator<Item = Node>, then: Node) -> Node {
     Node(json!({"chord": {"group": members, "then": then.0}}))
 }
 
-/// A started workflow.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A started workflow (serializes as `{"flow_id", "job_ids"}`, so a
+/// task may return it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Started {
     /// The workflow's id.
     pub flow_id: String,

@@ -40,7 +40,9 @@ pub enum Category {
     /// retry the job gets.
     HostError,
     /// An operator cancelled the job (`wasmq cancel`): a queued or delayed
-    /// job never ran, a running one was stopped.
+    /// job never ran, a running one was stopped. Or the job was a step of
+    /// a workflow that waited for a step that failed (the message names
+    /// it).
     Cancelled,
 }
 

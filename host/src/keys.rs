@@ -157,6 +157,25 @@ impl Keys {
     pub fn schedule_runs(&self) -> String {
         self.key(&["schedule-runs"])
     }
+    /// HASH: a workflow: `steps`, `settled` (steps that ended), `result`
+    /// (the shape of its result, as JSON of job ids), `started_by`,
+    /// `created_at_ms`, `finished_at_ms`. Expires with its last step.
+    pub fn flow(&self, id: &str) -> String {
+        self.key(&["flow", id])
+    }
+    /// HASH: how each step of a workflow ended: job id → JSON `{task, ok:
+    /// RESULT}` or `{task, err: "CATEGORY: message"}`, written once.
+    pub fn flow_results(&self, id: &str) -> String {
+        self.key(&["flow", id, "results"])
+    }
+    /// SET: the steps a waiting job of a workflow still waits for.
+    pub fn flow_waits(&self, id: &str, job: &str) -> String {
+        self.key(&["flow", id, "waits", job])
+    }
+    /// LIST: pushed once when a workflow's last step ends, for `flow --wait`.
+    pub fn flow_done(&self, id: &str) -> String {
+        self.key(&["flow", id, "done"])
+    }
     /// STRING: a job's stored result (JSON), with a TTL.
     pub fn result(&self, id: &str) -> String {
         self.key(&["result", id])

@@ -1,7 +1,8 @@
 //! Redis ACL users that confine a producer to its own tenant (`wasmq tenant
 //! acl`). See docs/security.md for what they do and do not protect.
 //!
-//! A producer enqueues (the `ENQUEUE` script), reads results (`HMGET`,
+//! A producer enqueues (the `ENQUEUE` script, and `FLOW_SUBMIT` for a
+//! workflow), reads results (`HMGET`,
 //! `GET`, `BLMOVE` on `done:ID`) and reads status (`HGETALL`, `LRANGE`).
 //! The user gets exactly the commands those paths send, on exactly the key
 //! kinds they touch, all under the tenant's prefix:
@@ -9,7 +10,9 @@
 //! - read only: `task:*` (the enqueue looks up the task), `tenant` (its
 //!   quotas), `result:*`, `history:*`;
 //! - read and write: `job:*` (the enqueue, and the `notify` mark of
-//!   `result --wait`), `idem:*`, `idem-index`, `done:*`, and the `ready`,
+//!   `result --wait`), `flow:*` (a workflow's record, what its waiting
+//!   steps wait for, and `flow --wait`), `idem:*`, `idem-index`, `done:*`,
+//!   and the `ready`,
 //!   `delayed`, `signal` and `seq` keys of the queues of the tenant's
 //!   deployed tasks only (named one by one when the ACL is made: a producer
 //!   cannot put a job on a queue no task of its tenant is deployed to; a
@@ -43,8 +46,11 @@ pub const PRODUCER_USER_PREFIX: &str = "wasmq-producer-";
 
 /// Commands a producer's connection sends while being set up.
 const CONNECTION_COMMANDS: &[&str] = &["auth", "hello", "ping"];
-/// Commands `Broker::task`, `Broker::result` and `Broker::status` send.
-const READ_COMMANDS: &[&str] = &["hget", "hmget", "hgetall", "get", "lrange", "blmove"];
+/// Commands `Broker::task`, `Broker::result`, `Broker::status` and
+/// `Broker::flow_state` send.
+const READ_COMMANDS: &[&str] = &[
+    "hget", "hmget", "hgetall", "get", "lrange", "blmove", "smembers",
+];
 /// How the enqueue script is run: redis-rs sends `EVALSHA` and, on
 /// `NOSCRIPT`, `SCRIPT LOAD` then `EVALSHA`; producers in other languages
 /// send `EVAL` (docs/redis-layout.md).
@@ -63,6 +69,8 @@ const ENQUEUE_COMMANDS: &[&str] = &[
     "exists",
     "zremrangebyscore",
     "zcard",
+    // `FLOW_SUBMIT`: the set of what a waiting step waits for.
+    "sadd",
 ];
 /// The by-hand enqueue (MULTI/EXEC, docs/redis-layout.md) for producers
 /// that do not run scripts; the queued commands are checked one by one.
@@ -106,6 +114,7 @@ impl ProducerAcl {
         ];
         let mut write_keys = vec![
             keys.job("*"),
+            keys.flow("*"),
             keys.idempotency_pattern(),
             keys.idempotency_index(),
             keys.done("*"),

@@ -62,6 +62,9 @@ pub struct JobStatus {
     /// wait, lease-expired, released, dead-retry, succeeded, dead (the last
     /// 100 recorded ones).
     pub history: Vec<serde_json::Value>,
+    /// Its place in a workflow, if it is a step of one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow: Option<super::FlowMembership>,
 }
 
 /// What `wasmq tenant usage` shows: the tenant's summed usage (`runs`,
@@ -271,6 +274,10 @@ impl Broker {
             .collect();
         let history = full_history(&state, &fields, recorded);
         let due_at_ms = num("due_at_ms").filter(|_| state == "scheduled");
+        let flow = match fields.contains_key("flow") {
+            true => self.flow_membership(tenant, id).await?,
+            false => None,
+        };
         Ok(Some(JobStatus {
             id: id.to_string(),
             state,
@@ -290,6 +297,7 @@ impl Broker {
             finished_at_ms: num("finished_at_ms"),
             log: fields.get("log").cloned(),
             history,
+            flow,
         }))
     }
 

@@ -59,6 +59,21 @@ pub struct Envelope {
     /// and older workers ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Set on a step of a workflow: its flow and the steps it waits for
+    /// (whose results its run receives). Written only when set, like
+    /// `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<FlowRef>,
+}
+
+/// A job's place in a workflow, as its envelope records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRef {
+    /// The flow's id.
+    pub id: String,
+    /// The steps (job ids) this one waits for, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waits_on: Vec<String>,
 }
 
 impl Envelope {

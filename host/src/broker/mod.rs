@@ -31,6 +31,7 @@ use redis::aio::ConnectionManager;
 pub use admin::{JobStatus, TenantUsage};
 pub use consumer::{Completion, FetchReply, Fetched, LeaseTerms, Outcome, Recorded};
 pub use control::{Cancelled, ControlMessage, PoolBeat, WorkerBeat};
+pub use flows::{FlowMembership, FlowState};
 pub use inspect::{JobQuery, JobState, JobSummary, Paused, QueueView, RunTimes};
 pub use producer::{EnqueueRequest, Enqueued, ResultState};
 pub use registry::DeployedTask;

@@ -212,6 +212,7 @@ impl Broker {
             store_result: req.store_result,
             max_attempts: req.max_attempts,
             traceparent,
+            flow: None,
         };
         let text = serde_json::to_string(&envelope)?;
         let payload = serde_json::to_string(&envelope.payload)?;
@@ -324,6 +325,7 @@ impl Broker {
                     store_result: None,
                     max_attempts: None,
                     traceparent: None,
+                    flow: None,
                 };
                 pipe.cmd("EVALSHA")
                     .arg(scripts::ENQUEUE.get_hash())

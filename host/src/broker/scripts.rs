@@ -167,9 +167,121 @@ end
     )
 }
 
+/// Lua shared by the scripts that end jobs (see `broker::flows`):
+/// `flow_settle(prefix, id, flow, task, ok, text, now, retention)` records
+/// how a step of a workflow ended (`flow` is its job's `flow` field; `ok`
+/// with its JSON result as `text`, else the failure) and moves on what
+/// waits on it: a dependent whose last dependency this was goes on its
+/// queue; a dependent of a failed step whose `on_failure` is not
+/// `continue` ends `cancelled`, naming the step, and the same applies to
+/// what waits on it in turn. A step settles once (its entry in the
+/// results hash is written with HSETNX), so a second delivery's outcome,
+/// or an operator's cancel after the end, moves nothing on again.
+fn flow_lua() -> String {
+    format!(
+        r#"
+local PRIORITY_BAND_FLOW = {PRIORITY_BAND}
+local function flow_release(prefix, dep, job_key, fl, now)
+  local q = prefix .. 'queue:' .. fl.queue .. ':'
+  local score = (9 - (tonumber(fl.priority) or 0)) * PRIORITY_BAND_FLOW + redis.call('INCR', q .. 'seq')
+  local score_text = string.format('%.0f', score)
+  local _, now_us = clock()
+  redis.call('HSET', job_key, 'state', 'queued', 'score', score_text, 'enqueued_at_ms',
+    string.format('%d', now), 'enqueued_at_us', now_us)
+  redis.call('ZADD', q .. 'ready', score, dep)
+  redis.call('LPUSH', q .. 'signal', '1')
+  redis.call('LTRIM', q .. 'signal', 0, 63)
+end
+local function flow_cancel(prefix, dep, job_key, fl, task, reason, now, retention)
+  local err = cjson.encode({{category = 'cancelled', message = reason}})
+  local _, now_us = clock()
+  redis.call('HSET', job_key, 'state', 'cancelled', 'last_error', err,
+    'finished_at_ms', string.format('%d', now), 'finished_at_us', now_us, 'cancelled_by', 'flow')
+  history(job_key, prefix .. 'history:' .. dep, now, 'cancelled', reason)
+  redis.call('PEXPIRE', job_key, retention)
+  redis.call('PEXPIRE', prefix .. 'history:' .. dep, retention)
+  wake(prefix, dep, redis.call('HGET', job_key, 'notify'), 'cancelled', retention)
+  redis.call('LPUSH', prefix .. 'recent:cancelled', dep)
+  redis.call('LTRIM', prefix .. 'recent:cancelled', 0, FINISHED_INDEX_KEPT - 1)
+  local tallies = {{}}
+  tally(tallies, fl.queue or '', task, 'cancelled')
+  flush_tallies(prefix, now, tallies)
+end
+local function flow_settle(prefix, id, flow, task, ok, text, now, retention)
+  local work = {{{{id, flow, task, ok, text}}}}
+  local i = 1
+  while i <= #work do
+    local w = work[i]
+    i = i + 1
+    local decoded, fl = pcall(cjson.decode, w[2] or '')
+    if decoded and type(fl) == 'table' and type(fl.id) == 'string' then
+      local fk = prefix .. 'flow:' .. fl.id
+      local entry
+      if w[4] then
+        entry = '{{"task":' .. cjson.encode(w[3]) .. ',"ok":' .. w[5] .. '}}'
+      else
+        entry = cjson.encode({{task = w[3], err = w[5]}})
+      end
+      if redis.call('HSETNX', fk .. ':results', w[1], entry) == 1 then
+        local goes_on = w[4] or fl.continue == true
+        for _, dep in ipairs(fl.dependents or {{}}) do
+          local job_key = prefix .. 'job:' .. dep
+          local waits = fk .. ':waits:' .. dep
+          local d = redis.call('HMGET', job_key, 'state', 'flow', 'envelope')
+          local ok_dep, dfl = pcall(cjson.decode, d[2] or '')
+          if not ok_dep or type(dfl) ~= 'table' then dfl = {{}} end
+          if goes_on then
+            if redis.call('SREM', waits, w[1]) == 1 and redis.call('SCARD', waits) == 0
+              and d[1] == 'waiting' then
+              flow_release(prefix, dep, job_key, dfl, now)
+            end
+          elseif d[1] == 'waiting' then
+            redis.call('DEL', waits)
+            local dep_task = task_of(d[3])
+            local reason = 'it waited for step ' .. w[1] .. ' (' .. w[3] .. '), which ended ' .. w[5]
+            flow_cancel(prefix, dep, job_key, dfl, dep_task, reason, now, retention)
+            work[#work + 1] = {{dep, d[2], dep_task, false, 'cancelled: ' .. reason}}
+          end
+        end
+        local settled = redis.call('HINCRBY', fk, 'settled', 1)
+        if settled >= (tonumber(redis.call('HGET', fk, 'steps')) or 0) then
+          redis.call('HSET', fk, 'finished_at_ms', string.format('%d', now))
+          redis.call('PEXPIRE', fk, retention)
+          redis.call('PEXPIRE', fk .. ':results', retention)
+          redis.call('RPUSH', fk .. ':done', '1')
+          redis.call('PEXPIRE', fk .. ':done', retention)
+        end
+      end
+    end
+  end
+end
+-- A waiting step that ends some other way (cancelled) waits no more.
+local function flow_forget_waits(prefix, id, flow)
+  local decoded, fl = pcall(cjson.decode, flow or '')
+  if decoded and type(fl) == 'table' and type(fl.id) == 'string' then
+    redis.call('DEL', prefix .. 'flow:' .. fl.id .. ':waits:' .. id)
+  end
+end
+-- How a dead job's error field reads in a dependent's context.
+local function failure_text(err)
+  local decoded, e = pcall(cjson.decode, err or '')
+  if decoded and type(e) == 'table' and e.category then
+    return tostring(e.category) .. ': ' .. tostring(e.message or '')
+  end
+  return tostring(err)
+end
+"#
+    )
+}
+
 /// A script whose source is [`CLOCK_LUA`], [`shared_lua`], then `body`.
 fn with_shared(body: &str) -> Script {
-    Script::new(&format!("{CLOCK_LUA}{}{}{body}", shared_lua(), gate_lua()))
+    Script::new(&format!(
+        "{CLOCK_LUA}{}{}{}{body}",
+        shared_lua(),
+        gate_lua(),
+        flow_lua()
+    ))
 }
 
 /// [`with_clock`], with `PRIORITY_BAND` defined (the ready-queue scores
@@ -377,7 +489,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
   local f = redis.call('HMGET', job(id), 'score', 'lost', 'started_at_ms', 'attempt',
-    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope', 'state', 'gate')
+    'worker', 'notify', 'max_deliveries', 'lost_workers', 'envelope', 'state', 'gate', 'flow')
   if f[11] then
     local _, _, key_lane = gate_of(f[11])
     if key_lane and key_lane ~= '' then
@@ -412,6 +524,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       history(job(id), h, now, 'dead', err)
       release_idempotency(job(id), id, KEYS[6])
       wake(prefix, id, f[6], 'dead', ARGV[7])
+      if f[12] then flow_settle(prefix, id, f[12], task, false, failure_text(err), now, ARGV[7]) end
     else
       redis.call('ZADD', KEYS[1], f[1], id)
       redis.call('HSET', job(id), 'state', 'queued', 'lease', '', 'lost', lost, 'lost_workers', named)
@@ -758,7 +871,7 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
   local h = prefix .. 'history:' .. id
   local q = prefix .. 'queue:' .. queue .. ':'
   local f = redis.call('HMGET', job, 'lease', 'notify', 'capped', 'has_history',
-    'started_at_ms', 'attempt', 'worker', 'has_log', 'gate')
+    'started_at_ms', 'attempt', 'worker', 'has_log', 'gate', 'flow')
   if f[1] ~= token or token == '' then
     if token ~= '' and redis.call('HGET', job, 'recorded') == token then
       out[#out + 1] = 'recorded'
@@ -853,6 +966,11 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
         redis.call('PEXPIRE', idem, idem_ttl)
         redis.call('ZADD', KEYS[3], now + tonumber(idem_ttl), idem)
       end
+      -- A step of a workflow hands its result on to what waits on it.
+      if f[10] then
+        if result == '' then result = 'null' end
+        flow_settle(prefix, id, f[10], task, true, result, now, retention)
+      end
     else
       redis.call('HSET', job, 'state', 'dead', 'last_error', err, 'usage', usage,
         'finished_at_ms', now_ms, 'finished_at_us', now_us, 'lease', '', 'recorded', token,
@@ -864,6 +982,7 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
       history(job, h, now, 'dead', err)
       -- A failed job does not hold its idempotency key: a new enqueue may run.
       release_idempotency(job, id, KEYS[3])
+      if f[10] then flow_settle(prefix, id, f[10], task, false, failure_text(err), now, retention) end
     end
     if outcome == 'succeeded' or outcome == 'dead' then wake(prefix, id, f[2], outcome, retention) end
     out[#out + 1] = 'ok'
@@ -990,10 +1109,10 @@ pub static CANCEL: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local prefix, id, who, retention = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local f = redis.call('HMGET', KEYS[1], 'state', 'envelope', 'queue', 'worker', 'lease', 'notify',
-  'started_at_ms', 'attempt', 'gate')
+  'started_at_ms', 'attempt', 'gate', 'flow')
 if not f[1] then return {} end
 local state = f[1]
-if state ~= 'queued' and state ~= 'scheduled' and state ~= 'active' then
+if state ~= 'queued' and state ~= 'scheduled' and state ~= 'active' and state ~= 'waiting' then
   return {'finished', state}
 end
 local ok, envelope = pcall(cjson.decode, f[2] or '')
@@ -1049,6 +1168,12 @@ redis.call('LTRIM', KEYS[5], 0, FINISHED_INDEX_KEPT - 1)
 local tallies = {}
 tally(tallies, queue, task, 'cancelled')
 flush_tallies(prefix, now, tallies)
+-- A step of a workflow: what waits on it is cancelled in turn (or goes on,
+-- as its flow says); a waiting step stops waiting.
+if f[10] then
+  flow_forget_waits(prefix, id, f[10])
+  flow_settle(prefix, id, f[10], task, false, 'cancelled: ' .. reason, now, retention)
+end
 return {'cancelled', state, f[4] or '', f[5] or ''}
 "#,
     )
@@ -1208,4 +1333,66 @@ end
 return 1
 "#,
     )
+});
+
+/// Fields per step in [`FLOW_SUBMIT`]'s ARGV.
+pub const FLOW_STEP_FIELDS: usize = 8;
+
+/// Submit a workflow, all its steps in one step.
+/// KEYS: the flow's hash.
+/// ARGV: prefix, flow id, result shape (JSON of job ids), who started it,
+/// then per step [`FLOW_STEP_FIELDS`] fields: job id, queue, envelope,
+/// priority, max_deliveries ('' = the default), gate ('' for none), the
+/// job's `flow` field (JSON: flow id, queue, priority, dependents,
+/// continue) and the ids of the steps it waits for, space-separated.
+///
+/// A step that waits for nothing goes on its queue as an enqueue would;
+/// the others are `waiting`, outside every queue, with the set of what they
+/// wait for in `flow:FID:waits:ID` (see `flow_settle`). Returns 'new', or
+/// 'existing' when the flow was submitted before (a guest's start run
+/// again): nothing is written then.
+pub static FLOW_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
+    with_priority_band(&format!(
+        r#"
+local FIELDS = {FLOW_STEP_FIELDS}
+local prefix, flow_id = ARGV[1], ARGV[2]
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'existing' end
+local now, now_us = clock()
+local now_ms = string.format('%d', now)
+local steps = (#ARGV - 4) / FIELDS
+redis.call('HSET', KEYS[1], 'steps', steps, 'settled', 0, 'result', ARGV[3], 'started_by', ARGV[4],
+  'created_at_ms', now_ms)
+local signalled = {{}}
+for i = 5, #ARGV, FIELDS do
+  local id, queue, envelope, priority = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local max_deliveries, gate, flow, waits = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local job = prefix .. 'job:' .. id
+  local fields = {{'envelope', envelope, 'attempts', 0, 'deliveries', 0, 'flow', flow,
+    'enqueued_at_ms', now_ms, 'enqueued_at_us', now_us}}
+  if max_deliveries ~= '' then fields[#fields + 1] = 'max_deliveries'; fields[#fields + 1] = max_deliveries end
+  if gate ~= '' then fields[#fields + 1] = 'gate'; fields[#fields + 1] = gate end
+  if waits == '' then
+    local q = prefix .. 'queue:' .. queue .. ':'
+    local score = (9 - priority) * PRIORITY_BAND + redis.call('INCR', q .. 'seq')
+    fields[#fields + 1] = 'state'; fields[#fields + 1] = 'queued'
+    fields[#fields + 1] = 'score'; fields[#fields + 1] = string.format('%.0f', score)
+    redis.call('HSET', job, unpack(fields))
+    redis.call('ZADD', q .. 'ready', score, id)
+    signalled[queue] = true
+  else
+    fields[#fields + 1] = 'state'; fields[#fields + 1] = 'waiting'
+    redis.call('HSET', job, unpack(fields))
+    local on = {{}}
+    for dep in string.gmatch(waits, '[^ ]+') do on[#on + 1] = dep end
+    redis.call('SADD', prefix .. 'flow:' .. flow_id .. ':waits:' .. id, unpack(on))
+  end
+end
+for queue in pairs(signalled) do
+  local signal = prefix .. 'queue:' .. queue .. ':signal'
+  redis.call('LPUSH', signal, '1')
+  redis.call('LTRIM', signal, 0, 63)
+end
+return 'new'
+"#
+    ))
 });

@@ -77,7 +77,7 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
             .with_compile_settings(compile),
     );
     let hash = content_hash(&bytes);
-    sandbox
+    let prepared = sandbox
         .prepare_once(&hash, std::future::ready(Ok(bytes.clone())))
         .await?;
     let queues_before: Vec<String> = broker
@@ -92,7 +92,8 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
         .map_err(into_cli)?;
     println!(
         "{}",
-        serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue})
+        serde_json::json!({"name": task.name, "version": task.hash, "queue": task.policy.queue,
+            "world": format!("wasmq:task@{}", prepared.world_version())})
     );
     if !queues_before.contains(&task.policy.queue) && producer_acl_exists(&broker, tenant).await {
         super::format::notice(&format!(

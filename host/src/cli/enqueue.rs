@@ -215,6 +215,27 @@ fn describe(s: &JobStatus) -> String {
             n("denied")
         );
     }
+    if let Some(flow) = &s.flow {
+        let list = |ids: &[String]| match ids {
+            [] => "-".to_string(),
+            ids => ids.join(", "),
+        };
+        let _ = writeln!(
+            out,
+            "flow       {} ({} of {} steps ended{})",
+            flow.flow_id,
+            flow.settled,
+            flow.steps,
+            flow.started_by
+                .as_deref()
+                .map_or(String::new(), |p| format!("; started by job {p}"))
+        );
+        let _ = writeln!(out, "waits for  {}", list(&flow.waits_on));
+        if s.state == "waiting" {
+            let _ = writeln!(out, "still for  {}", list(&flow.still_waiting_on));
+        }
+        let _ = writeln!(out, "then       {}", list(&flow.dependents));
+    }
     for denial in &s.denials {
         let _ = writeln!(out, "denied     {denial}");
     }

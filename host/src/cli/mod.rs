@@ -10,6 +10,7 @@ mod bench_redis;
 mod dead;
 mod deploy;
 mod enqueue;
+mod flow;
 mod format;
 mod operate;
 mod run;
@@ -72,6 +73,9 @@ pub enum Command {
     Enqueue(enqueue::EnqueueArgs),
     /// A job's stored result, or where it stands.
     Result(enqueue::ResultArgs),
+    /// Start a workflow (chain, group, chord) from a JSON file; prints its
+    /// id and its jobs (with --wait, its result).
+    Flow(flow::FlowArgs),
     /// A job's state, attempts, errors, timings and usage.
     Status {
         /// Job id.
@@ -162,6 +166,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Deploy(args) => deploy::deploy(&cli.redis, &cli.tenant, args).await,
         Command::Tasks => deploy::tasks(&cli.redis, &cli.tenant).await,
         Command::Enqueue(args) => enqueue::enqueue(&cli.redis, &cli.tenant, args).await,
+        Command::Flow(args) => flow::flow(&cli.redis, &cli.tenant, args).await,
         Command::Result(args) => enqueue::result(&cli.redis, &cli.tenant, args).await,
         Command::Status { id, json } => enqueue::status(&cli.redis, &cli.tenant, &id, json).await,
         Command::Worker(args) => worker::worker(&cli.redis, &cli.tenant, args).await,

@@ -56,6 +56,103 @@ pub enum Node {
     },
 }
 
+/// Building a definition in Rust (the same tree a FLOW.json file holds):
+///
+/// ```
+/// use serde_json::json;
+/// use wasmq::flow::Node;
+///
+/// let pages = ["a", "b"].map(|url| Node::step("scrape", json!({ "url": url })));
+/// let flow = Node::chord(pages, Node::step("summarize", json!({})));
+/// assert!(wasmq::flow::plan_node(&flow).is_ok());
+/// // then: broker.start_flow_node("acme", &flow, None).await?
+/// ```
+impl Node {
+    /// One job of `task` with `payload`.
+    pub fn step(task: &str, payload: Value) -> Node {
+        Node::Step {
+            task: task.to_string(),
+            payload,
+            on_failure: None,
+        }
+    }
+
+    /// Nodes one after another.
+    pub fn chain(nodes: impl IntoIterator<Item = Node>) -> Node {
+        Node::Chain {
+            nodes: nodes.into_iter().collect(),
+            on_failure: None,
+        }
+    }
+
+    /// Nodes side by side.
+    pub fn group(nodes: impl IntoIterator<Item = Node>) -> Node {
+        Node::Group {
+            nodes: nodes.into_iter().collect(),
+            on_failure: None,
+        }
+    }
+
+    /// A group, then `then`, which receives every member's result.
+    pub fn chord(group: impl IntoIterator<Item = Node>, then: Node) -> Node {
+        Node::Chord {
+            group: group.into_iter().collect(),
+            then: Box::new(then),
+            on_failure: None,
+        }
+    }
+
+    /// The same node, with what a failure inside it does to what waits.
+    pub fn on_failure(mut self, choice: OnFailure) -> Node {
+        match &mut self {
+            Node::Step { on_failure, .. }
+            | Node::Chain { on_failure, .. }
+            | Node::Group { on_failure, .. }
+            | Node::Chord { on_failure, .. } => *on_failure = Some(choice),
+        }
+        self
+    }
+
+    /// The definition as JSON (what [`parse`] reads back).
+    pub fn to_json(&self) -> Value {
+        let (mut node, on_failure) = match self {
+            Node::Step {
+                task,
+                payload,
+                on_failure,
+            } => (
+                serde_json::json!({"task": task, "payload": payload}),
+                on_failure,
+            ),
+            Node::Chain { nodes, on_failure } => (
+                serde_json::json!({"chain": nodes.iter().map(Node::to_json).collect::<Vec<_>>()}),
+                on_failure,
+            ),
+            Node::Group { nodes, on_failure } => (
+                serde_json::json!({"group": nodes.iter().map(Node::to_json).collect::<Vec<_>>()}),
+                on_failure,
+            ),
+            Node::Chord {
+                group,
+                then,
+                on_failure,
+            } => (
+                serde_json::json!({"chord": {
+                    "group": group.iter().map(Node::to_json).collect::<Vec<_>>(),
+                    "then": then.to_json(),
+                }}),
+                on_failure,
+            ),
+        };
+        match on_failure {
+            Some(OnFailure::Continue) => node["on_failure"] = "continue".into(),
+            Some(OnFailure::Cancel) => node["on_failure"] = "cancel".into(),
+            None => {}
+        }
+        node
+    }
+}
+
 /// One job of a planned flow.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedStep {
@@ -423,6 +520,20 @@ mod tests {
             let err = plan(text).unwrap_err();
             assert!(err.contains(expect), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn built_nodes_round_trip_through_json() {
+        let node = Node::chain([
+            Node::step("a", serde_json::json!({"n": 1})),
+            Node::chord(
+                [Node::step("b", Value::Null), Node::step("c", Value::Null)],
+                Node::step("d", Value::Null).on_failure(OnFailure::Continue),
+            ),
+        ])
+        .on_failure(OnFailure::Cancel);
+        assert_eq!(parse(&node.to_json(), "flow").unwrap(), node);
+        assert_eq!(plan_node(&node).unwrap().steps.len(), 4);
     }
 
     #[test]

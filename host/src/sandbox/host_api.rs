@@ -400,6 +400,17 @@ impl flow::Host for HostState {
             self.denials.record(what.clone());
             return Err(HostError::Denied(what));
         }
+        // A flow's steps are child jobs: they count against the same cap.
+        let steps = crate::flow::plan(&definition).map_err(invalid)?.steps.len() as u32;
+        if self.children_enqueued.saturating_add(steps) > limits::MAX_CHILDREN_PER_JOB {
+            let what = format!(
+                "enqueueing more than {} child jobs (flow steps included) from one job",
+                limits::MAX_CHILDREN_PER_JOB
+            );
+            self.denials.record(what.clone());
+            return Err(HostError::Denied(what));
+        }
+        self.children_enqueued += steps;
         self.flows_started += 1;
         let request = FlowRequest {
             definition,

@@ -369,6 +369,17 @@ pub fn jobs(
     )
 }
 
+/// Links to jobs of tenant `t` (encoded), `-` for none.
+fn job_links(t: &str, ids: &[String]) -> Markup {
+    html! {
+        @if ids.is_empty() { "-" }
+        @for (i, id) in ids.iter().enumerate() {
+            @if i > 0 { ", " }
+            a.mono href=(format!("/t/{t}/jobs/{}", enc(id))) { (id) }
+        }
+    }
+}
+
 /// One job: state, buttons, payload, result, usage, history.
 pub fn job(
     frame: &Frame,
@@ -378,7 +389,10 @@ pub fn job(
 ) -> Markup {
     let t = enc(frame.tenant);
     let base = format!("/t/{t}/jobs/{}", enc(&status.id));
-    let cancellable = matches!(status.state.as_str(), "queued" | "scheduled" | "active");
+    let cancellable = matches!(
+        status.state.as_str(),
+        "queued" | "scheduled" | "active" | "waiting"
+    );
     layout(
         frame,
         html! {
@@ -408,6 +422,13 @@ pub fn job(
                     @if let Some(e) = &status.last_error { tr { th { "last error" } td.error { (error_line(e)) } } }
                     @if let Some(k) = envelope.and_then(|e| e.idempotency_key.as_deref()) { tr { th { "idempotency key" } td { (k) } } }
                     @for d in &status.denials { tr { th { "denied" } td { (d) } } }
+                    @if let Some(f) = &status.flow {
+                        tr { th { "flow" } td.mono #job-flow { (f.flow_id) " (" (f.settled) " of " (f.steps) " steps ended)" } }
+                        @if let Some(p) = &f.started_by { tr { th { "started by" } td { (job_links(&t, std::slice::from_ref(p))) } } }
+                        tr { th { "waits for" } td #job-waits { (job_links(&t, &f.waits_on)) } }
+                        @if status.state == "waiting" { tr { th { "still waits for" } td { (job_links(&t, &f.still_waiting_on)) } } }
+                        tr { th { "then" } td { (job_links(&t, &f.dependents)) } }
+                    }
                 }
             }
             h2 { "Payload" }

@@ -23,14 +23,14 @@ use redis::aio::ConnectionManager;
 use tracing::Instrument;
 
 use crate::backend::redis::{ChildEnqueuer, RedisBackend};
-use crate::broker::envelope::Envelope;
+use crate::broker::envelope::{Envelope, FlowRef};
 use crate::broker::{Broker, Completion, DeployedTask, Fetched, Outcome};
 use crate::failure::{Category, Failure};
 use crate::fence::LeaseWatch;
 use crate::gates::{DEFAULT_RATE_LIMITED_HOLD, RATE_LIMITED_KIND};
 use crate::limits::{MAX_DELAY, MAX_STORED_LOG_BYTES};
 use crate::retry::{decide, Decision};
-use crate::sandbox::{ComputeThreads, JobInput, JobOutcome, Verdict};
+use crate::sandbox::{ComputeThreads, DependencyInput, FlowInput, JobInput, JobOutcome, Verdict};
 use crate::tenants::Tenant;
 use crate::trace_context::TraceParent;
 use crate::usage::Usage;
@@ -242,6 +242,13 @@ impl Processor {
             Err(f) if f.category == Category::InvalidComponent => return dead(f),
             Err(f) => return not_run(self.host_retries.outcome(job, f.message)),
         };
+        let flow = match &envelope.flow {
+            Some(flow) => match self.flow_input(job, flow).await {
+                Ok(input) => Some(input),
+                Err(e) => return not_run(self.host_retries.outcome(job, e)),
+            },
+            None => None,
+        };
         let payload = envelope.payload.to_string();
         // The tenant's current cap bounds a task deployed before it.
         let max_payload = record
@@ -288,7 +295,7 @@ impl Processor {
             lease,
             max_value_ttl: record.as_ref().and_then(|r| r.limits.max_value_ttl),
             traceparent: traceparent.map(|t| t.to_string()),
-            flow: None,
+            flow,
         };
         let backend = match self.backend(&job.tenant, record.as_deref()).await {
             Ok(backend) => backend,
@@ -398,6 +405,28 @@ impl Processor {
             },
             Decision::Dead(failure) => Outcome::Dead(failure),
         }
+    }
+
+    /// A workflow step's place in its flow, with the results of the steps
+    /// it waited for (read when it starts: they were all written before
+    /// it was released).
+    async fn flow_input(&self, job: &Fetched, flow: &FlowRef) -> Result<FlowInput, String> {
+        let dependencies = self
+            .broker
+            .flow_dependencies(&job.tenant, &flow.id, &flow.waits_on)
+            .await
+            .map_err(|e| format!("reading the results its flow step waited for failed: {e:#}"))?;
+        Ok(FlowInput {
+            flow_id: flow.id.clone(),
+            dependencies: dependencies
+                .into_iter()
+                .map(|(job_id, task, outcome)| DependencyInput {
+                    job_id,
+                    task,
+                    outcome,
+                })
+                .collect(),
+        })
     }
 
     /// The backend a job of `tenant` makes its host calls through.
