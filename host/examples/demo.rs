@@ -17,7 +17,7 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use serde_json::json;
-use wasmq::broker::{Broker, EnqueueRequest, ResultState};
+use wasmq::broker::{Broker, EnqueueRequest, FlowState, ResultState};
 use wasmq::launcher::{self, LaunchConfig};
 use wasmq::policy::TaskPolicy;
 use wasmq::pools::{PoolKind, PoolSpec};
@@ -169,6 +169,31 @@ async fn main() -> anyhow::Result<()> {
             other => {
                 failed += 1;
                 println!("??     {task:<10} {other:?}");
+            }
+        }
+    }
+    // The seed's scrape, fanned out from inside the task: one job per page
+    // and a summary step that receives every page's result (a chord).
+    let pages: Vec<String> = ["/home", "/about", "/blog"]
+        .iter()
+        .map(|p| format!("http://{site}{p}"))
+        .collect();
+    let request = EnqueueRequest {
+        tenant: tenant.into(),
+        task: "scrape".into(),
+        payload: json!({ "pages": pages }),
+        store_result: Some(true),
+        ..EnqueueRequest::default()
+    };
+    let fan_out = broker.enqueue(request).await?;
+    let wait = Some(Duration::from_secs(30));
+    if let ResultState::Ready(started) = broker.result(tenant, &fan_out.id, wait).await? {
+        let flow = started["flow_id"].as_str().unwrap_or_default();
+        match broker.flow_state(tenant, flow, wait).await? {
+            FlowState::Finished(Ok(summary)) => println!("ok     flow       {summary}"),
+            other => {
+                failed += 1;
+                println!("failed flow       {other:?}");
             }
         }
     }
