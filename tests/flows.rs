@@ -398,6 +398,14 @@ async fn a_guest_fans_out_over_pages_with_scrape() {
     let membership = status.flow.unwrap();
     assert_eq!(membership.started_by.as_deref(), Some(id.as_str()));
     assert_eq!(membership.waits_on.len(), 5);
+    // And the job that fanned out names the flow it started.
+    let parent = broker.status(TENANT, &id).await.unwrap().unwrap();
+    assert_eq!(parent.flows_started, vec![flow.clone()]);
+    let printed = text(&wasmq(&redis.url, TENANT, &["status", &id]).stdout);
+    assert!(
+        printed.contains(&format!("started    flow {flow}")),
+        "{printed}"
+    );
     stop.send(()).unwrap();
     worker.await.unwrap();
 

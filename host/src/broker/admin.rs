@@ -65,6 +65,9 @@ pub struct JobStatus {
     /// Its place in a workflow, if it is a step of one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow: Option<super::FlowMembership>,
+    /// The workflows it started (from inside the task), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flows_started: Vec<String>,
 }
 
 /// What `wasmq tenant usage` shows: the tenant's summed usage (`runs`,
@@ -298,6 +301,7 @@ impl Broker {
             log: fields.get("log").cloned(),
             history,
             flow,
+            flows_started: Broker::flows_started_by(tenant, id, num("flows").unwrap_or(0) as u32),
         }))
     }
 

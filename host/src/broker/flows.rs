@@ -153,7 +153,12 @@ impl Broker {
             .collect();
         let dependents = plan.dependents();
         let keys = Keys::new(tenant);
+        let starter = match started_by {
+            "" => String::new(),
+            job => keys.job(job),
+        };
         let mut call = scripts::FLOW_SUBMIT.key(keys.flow(flow_id));
+        call.key(starter);
         call.arg(keys.prefix())
             .arg(flow_id)
             .arg(plan.result.to_json(&ids).to_string())
@@ -322,6 +327,14 @@ impl Broker {
                 ),
             })
             .collect())
+    }
+
+    /// The flows job `id` started (`flows` of its record: their ids follow
+    /// from the job and the order it started them in).
+    pub fn flows_started_by(tenant: &str, id: &str, count: u32) -> Vec<String> {
+        (1..=count)
+            .map(|n| flow_id_for_job(tenant, id, n))
+            .collect()
     }
 
     /// Job `id`'s place in its flow, if it is a step of one.

@@ -1339,7 +1339,8 @@ return 1
 pub const FLOW_STEP_FIELDS: usize = 8;
 
 /// Submit a workflow, all its steps in one step.
-/// KEYS: the flow's hash.
+/// KEYS: the flow's hash, and the job that starts it ('' for none: that
+/// job's `flows` field counts the flows it started, for `wasmq status`).
 /// ARGV: prefix, flow id, result shape (JSON of job ids), who started it,
 /// then per step [`FLOW_STEP_FIELDS`] fields: job id, queue, envelope,
 /// priority, max_deliveries ('' = the default), gate ('' for none), the
@@ -1362,6 +1363,7 @@ local now_ms = string.format('%d', now)
 local steps = (#ARGV - 4) / FIELDS
 redis.call('HSET', KEYS[1], 'steps', steps, 'settled', 0, 'result', ARGV[3], 'started_by', ARGV[4],
   'created_at_ms', now_ms)
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'flows', 1) end
 local signalled = {{}}
 for i = 5, #ARGV, FIELDS do
   local id, queue, envelope, priority = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])

@@ -236,6 +236,9 @@ fn describe(s: &JobStatus) -> String {
         }
         let _ = writeln!(out, "then       {}", list(&flow.dependents));
     }
+    for flow in &s.flows_started {
+        let _ = writeln!(out, "started    flow {flow}");
+    }
     for denial in &s.denials {
         let _ = writeln!(out, "denied     {denial}");
     }

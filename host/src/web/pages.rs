@@ -422,6 +422,7 @@ pub fn job(
                     @if let Some(e) = &status.last_error { tr { th { "last error" } td.error { (error_line(e)) } } }
                     @if let Some(k) = envelope.and_then(|e| e.idempotency_key.as_deref()) { tr { th { "idempotency key" } td { (k) } } }
                     @for d in &status.denials { tr { th { "denied" } td { (d) } } }
+                    @for f in &status.flows_started { tr { th { "started flow" } td.mono { (f) } } }
                     @if let Some(f) = &status.flow {
                         tr { th { "flow" } td.mono #job-flow { (f.flow_id) " (" (f.settled) " of " (f.steps) " steps ended)" } }
                         @if let Some(p) = &f.started_by { tr { th { "started by" } td { (job_links(&t, std::slice::from_ref(p))) } } }
