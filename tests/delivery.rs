@@ -824,6 +824,7 @@ async fn a_fetch_error_on_one_queue_keeps_the_jobs_leased_from_another() {
         "schedules*",
         "schedule-runs",
         "flow:*",
+        "flows-waiting",
         "stats:*",
         "recent:*",
         "queues",

@@ -334,6 +334,12 @@ async fn cancelling_a_waiting_step_cancels_what_waits_on_it() {
         page.body.contains("Cancel job"),
         "a waiting step can be cancelled"
     );
+    let listed = text(&wasmq(&redis.url, TENANT, &["jobs", "--state", "waiting"]).stdout);
+    assert!(
+        listed.contains(middle.as_str()) && listed.contains(started.job_ids[2].as_str()),
+        "{listed}"
+    );
+    assert!(!listed.contains(started.job_ids[0].as_str()), "{listed}");
     let out = wasmq(&redis.url, TENANT, &["cancel", middle]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (stop, worker) = start_in_process(&broker, TENANT, 2, Duration::from_secs(30), "w1");
@@ -342,6 +348,11 @@ async fn cancelling_a_waiting_step_cancels_what_waits_on_it() {
     let last = job_fields(&broker, &started.job_ids[2], &["state", "started_at_ms"]).await;
     assert_eq!(last[0].as_deref(), Some("cancelled"));
     assert_eq!(last[1], None, "the last step never ran");
+    let listed = text(&wasmq(&redis.url, TENANT, &["jobs", "--state", "waiting"]).stdout);
+    assert!(
+        !listed.contains(started.flow_id.as_str()),
+        "nothing waits now: {listed}"
+    );
     let first = job_fields(&broker, &started.job_ids[0], &["state"]).await;
     assert_eq!(first[0].as_deref(), Some("succeeded"));
     stop.send(()).unwrap();

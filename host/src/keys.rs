@@ -172,6 +172,12 @@ impl Keys {
     pub fn flow_waits(&self, id: &str, job: &str) -> String {
         self.key(&["flow", id, "waits", job])
     }
+    /// ZSET: the tenant's workflow steps that wait for others, by when
+    /// their flow was submitted (ms): what `wasmq jobs --state waiting`
+    /// lists.
+    pub fn flows_waiting(&self) -> String {
+        self.key(&["flows-waiting"])
+    }
     /// LIST: pushed once when a workflow's last step ends, for `flow --wait`.
     pub fn flow_done(&self, id: &str) -> String {
         self.key(&["flow", id, "done"])

@@ -10,8 +10,8 @@
 //! - read only: `task:*` (the enqueue looks up the task), `tenant` (its
 //!   quotas), `result:*`, `history:*`;
 //! - read and write: `job:*` (the enqueue, and the `notify` mark of
-//!   `result --wait`), `flow:*` (a workflow's record, what its waiting
-//!   steps wait for, and `flow --wait`), `idem:*`, `idem-index`, `done:*`,
+//!   `result --wait`), `flow:*` and `flows-waiting` (a workflow's record,
+//!   what its waiting steps wait for, and `flow --wait`), `idem:*`, `idem-index`, `done:*`,
 //!   and the `ready`,
 //!   `delayed`, `signal` and `seq` keys of the queues of the tenant's
 //!   deployed tasks only (named one by one when the ACL is made: a producer
@@ -115,6 +115,7 @@ impl ProducerAcl {
         let mut write_keys = vec![
             keys.job("*"),
             keys.flow("*"),
+            keys.flows_waiting(),
             keys.idempotency_pattern(),
             keys.idempotency_index(),
             keys.done("*"),

@@ -67,11 +67,14 @@ pub enum JobState {
     Dead,
     /// Cancelled (the newest, from the `cancelled` list).
     Cancelled,
+    /// A step of a workflow waiting for other steps (`flows-waiting`).
+    Waiting,
 }
 
 impl JobState {
     /// Every state, in a job's order of life.
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 7] = [
+        JobState::Waiting,
         JobState::Queued,
         JobState::Scheduled,
         JobState::Running,
@@ -89,6 +92,7 @@ impl JobState {
             JobState::Succeeded => "succeeded",
             JobState::Dead => "dead",
             JobState::Cancelled => "cancelled",
+            JobState::Waiting => "waiting",
         }
     }
 
@@ -101,6 +105,7 @@ impl JobState {
             "succeeded" => JobState::Succeeded,
             "dead" => JobState::Dead,
             "cancelled" => JobState::Cancelled,
+            "waiting" => JobState::Waiting,
             _ => return None,
         })
     }
@@ -114,7 +119,7 @@ impl std::str::FromStr for JobState {
             .find(|state| state.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown job state {s:?}: use one of queued, scheduled, running, succeeded, dead, cancelled"
+                    "unknown job state {s:?}: use one of waiting, queued, scheduled, running, succeeded, dead, cancelled"
                 )
             })
     }
@@ -321,6 +326,7 @@ impl Broker {
                 JobState::Succeeded => vec![Source::List(keys.succeeded())],
                 JobState::Dead => vec![Source::Sorted(keys.dead())],
                 JobState::Cancelled => vec![Source::List(keys.cancelled())],
+                JobState::Waiting => vec![Source::Sorted(keys.flows_waiting())],
             };
             for source in sources {
                 found.extend(self.scan_index(&keys, &source, state, query, limit).await?);

@@ -189,6 +189,7 @@ local function flow_release(prefix, dep, job_key, fl, now)
   redis.call('HSET', job_key, 'state', 'queued', 'score', score_text, 'enqueued_at_ms',
     string.format('%d', now), 'enqueued_at_us', now_us)
   redis.call('ZADD', q .. 'ready', score, dep)
+  redis.call('ZREM', prefix .. 'flows-waiting', dep)
   redis.call('LPUSH', q .. 'signal', '1')
   redis.call('LTRIM', q .. 'signal', 0, 63)
 end
@@ -197,6 +198,7 @@ local function flow_cancel(prefix, dep, job_key, fl, task, reason, now, retentio
   local _, now_us = clock()
   redis.call('HSET', job_key, 'state', 'cancelled', 'last_error', err,
     'finished_at_ms', string.format('%d', now), 'finished_at_us', now_us, 'cancelled_by', 'flow')
+  redis.call('ZREM', prefix .. 'flows-waiting', dep)
   history(job_key, prefix .. 'history:' .. dep, now, 'cancelled', reason)
   redis.call('PEXPIRE', job_key, retention)
   redis.call('PEXPIRE', prefix .. 'history:' .. dep, retention)
@@ -261,6 +263,7 @@ local function flow_forget_waits(prefix, id, flow)
   if decoded and type(fl) == 'table' and type(fl.id) == 'string' then
     redis.call('DEL', prefix .. 'flow:' .. fl.id .. ':waits:' .. id)
   end
+  redis.call('ZREM', prefix .. 'flows-waiting', id)
 end
 -- How a dead job's error field reads in a dependent's context.
 local function failure_text(err)
@@ -1384,6 +1387,7 @@ for i = 5, #ARGV, FIELDS do
   else
     fields[#fields + 1] = 'state'; fields[#fields + 1] = 'waiting'
     redis.call('HSET', job, unpack(fields))
+    redis.call('ZADD', prefix .. 'flows-waiting', now, id)
     local on = {{}}
     for dep in string.gmatch(waits, '[^ ]+') do on[#on + 1] = dep end
     redis.call('SADD', prefix .. 'flow:' .. flow_id .. ':waits:' .. id, unpack(on))
