@@ -1,7 +1,8 @@
 //! Workflows from inside a task: start a chain, group or chord of jobs and
 //! return at once; the steps run as what they wait for finishes, and a
-//! step that waited reads the results through [`Job::dependencies`]
-//! (crate::Job::dependencies).
+//! step that waited reads the results through
+//! [`Job::dependencies`](crate::Job::dependencies) and
+//! [`Job::results`](crate::Job::results).
 //!
 //! ```no_run
 //! use wasmq_guest::{flow, Job, TaskError};

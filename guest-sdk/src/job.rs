@@ -2,7 +2,8 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::bindings::wasmq::task0_2_0::types::{DependencyOutcome, JobContext};
+use crate::bindings::wasmq::task0_2_0::flow::{self as wit, DependencyOutcome};
+use crate::bindings::wasmq::task0_2_0::types::JobContext;
 use crate::TaskError;
 
 /// The job being run, as the host describes it.
@@ -20,19 +21,8 @@ pub struct Job {
     pub max_attempts: u32,
     /// The idempotency key the producer gave, if any.
     pub idempotency_key: Option<String>,
-    /// Set when the job is a step of a workflow.
-    pub flow: Option<FlowPosition>,
-}
-
-/// Where a job stands in a workflow.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowPosition {
-    /// The workflow's id.
-    pub flow_id: String,
-    /// The steps this job waited for, in the flow's order, with how each
-    /// ended: a chain's next step gets the previous step's, a chord's
-    /// `then` every member's.
-    pub dependencies: Vec<Dependency>,
+    /// The workflow this job is a step of, if any.
+    pub flow_id: Option<String>,
 }
 
 /// One step a job waited for.
@@ -54,9 +44,25 @@ impl Job {
         self.attempt >= self.max_attempts
     }
 
-    /// The steps this job waited for (empty outside a workflow).
-    pub fn dependencies(&self) -> &[Dependency] {
-        self.flow.as_ref().map_or(&[], |f| &f.dependencies)
+    /// The steps this job waited for, in the flow's order, with how each
+    /// ended: a chain's next step gets the previous step's result, a
+    /// chord's `then` every member's. Empty outside a workflow (asked of
+    /// the host only for a step of one).
+    pub fn dependencies(&self) -> Vec<Dependency> {
+        if self.flow_id.is_none() {
+            return Vec::new();
+        }
+        wit::dependencies()
+            .into_iter()
+            .map(|d| Dependency {
+                job_id: d.job_id,
+                task: d.task,
+                outcome: match d.outcome {
+                    DependencyOutcome::Succeeded(r) => Ok(r),
+                    DependencyOutcome::Failed(f) => Err(f),
+                },
+            })
+            .collect()
     }
 
     /// The results of the steps this job waited for, in order, each
@@ -91,21 +97,7 @@ impl From<JobContext> for Job {
             attempt: c.attempt,
             max_attempts: c.max_attempts,
             idempotency_key: c.idempotency_key,
-            flow: c.flow.map(|f| FlowPosition {
-                flow_id: f.flow_id,
-                dependencies: f
-                    .dependencies
-                    .into_iter()
-                    .map(|d| Dependency {
-                        job_id: d.job_id,
-                        task: d.task,
-                        outcome: match d.outcome {
-                            DependencyOutcome::Succeeded(r) => Ok(r),
-                            DependencyOutcome::Failed(f) => Err(f),
-                        },
-                    })
-                    .collect(),
-            }),
+            flow_id: c.flow_id,
         }
     }
 }

@@ -114,7 +114,7 @@ mod step;
 
 pub use children::{enqueue, enqueue_with, EnqueueOptions};
 pub use error::{HostError, TaskError};
-pub use job::{Dependency, FlowPosition, Job};
+pub use job::{Dependency, Job};
 pub use lock::Lock;
 pub use step::{once, once_with, step_token, StepOptions};
 
@@ -235,7 +235,7 @@ mod tests {
             attempt: 1,
             max_attempts: 3,
             idempotency_key: None,
-            flow: None,
+            flow_id: None,
         }
     }
 

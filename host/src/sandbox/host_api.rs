@@ -384,6 +384,21 @@ impl jobs::Host for HostState {
 }
 
 impl flow::Host for HostState {
+    #[tracing::instrument(level = "debug", name = "flow.dependencies", skip_all)]
+    async fn dependencies(&mut self) -> Vec<flow::Dependency> {
+        self.flow_dependencies
+            .iter()
+            .map(|d| flow::Dependency {
+                job_id: d.job_id.clone(),
+                task: d.task.clone(),
+                outcome: match &d.outcome {
+                    Ok(result) => flow::DependencyOutcome::Succeeded(result.clone()),
+                    Err(failure) => flow::DependencyOutcome::Failed(failure.clone()),
+                },
+            })
+            .collect()
+    }
+
     #[tracing::instrument(level = "debug", name = "flow.start", skip_all)]
     async fn start(&mut self, definition: String) -> Result<flow::Started, HostError> {
         limits::check_len(

@@ -532,6 +532,11 @@ impl Sandbox {
             backend,
             children_enqueued: 0,
             flows_started: 0,
+            flow_dependencies: job
+                .flow
+                .as_ref()
+                .map(|f| f.dependencies.clone())
+                .unwrap_or_default(),
             host_fault: std::sync::OnceLock::new(),
             waiting_on_step: false,
         };

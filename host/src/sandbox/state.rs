@@ -53,6 +53,9 @@ pub struct HostState {
     /// Flows this run started so far (their ordinal makes a retried
     /// `start` find the flow its earlier delivery started).
     pub(crate) flows_started: u32,
+    /// What the job, a step of a workflow, waited for (read when it was
+    /// fetched), for `flow.dependencies`.
+    pub(crate) flow_dependencies: Vec<super::DependencyInput>,
     /// The first host-side reason the run may not succeed: the state store
     /// was unavailable.
     pub(crate) host_fault: std::sync::OnceLock<String>,

@@ -1,6 +1,6 @@
 //! Which `wasmq:task` world a component implements, and calling its entry
-//! point: a 0.2.0 component gets the job's place in a workflow in its job
-//! context; a 0.1.0 one gets the context it was built for and nothing else.
+//! point: a 0.2.0 component's job context names the workflow the job is a
+//! step of; a 0.1.0 one gets the context it was built for and nothing else.
 
 use wasmtime::component::InstancePre;
 use wasmtime::Store;
@@ -81,22 +81,6 @@ fn context_v0_1(job: &JobInput) -> v0_2::wasmq::task0_1_0::types::JobContext {
 }
 
 fn context_v0_2(job: &JobInput) -> v0_2::wasmq::task0_2_0::types::JobContext {
-    use v0_2::wasmq::task0_2_0::types::{Dependency, DependencyOutcome, FlowPosition};
-    let flow = job.flow.as_ref().map(|f| FlowPosition {
-        flow_id: f.flow_id.clone(),
-        dependencies: f
-            .dependencies
-            .iter()
-            .map(|d| Dependency {
-                job_id: d.job_id.clone(),
-                task: d.task.clone(),
-                outcome: match &d.outcome {
-                    Ok(result) => DependencyOutcome::Succeeded(result.clone()),
-                    Err(failure) => DependencyOutcome::Failed(failure.clone()),
-                },
-            })
-            .collect(),
-    });
     v0_2::wasmq::task0_2_0::types::JobContext {
         id: job.id.clone(),
         task: job.task.clone(),
@@ -104,6 +88,6 @@ fn context_v0_2(job: &JobInput) -> v0_2::wasmq::task0_2_0::types::JobContext {
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         idempotency_key: job.idempotency_key.clone(),
-        flow,
+        flow_id: job.flow.as_ref().map(|f| f.flow_id.clone()),
     }
 }

@@ -42,7 +42,8 @@ fn run(job: &Job, op: Op) -> Result<Value, TaskError> {
         Op::Sum => {
             let mut sum = 0;
             let mut failed = Vec::new();
-            for d in job.dependencies() {
+            let dependencies = job.dependencies();
+            for d in &dependencies {
                 match &d.outcome {
                     Ok(r) => sum += serde_json::from_str::<i64>(r).unwrap_or(0),
                     Err(e) => failed.push(json!({"job": d.job_id, "error": e})),
@@ -57,7 +58,7 @@ fn run(job: &Job, op: Op) -> Result<Value, TaskError> {
         }
         Op::Fail => Err(TaskError::fail("asked to fail")),
         Op::Deps => Ok(json!({
-            "flow": job.flow.as_ref().map(|f| f.flow_id.clone()),
+            "flow": job.flow_id,
             "deps": job.dependencies().iter().map(|d| json!({
                 "job": d.job_id, "task": d.task,
                 "ok": d.outcome.as_ref().ok(), "err": d.outcome.as_ref().err(),
