@@ -1,6 +1,9 @@
 //! A task built against `wasmq:task@0.1.0`: echoes its job context and
 //! payload, and counts its runs through a host counter (a 0.1.0 import).
 
+// The generated export shim takes the flattened job context as arguments.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({
     world: "task",
     path: "../../../wit/deps/task-0.1.0",
