@@ -6,7 +6,7 @@
 CARGO ?= cargo
 GUEST_TARGET := wasm32-wasip2
 GUEST_DIR := target/guests
-GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010
+GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 secrets
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
 .PHONY: all setup target redis promtool browser guests build test demo bench lint fmt clean

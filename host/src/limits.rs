@@ -24,6 +24,7 @@
 //! | log line | [`MAX_LOG_LINE_BYTES`] (the whole log: the policy's `max_log_bytes`) |
 //! | log kept in the job record | [`MAX_STORED_LOG_BYTES`] (the tail) |
 //! | outbound HTTP request headers | [`MAX_REQUEST_HEADER_BYTES`] |
+//! | secret names and values | [`MAX_SECRET_NAME_BYTES`], [`MAX_SECRET_BYTES`] |
 
 use std::time::Duration;
 
@@ -71,6 +72,11 @@ pub const MAX_LOG_LINE_BYTES: usize = 16 << 10;
 pub const MAX_STORED_LOG_BYTES: usize = 4 << 10;
 /// Largest total of an outbound HTTP request's header names and values.
 pub const MAX_REQUEST_HEADER_BYTES: usize = 64 << 10;
+/// Longest secret name (`wasmq secret set NAME`, `config::get`).
+pub const MAX_SECRET_NAME_BYTES: usize = 128;
+/// Largest secret value: API keys, tokens, connection URLs, a PEM
+/// certificate; configuration files belong elsewhere.
+pub const MAX_SECRET_BYTES: usize = 64 << 10;
 
 /// `Err` naming `what` when `text` is empty or longer than `max` bytes.
 pub fn check_name(what: &str, text: &str, max: usize) -> Result<(), String> {

@@ -7,6 +7,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::config_api::JobSecrets;
 use super::files::JobFiles;
 use super::http::{AllowListHooks, Denials};
 use super::limiter::JobLimiter;
@@ -58,6 +59,8 @@ pub struct HostState {
     pub(crate) host_fault: std::sync::OnceLock<String>,
     /// A step the run needed was held by another job.
     pub(crate) waiting_on_step: bool,
+    /// The secrets the job may read, and those it read.
+    pub(crate) secrets: JobSecrets,
 }
 
 impl WasiView for HostState {

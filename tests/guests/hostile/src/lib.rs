@@ -276,7 +276,7 @@ fn misbehave(job: &Job, args: Value) -> Result<Value, TaskError> {
             Ok(json!({ "counter": value }))
         }
         "lock-owner" => {
-            use wasmq_guest::bindings::wasmq::task::lock as wit;
+            use wasmq_guest::bindings::wasmq::task0_1_0::lock as wit;
             let bytes: usize = field(&args, "bytes")?;
             let lease = wit::Lease {
                 name: "owner-test".into(),
