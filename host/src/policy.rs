@@ -151,6 +151,10 @@ pub struct SandboxPolicy {
     /// empty, so workers that predate it still read the policy.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// PostgreSQL databases the guest may open through `postgres`, by
+    /// name; each one's URL is the secret `database:NAME`. None by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<String>,
     /// Whether an IP-literal `allow_http` entry may grant a non-public
     /// address (see `allow_http`). Not part of a task's manifest: true,
     /// unless the job's tenant may not reach private networks (its caps
@@ -179,6 +183,7 @@ impl Default for SandboxPolicy {
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             dirs: Vec::new(),
             secrets: Vec::new(),
+            databases: Vec::new(),
             literal_private_grants: true,
         }
     }
@@ -453,6 +458,10 @@ impl SandboxPolicy {
                      in sandbox.databases instead (a task never reads a database URL)"
                 ));
             }
+        }
+        for (i, name) in self.databases.iter().enumerate() {
+            crate::secrets::check_name(&format!("{}{name}", crate::secrets::DATABASE_PREFIX))
+                .map_err(|e| format!("sandbox.databases[{i}]: {e}"))?;
         }
         Ok(())
     }

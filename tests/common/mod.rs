@@ -10,6 +10,7 @@ pub mod browser;
 pub mod components;
 pub mod http;
 pub mod jobs;
+pub mod postgres;
 pub mod redis;
 pub mod sandbox;
 pub mod web;

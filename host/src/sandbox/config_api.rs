@@ -59,6 +59,16 @@ impl JobSecrets {
         out
     }
 
+    /// The job's task.
+    pub(crate) fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The worker's key, if it holds one.
+    pub(crate) fn key(&self) -> Option<Arc<SecretsKey>> {
+        self.key.clone()
+    }
+
     /// Whether the run read any secret (nothing to redact otherwise).
     pub(crate) fn any_read(&self) -> bool {
         self.read.values().any(Option::is_some)

@@ -24,6 +24,7 @@ mod http;
 mod limiter;
 mod output;
 mod pacing;
+pub(crate) mod postgres_api;
 mod state;
 mod steps;
 mod world;
@@ -240,6 +241,8 @@ pub struct Sandbox {
     /// The key that opens the tenants' secrets (`None`: a job that reads
     /// a secret that is set fails as the host's fault).
     secrets_key: Option<Arc<SecretsKey>>,
+    /// This worker's database pools, per tenant and database.
+    databases: Arc<postgres_api::Databases>,
 }
 
 impl Sandbox {
@@ -261,6 +264,7 @@ impl Sandbox {
             compiler: Compiler::new(CompileSettings::default()),
             disks: DiskLedgers::default(),
             secrets_key: None,
+            databases: Arc::default(),
         })
     }
 
@@ -550,6 +554,7 @@ impl Sandbox {
             host_fault: std::sync::OnceLock::new(),
             waiting_on_step: false,
             secrets: JobSecrets::new(self.secrets_key.clone(), &policy.secrets, &job.task),
+            databases: postgres_api::JobDatabases::new(self.databases.clone(), &policy.databases),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

@@ -12,6 +12,7 @@ use super::files::JobFiles;
 use super::http::{AllowListHooks, Denials};
 use super::limiter::JobLimiter;
 use super::output::JobLog;
+use super::postgres_api::JobDatabases;
 use super::steps::OpenSteps;
 use crate::backend::{Backend, Claimant};
 
@@ -61,6 +62,8 @@ pub struct HostState {
     pub(crate) waiting_on_step: bool,
     /// The secrets the job may read, and those it read.
     pub(crate) secrets: JobSecrets,
+    /// The databases the job may open, and what it used of them.
+    pub(crate) databases: JobDatabases,
 }
 
 impl WasiView for HostState {

@@ -1,0 +1,285 @@
+//! The `postgres` host interface against a real PostgreSQL and a real
+//! redis-server (both private, on free ports): a task reaches only the
+//! databases its policy grants, in its own tenant; parameters cannot
+//! become SQL; a transaction left open is rolled back when the job
+//! returns, traps or times out (in wasm or in a statement); pooled connections are reused.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::jobs::enqueue_and_wait;
+use common::postgres::PostgresServer;
+use common::redis::RedisServer;
+use common::{guest_bytes, text, wasmq_with};
+use serde_json::{json, Value};
+use wasmq::broker::{Broker, ResultState};
+use wasmq::failure::Category;
+use wasmq::policy::TaskPolicy;
+use wasmq::secrets::SecretsKey;
+
+const KEY: &str = "0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed";
+
+struct World {
+    _redis: RedisServer,
+    pg: PostgresServer,
+    broker: Broker,
+    stop: tokio::sync::oneshot::Sender<()>,
+    worker: tokio::task::JoinHandle<wasmq::worker::WorkerStats>,
+}
+
+/// PostgreSQL with a `users` table (user 7 not onboarded), Redis, the
+/// `db` guest deployed as acme's `db` (granted `app`, 2 s timeout, one
+/// attempt), acme's `database:app` secret, and a worker holding the key.
+async fn world() -> World {
+    let pg = PostgresServer::start();
+    let client = pg.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE users (id int8 PRIMARY KEY, name text, onboarded bool NOT NULL DEFAULT false, \
+             score float8, data bytea, meta jsonb); INSERT INTO users (id, name) VALUES (7, 'seven');",
+        )
+        .await
+        .unwrap();
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let out = wasmq_with(
+        &redis.url,
+        "acme",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    policy.sandbox.timeout = Duration::from_secs(2);
+    policy.sandbox.fuel = 1_000_000_000_000; // `spin` meets the deadline first
+    policy.retry.max_attempts = 1;
+    for tenant in ["acme", "other"] {
+        broker
+            .deploy(tenant, "db", &guest_bytes("db"), &policy)
+            .await
+            .unwrap();
+    }
+    let mut config = common::workers::in_process_config(
+        &broker,
+        "acme",
+        8,
+        Duration::from_secs(10),
+        "pg-worker",
+    );
+    config.tenants = vec!["acme".into(), "other".into()];
+    config.secrets_key = Some(Arc::new(SecretsKey::from_hex(KEY).unwrap()));
+    let (stop, worker, _) = common::workers::start_configured(config);
+    World {
+        _redis: redis,
+        pg,
+        broker,
+        stop,
+        worker,
+    }
+}
+
+impl World {
+    async fn run(&self, tenant: &str, payload: Value) -> ResultState {
+        enqueue_and_wait(&self.broker, tenant, "db", payload, Duration::from_secs(60))
+            .await
+            .1
+    }
+
+    async fn query(&self, sql: &str, params: Value) -> Value {
+        match self
+            .run("acme", json!({"op": "query", "sql": sql, "params": params}))
+            .await
+        {
+            ResultState::Ready(v) => v,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.worker.await.unwrap();
+    }
+
+    /// Backends of wasmq's pools, and those idle in a transaction.
+    async fn wasmq_backends(&self) -> (i64, i64) {
+        let row = self
+            .pg
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%') \
+                 FROM pg_stat_activity WHERE application_name = 'wasmq'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+}
+
+fn failure(state: ResultState) -> wasmq::failure::Failure {
+    match state {
+        ResultState::Failed(f) => f,
+        other => panic!("expected a failure: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_parameters_never_become_sql_and_only_granted_databases_open() {
+    let w = world().await;
+    let hostile = [
+        "Robert'); DROP TABLE users;--",
+        "' OR '1'='1",
+        "$1; DELETE FROM users",
+        "\\'; SELECT pg_sleep(10); --",
+        "\u{0}",
+    ];
+    for (i, name) in hostile.iter().enumerate() {
+        let name = name.replace('\u{0}', "nul?");
+        let got = w
+            .query(
+                "INSERT INTO users (id, name, score, meta) VALUES ($1, $2, $3, $4) RETURNING name, score, meta, onboarded",
+                json!([100 + i as i64, name, 1.5, {"k": [1, 2]}]),
+            )
+            .await;
+        assert_eq!(got["rows"], json!([[name, 1.5, {"k": [1, 2]}, false]]));
+        // Read back by the hostile string itself: exactly that row.
+        let got = w
+            .query("SELECT id FROM users WHERE name = $1", json!([name]))
+            .await;
+        assert_eq!(got["rows"], json!([[100 + i as i64]]));
+    }
+    let got = w.query("SELECT count(*) FROM users", json!([])).await;
+    assert_eq!(got["rows"], json!([[1 + hostile.len() as i64]]));
+    // A string where an integer goes is refused, not parsed.
+    let f = failure(
+        w.run(
+            "acme",
+            json!({"op": "query", "sql": "SELECT * FROM users WHERE id = $1", "params": ["7 OR 1=1"]}),
+        )
+        .await,
+    );
+    assert!(f.message.contains("cannot be passed as int8"), "{f:?}");
+    // Transactions only through the interface.
+    let f = failure(
+        w.run(
+            "acme",
+            json!({"op": "query", "sql": " begin", "params": []}),
+        )
+        .await,
+    );
+    assert!(f.message.contains("use the connection's begin"), "{f:?}");
+
+    // Databases not granted, spelled any way: denied.
+    for db in ["other", "database:app", "wasmq:{other}:secrets", "app/db"] {
+        let f = failure(
+            w.run("acme", json!({"op": "query", "db": db, "sql": "SELECT 1"}))
+                .await,
+        );
+        assert_eq!(f.category, Category::Denied, "{db}: {f:?}");
+    }
+    // Another tenant granted the same name has no URL of its own, and
+    // never gets acme's.
+    let f = failure(
+        w.run("other", json!({"op": "query", "sql": "SELECT 1"}))
+            .await,
+    );
+    assert!(f.message.contains("has no URL"), "{f:?}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_or_times_out() {
+    let w = world().await;
+    for (then, category) in [
+        ("return", None),
+        ("trap", Some("trap:")),
+        ("spin", Some("timeout:")),
+        // The deadline passes while a statement runs: cancelled, rolled back.
+        ("sleep", Some("timeout:")),
+    ] {
+        let state = w
+            .run("acme", json!({"op": "onboard", "user_id": 7, "then": then}))
+            .await;
+        match (category, state) {
+            (None, ResultState::Ready(_)) => {}
+            // One attempt: "gave up after 1 attempt(s); last error: CATEGORY: ..."
+            (Some(c), ResultState::Failed(f)) => assert!(f.message.contains(c), "{then}: {f:?}"),
+            (_, other) => panic!("{then}: {other:?}"),
+        }
+        // The update was rolled back and the row lock released (NOWAIT
+        // fails at once on a held lock).
+        let client = w.pg.client().await;
+        let mut released = false;
+        for _ in 0..100 {
+            if client
+                .query_one(
+                    "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                    &[],
+                )
+                .await
+                .map(|r| !r.get::<_, bool>(0))
+                .unwrap_or(false)
+            {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(released, "{then}: row 7 still locked or changed");
+        let (_, idle_in_tx) = w.wasmq_backends().await;
+        assert_eq!(
+            idle_in_tx, 0,
+            "{then}: a connection is left in a transaction"
+        );
+    }
+    let state = w
+        .run(
+            "acme",
+            json!({"op": "onboard", "user_id": 7, "then": "commit"}),
+        )
+        .await;
+    assert!(matches!(state, ResultState::Ready(_)), "{state:?}");
+    let client = w.pg.client().await;
+    let row = client
+        .query_one("SELECT onboarded FROM users WHERE id = 7", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+
+    // Pooled: many jobs, few connections, none left in a transaction.
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            let req = wasmq::broker::EnqueueRequest {
+                tenant: "acme".into(),
+                task: "db".into(),
+                payload: json!({"op": "query", "sql": "SELECT id FROM users WHERE id = $1", "params": [7]}),
+                store_result: Some(true),
+                ..Default::default()
+            };
+            ids.push(w.broker.enqueue(req).await.unwrap().id);
+        }
+        ids
+    };
+    for id in &ids {
+        let state = w
+            .broker
+            .result("acme", id, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(matches!(state, ResultState::Ready(_)), "{state:?}");
+    }
+    let (backends, idle_in_tx) = w.wasmq_backends().await;
+    println!("pg backends of the worker after 104 jobs: {backends}");
+    assert!(
+        (1..=wasmq::limits::DB_POOL_SIZE as i64).contains(&backends),
+        "{backends}"
+    );
+    assert_eq!(idle_in_tx, 0);
+    w.stop().await;
+}
