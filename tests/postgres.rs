@@ -2,7 +2,7 @@
 //! redis-server (both private, on free ports): a task reaches only the
 //! databases its policy grants, in its own tenant; parameters cannot
 //! become SQL; a transaction left open is rolled back when the job
-//! returns, traps or times out (in wasm or in a statement); pooled connections are reused.
+//! returns, traps, times out (in wasm or in a statement) or is cancelled; pooled connections are reused.
 
 mod common;
 
@@ -63,6 +63,12 @@ async fn world() -> World {
             .await
             .unwrap();
     }
+    // The same, with time to be cancelled mid-statement.
+    policy.sandbox.timeout = Duration::from_secs(60);
+    broker
+        .deploy("acme", "db-slow", &guest_bytes("db"), &policy)
+        .await
+        .unwrap();
     let mut config = common::workers::in_process_config(
         &broker,
         "acme",
@@ -193,7 +199,7 @@ async fn typed_parameters_never_become_sql_and_only_granted_databases_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_or_times_out() {
+async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out_or_is_cancelled() {
     let w = world().await;
     for (then, category) in [
         ("return", None),
@@ -237,6 +243,52 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_or_times_
             "{then}: a connection is left in a transaction"
         );
     }
+
+    // Cancelled by an operator while its statement runs: the same.
+    let req = wasmq::broker::EnqueueRequest {
+        tenant: "acme".into(),
+        task: "db-slow".into(),
+        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
+        ..Default::default()
+    };
+    let id = w.broker.enqueue(req).await.unwrap().id;
+    let client = w.pg.client().await;
+    let mut sleeping = false;
+    for _ in 0..500 {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            sleeping = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sleeping, "the job never reached its statement");
+    w.broker.cancel("acme", &id, "test").await.unwrap();
+    let mut released = false;
+    for _ in 0..250 {
+        if client
+            .query_one(
+                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await
+            .map(|r| !r.get::<_, bool>(0))
+            .unwrap_or(false)
+        {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(released, "cancelled: row 7 still locked or changed");
+    let status = w.broker.status("acme", &id).await.unwrap().unwrap();
+    assert_eq!(status.state, "cancelled");
     let state = w
         .run(
             "acme",
@@ -274,6 +326,11 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_or_times_
             .unwrap();
         assert!(matches!(state, ResultState::Ready(_)), "{state:?}");
     }
+    // Billing: database time and rows per job.
+    let status = w.broker.status("acme", &ids[0]).await.unwrap().unwrap();
+    let usage = status.usage.unwrap();
+    assert_eq!(usage["db_rows"], json!(1), "{usage}");
+    assert!(usage["db_time_us"].as_u64().unwrap() > 0, "{usage}");
     let (backends, idle_in_tx) = w.wasmq_backends().await;
     println!("pg backends of the worker after 104 jobs: {backends}");
     assert!(

@@ -433,6 +433,8 @@ impl Sandbox {
             net_out_bytes: state.http_hooks.traffic().sent(),
             net_in_bytes: state.http_hooks.traffic().received(),
             denied: state.denials.all().len() as u64,
+            db_time_us: state.databases.time_us,
+            db_rows: state.databases.rows,
         };
         let Some(result) = result else {
             let message = "the delivery lost its lease mid-run; the run was stopped".to_string();
