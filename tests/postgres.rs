@@ -33,6 +33,11 @@ struct World {
 /// `db` guest deployed as acme's `db` (granted `app`, 2 s timeout, one
 /// attempt), acme's `database:app` secret, and a worker holding the key.
 async fn world() -> World {
+    world_of(8).await
+}
+
+/// [`world`] with a worker of `concurrency` slots.
+async fn world_of(concurrency: usize) -> World {
     let pg = PostgresServer::start();
     let client = pg.client().await;
     client
@@ -72,7 +77,7 @@ async fn world() -> World {
     let mut config = common::workers::in_process_config(
         &broker,
         "acme",
-        8,
+        concurrency,
         Duration::from_secs(10),
         "pg-worker",
     );
@@ -338,5 +343,130 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out
         "{backends}"
     );
     assert_eq!(idle_in_tx, 0);
+    w.stop().await;
+}
+
+/// Jobs of one indexed SELECT and one UPDATE each, through Redis, a
+/// worker and the pooled `postgres` interface, against the floor: the
+/// same two statements in a plain tokio-postgres loop (8 connections).
+/// Prints both rates; a measurement, not a timed assertion. Debug builds
+/// understate the host: `cargo test --release --test postgres -- --nocapture db_jobs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
+    const N: usize = 5_000;
+    const USERS: i64 = 10_000;
+    let w = world_of(64).await;
+    let client = w.pg.client().await;
+    client
+        .batch_execute(&format!(
+            "UPDATE users SET score = 0; INSERT INTO users (id, score) \
+             SELECT g, 0 FROM generate_series(1000, {}) g",
+            1000 + USERS
+        ))
+        .await
+        .unwrap();
+
+    // The floor: 8 connections, prepared statements, nothing else.
+    let started = std::time::Instant::now();
+    let mut loops = Vec::new();
+    for t in 0..8usize {
+        let c = w.pg.client().await;
+        loops.push(tokio::spawn(async move {
+            let select = c
+                .prepare("SELECT onboarded FROM users WHERE id = $1")
+                .await
+                .unwrap();
+            let update = c
+                .prepare("UPDATE users SET score = score + 1 WHERE id = $1")
+                .await
+                .unwrap();
+            for i in (t..N).step_by(8) {
+                let id = 1000 + (i as i64 * 7919) % USERS;
+                c.query(&select, &[&id]).await.unwrap();
+                c.execute(&update, &[&id]).await.unwrap();
+            }
+        }));
+    }
+    for l in loops {
+        l.await.unwrap();
+    }
+    let floor = N as f64 / started.elapsed().as_secs_f64();
+
+    // Warm up (the first job compiles the component), then measure.
+    let warm = w.run("acme", json!({"op": "bench", "user_id": 1000})).await;
+    assert!(matches!(warm, ResultState::Ready(_)), "{warm:?}");
+    let mut conn = w._redis.connect().await;
+    let runs = |conn: &mut redis::aio::ConnectionManager| {
+        let mut conn = conn.clone();
+        async move {
+            let runs: Option<u64> = redis::cmd("HGET")
+                .arg("wasmq:{acme}:usage")
+                .arg("runs")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            runs.unwrap_or(0)
+        }
+    };
+    let before = runs(&mut conn).await;
+    let payloads: Vec<Value> = (0..N)
+        .map(|i| json!({"op": "bench", "user_id": 1000 + (i as i64 * 7919) % USERS}))
+        .collect();
+    let started = std::time::Instant::now();
+    for chunk in payloads.chunks(1000) {
+        w.broker.enqueue_many("acme", "db", chunk).await.unwrap();
+    }
+    while runs(&mut conn).await < before + N as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = N as f64 / started.elapsed().as_secs_f64();
+    let (backends, _) = w.wasmq_backends().await;
+
+    // The same jobs without the database (the `noop` guest): what the
+    // queue, the worker and a fresh instance per job cost by themselves.
+    w.broker
+        .deploy("acme", "noop", &guest_bytes("noop"), &TaskPolicy::default())
+        .await
+        .unwrap();
+    let warm = enqueue_and_wait(
+        &w.broker,
+        "acme",
+        "noop",
+        json!({}),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(matches!(warm.1, ResultState::Ready(_)), "{warm:?}");
+    let before = runs(&mut conn).await;
+    let started = std::time::Instant::now();
+    for _ in 0..N / 1000 {
+        w.broker
+            .enqueue_many("acme", "noop", &vec![json!({}); 1000])
+            .await
+            .unwrap();
+    }
+    while runs(&mut conn).await < before + N as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noop_rate = N as f64 / started.elapsed().as_secs_f64();
+    let total: f64 = client
+        .query_one("SELECT sum(score) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total as usize, 2 * N + 1, "every UPDATE ran once");
+    println!(
+        "db jobs (SELECT + UPDATE, through Redis, a worker of 64 slots and a pool of {backends} connections): \
+         {rate:.0} jobs/s; the same path with the noop guest: {noop_rate:.0} jobs/s; \
+         plain tokio-postgres loop, 8 connections: {floor:.0} iterations/s"
+    );
     w.stop().await;
 }

@@ -7,7 +7,8 @@
 //!   "sleep" | "return"}`: in a transaction, locks the user's row, sets `onboarded`,
 //!   then commits, traps, spins until the deadline, waits in `pg_sleep`
 //!   past the deadline (`sleep`), or returns with the
-//!   transaction open (the host must roll back all but `commit`).
+//!   transaction open (the host must roll back all but `commit`);
+//! - `{"op": "bench", "user_id": N}`: one indexed SELECT and one UPDATE.
 
 use serde_json::{json, Value as Json};
 use wasmq_guest::postgres::{Connection, Value};
@@ -86,6 +87,12 @@ fn run(_job: &Job, args: Args) -> Result<Json, TaskError> {
                 }
             }
             Ok(json!("done"))
+        }
+        "bench" => {
+            let id = [Value::Int64(args.user_id)];
+            db.query("SELECT onboarded FROM users WHERE id = $1", &id)?;
+            let n = db.execute("UPDATE users SET score = score + 1 WHERE id = $1", &id)?;
+            Ok(json!(n))
         }
         other => Err(TaskError::fail(format!("unknown op {other}"))),
     }
