@@ -23,6 +23,7 @@ const KEY: &str = "0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e5
 
 struct World {
     _redis: RedisServer,
+    redis_url: String,
     pg: PostgresServer,
     broker: Broker,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -85,6 +86,7 @@ async fn world_of(concurrency: usize) -> World {
     config.secrets_key = Some(Arc::new(SecretsKey::from_hex(KEY).unwrap()));
     let (stop, worker, _) = common::workers::start_configured(config);
     World {
+        redis_url: redis.url.clone(),
         _redis: redis,
         pg,
         broker,
@@ -342,6 +344,82 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out
         (1..=wasmq::limits::DB_POOL_SIZE as i64).contains(&backends),
         "{backends}"
     );
+    assert_eq!(idle_in_tx, 0);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_transaction_leaves_no_lock_or_connection_behind() {
+    let w = world().await;
+    // Tenant `solo`, served only by a `wasmq worker` process.
+    let redis_url = w.redis_url.clone();
+    let out = wasmq_with(
+        &redis_url,
+        "solo",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &w.pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    w.broker
+        .deploy("solo", "db", &guest_bytes("db"), &policy)
+        .await
+        .unwrap();
+    let mut worker = common::workers::spawn_process_with(
+        &redis_url,
+        "solo",
+        &["--concurrency", "2"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+    );
+    let req = wasmq::broker::EnqueueRequest {
+        tenant: "solo".into(),
+        task: "db".into(),
+        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
+        ..Default::default()
+    };
+    w.broker.enqueue(req).await.unwrap();
+    let client = w.pg.client().await;
+    let mut sleeping = false;
+    for _ in 0..1500 {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            sleeping = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sleeping, "the job never reached its statement");
+    // kill -9: no drop runs, the socket just closes.
+    worker.0.kill().unwrap();
+    worker.0.wait().unwrap();
+    let started = std::time::Instant::now();
+    let mut released = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if client
+            .query_one(
+                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await
+            .map(|r| !r.get::<_, bool>(0))
+            .unwrap_or(false)
+        {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(released, "row 7 still locked 5 s after its worker died");
+    println!("lock released {:?} after the kill", started.elapsed());
+    let (_, idle_in_tx) = w.wasmq_backends().await;
     assert_eq!(idle_in_tx, 0);
     w.stop().await;
 }

@@ -78,6 +78,12 @@ pub const MAX_SECRET_NAME_BYTES: usize = 128;
 /// Longest a database statement may run, on the server
 /// (`statement_timeout`); the job's own deadline bounds it too.
 pub const DB_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the database server checks, while a statement runs, that
+/// the worker is still connected (`client_connection_check_interval`,
+/// PostgreSQL 14 and later): a worker killed mid-statement has its
+/// statement stopped and its transaction rolled back within this, instead
+/// of holding row locks until the statement ends.
+pub const DB_CLIENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait to open a new database connection.
 pub const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections a worker keeps per tenant and database: jobs wait for one

@@ -17,7 +17,9 @@
 //!   it, trapped, timed out, was cancelled, or its worker stopped the run)
 //!   is rolled back before it can serve another job; a statement still
 //!   running is cancelled first. Where no runtime is at hand the
-//!   connection is closed instead, which rolls back on the server;
+//!   connection is closed instead, which rolls back on the server, as
+//!   does a worker that dies (the server checks for a vanished client
+//!   every [`limits::DB_CLIENT_CHECK_INTERVAL`] even mid-statement);
 //! - every statement runs under [`limits::DB_STATEMENT_TIMEOUT`] on the
 //!   server, and within the job's deadline (the run is dropped there);
 //!   results are capped at [`limits::MAX_DB_ROWS`] rows and
@@ -64,8 +66,9 @@ impl Databases {
             )
         })?;
         config.options(format!(
-            "-c statement_timeout={}",
-            limits::DB_STATEMENT_TIMEOUT.as_millis()
+            "-c statement_timeout={} -c client_connection_check_interval={}",
+            limits::DB_STATEMENT_TIMEOUT.as_millis(),
+            limits::DB_CLIENT_CHECK_INTERVAL.as_millis()
         ));
         config.connect_timeout(limits::DB_CONNECT_TIMEOUT);
         config.application_name("wasmq");
