@@ -424,6 +424,139 @@ async fn a_worker_killed_mid_transaction_leaves_no_lock_or_connection_behind() {
     w.stop().await;
 }
 
+/// The seed scenario on the database: user 7 enqueued three times at
+/// once, the mail API failing the first send, the worker killed (-9)
+/// while the second send is in flight. One email (one idempotency key
+/// among the sends the API accepted), `onboarded` true, every job done,
+/// no connection left in a transaction or open once the workers are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_one_email_onboarded_no_leak_after_a_kill() {
+    use common::http::{Reply, TestServer};
+    let w = world().await;
+    let emails: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let mail = {
+        let emails = emails.clone();
+        TestServer::start(move |req, n| match n {
+            1 => Reply::status(500),
+            _ => {
+                if let Some(key) = req.header("idempotency-key") {
+                    emails.lock().unwrap().insert(key.to_string());
+                }
+                Reply {
+                    // The second send is slow: the worker dies meanwhile.
+                    delay: Duration::from_millis(if n == 2 { 3000 } else { 50 }),
+                    ..Reply::ok(r#"{"queued":true}"#)
+                }
+            }
+        })
+        .await
+    };
+    let out = wasmq_with(
+        &w.redis_url,
+        "seed",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &w.pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    policy.sandbox.allow_http = vec![mail.authority()];
+    policy.retry.max_attempts = 5;
+    policy.retry.backoff_base = Duration::from_millis(100);
+    policy.retry.backoff_max = Duration::from_millis(500);
+    policy.retry.auto_retry_kinds = vec!["network".into(), "mail-api".into()];
+    w.broker
+        .deploy("seed", "onboard", &guest_bytes("onboard"), &policy)
+        .await
+        .unwrap();
+    let worker = |_: ()| {
+        common::workers::spawn_process_with(
+            &w.redis_url,
+            "seed",
+            &["--concurrency", "3", "--lease", "2s"],
+            &[("WASMQ_SECRETS_KEY", KEY)],
+        )
+    };
+    let mut first = worker(());
+    let payload = json!({"user_id": 7, "mail_api": mail.url("/send"), "db": "app"});
+    let enqueue = |_| {
+        let req = wasmq::broker::EnqueueRequest {
+            tenant: "seed".into(),
+            task: "onboard".into(),
+            payload: payload.clone(),
+            store_result: Some(true),
+            ..Default::default()
+        };
+        w.broker.enqueue(req)
+    };
+    let (a, b, c) = tokio::join!(enqueue(0), enqueue(1), enqueue(2));
+    let ids = [a.unwrap().id, b.unwrap().id, c.unwrap().id];
+    let started = std::time::Instant::now();
+    while mail.count("/send") < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no second send"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let second = worker(());
+    for id in &ids {
+        let state = w
+            .broker
+            .result("seed", id, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(matches!(state, ResultState::Ready(_)), "{id}: {state:?}");
+    }
+    assert_eq!(emails.lock().unwrap().len(), 1, "{:?}", mail.requests());
+    let client = w.pg.client().await;
+    let row = client
+        .query_one("SELECT onboarded FROM users WHERE id = 7", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    let (_, idle_in_tx) = w.wasmq_backends().await;
+    assert_eq!(idle_in_tx, 0);
+    println!("mail API requests: {}", mail.count("/send"));
+    // The workers gone (the in-process one too), no connection of wasmq's
+    // is left open.
+    drop(second);
+    let World {
+        stop,
+        worker,
+        pg,
+        _redis,
+        ..
+    } = w;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let row = pg
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wasmq'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let left: i64 = row.get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{left} connection(s) leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(_redis);
+}
+
 /// Jobs of one indexed SELECT and one UPDATE each, through Redis, a
 /// worker and the pooled `postgres` interface, against the floor: the
 /// same two statements in a plain tokio-postgres loop (8 connections).
