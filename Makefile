@@ -6,14 +6,14 @@
 CARGO ?= cargo
 GUEST_TARGET := wasm32-wasip2
 GUEST_DIR := target/guests
-GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 flowstep
+GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 flowstep secrets db
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis promtool browser guests build test demo bench lint fmt clean
+.PHONY: all setup target redis postgres promtool browser guests build test demo bench lint fmt clean
 
 all: build guests
 
-setup: target redis promtool browser
+setup: target redis postgres promtool browser
 
 target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(GUEST_TARGET) || rustup target add $(GUEST_TARGET)
@@ -25,6 +25,18 @@ redis:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	else \
 		echo "redis-server not found: install it (e.g. 'sudo apt-get install redis-server') and re-run"; exit 1; \
+	fi
+
+# PostgreSQL's server binaries (/usr/lib/postgresql/*/bin): the tests of
+# the postgres interface start their own server on a free port
+# (tests/common/postgres.rs), never the machine's.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "PostgreSQL not found: installing Debian's postgresql with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	else \
+		echo "PostgreSQL not found: install it (e.g. 'sudo apt-get install postgresql') and re-run"; exit 1; \
 	fi
 
 # promtool (Debian's prometheus package) checks the /metrics text in the tests.

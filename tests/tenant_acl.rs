@@ -241,6 +241,19 @@ async fn a_producer_cannot_reach_another_tenant_or_run_admin_commands() {
         "ZADD b ready",
         redis::cmd("ZADD").arg(b.ready("default")).arg(1).arg("x")
     );
+    // Its own tenant's secrets (sealed anyway), read or written.
+    refused!("HGETALL a secrets", redis::cmd("HGETALL").arg(a.secrets()));
+    refused!(
+        "HGET a secret",
+        redis::cmd("HGET").arg(a.secrets()).arg("mail_api_key")
+    );
+    refused!(
+        "HSET a secret",
+        redis::cmd("HSET")
+            .arg(a.secrets())
+            .arg("mail_api_key")
+            .arg("x")
+    );
     // Its own tenant's queues that no deployed task uses.
     refused!(
         "ZADD a's undeployed queue",

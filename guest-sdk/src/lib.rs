@@ -6,7 +6,7 @@
 //! component bindings: a task crate writes one ordinary function, marks it
 //! with [`#[task]`](macro@task), and gets typed arguments, typed results and
 //! safe wrappers around the host's state (key-value, counters, locks, step
-//! markers, child jobs, workflows, logging, outbound HTTP).
+//! markers, child jobs, workflows, secrets, PostgreSQL, logging, outbound HTTP).
 //!
 //! Every job runs in a fresh instance, so globals do not survive between
 //! jobs. Whatever must survive a retry, a duplicate delivery or another
@@ -101,6 +101,7 @@
 extern crate self as wasmq_guest;
 
 mod children;
+pub mod config;
 pub mod counter;
 mod error;
 pub mod flow;
@@ -110,6 +111,7 @@ mod job;
 pub mod kv;
 mod lock;
 pub mod log;
+pub mod postgres;
 mod step;
 
 pub use children::{enqueue, enqueue_with, EnqueueOptions};

@@ -140,6 +140,12 @@ impl Keys {
     pub fn web_tokens(&self) -> String {
         self.key(&["web-tokens"])
     }
+    /// HASH: the tenant's secrets, sealed (field `NAME`, or `NAME/TASK`
+    /// for one task's; see [`crate::secrets`]). Workers read it; a
+    /// producer's ACL user cannot.
+    pub fn secrets(&self) -> String {
+        self.key(&["secrets"])
+    }
     /// HASH: the tenant's schedules: name → JSON definition (task,
     /// payload, timing, catch-up policy, paused).
     pub fn schedules(&self) -> String {

@@ -27,6 +27,7 @@ use crate::keys::valid_tenant;
 use crate::metrics::Metrics;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
 use crate::sandbox::{ComputeThreads, Sandbox};
+use crate::secrets::SecretsKey;
 use crate::worker::{
     exporter, HostRetries, Identity, Presence, Scheduler, Worker, WorkerConfig, WorkerStats,
     DEFAULT_LEASE,
@@ -62,6 +63,10 @@ pub struct LaunchConfig {
     pub host_retries: HostRetries,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The key that opens the tenants' secrets (`wasmq worker` reads it
+    /// from `WASMQ_SECRETS_KEY_FILE` or `WASMQ_SECRETS_KEY`); `None`: jobs
+    /// that read a secret that is set fail as the host's fault.
+    pub secrets_key: Option<Arc<SecretsKey>>,
 }
 
 impl LaunchConfig {
@@ -85,6 +90,7 @@ impl LaunchConfig {
             id: format!("{}-{}", hostname(), std::process::id()),
             host_retries: HostRetries::default(),
             metrics: None,
+            secrets_key: None,
         }
     }
 }
@@ -118,7 +124,8 @@ pub fn sandbox(config: &LaunchConfig) -> anyhow::Result<Arc<Sandbox>> {
     };
     Ok(Arc::new(
         Sandbox::new(engine, CompiledCache::new(config.cache_dir.clone()))?
-            .with_compile_settings(compile),
+            .with_compile_settings(compile)
+            .with_secrets_key(config.secrets_key.clone()),
     ))
 }
 

@@ -12,6 +12,7 @@
 //! - [`failure`]: the failure categories users see.
 //! - [`schedule`]: periodic jobs: timings, ticks and catch-up plans.
 //! - [`keys`]: every Redis key name, built in one place.
+//! - [`secrets`]: secret names, and sealing their values at rest.
 //! - [`limits`]: every bound on what crosses into the host, in one table.
 //! - [`addresses`]: which network addresses are public.
 //! - [`fence`]: whether a delivery still holds its job's lease.
@@ -48,6 +49,7 @@ pub mod pools;
 pub mod retry;
 pub mod sandbox;
 pub mod schedule;
+pub mod secrets;
 pub mod telemetry;
 pub mod tenants;
 pub mod tls;

@@ -24,6 +24,8 @@
 //! | log line | [`MAX_LOG_LINE_BYTES`] (the whole log: the policy's `max_log_bytes`) |
 //! | log kept in the job record | [`MAX_STORED_LOG_BYTES`] (the tail) |
 //! | outbound HTTP request headers | [`MAX_REQUEST_HEADER_BYTES`] |
+//! | database statements, rows, bytes, connections | [`DB_STATEMENT_TIMEOUT`], [`MAX_DB_ROWS`], [`MAX_DB_RESULT_BYTES`], [`DB_POOL_SIZE`] |
+//! | secret names and values | [`MAX_SECRET_NAME_BYTES`], [`MAX_SECRET_BYTES`] |
 
 use std::time::Duration;
 
@@ -71,6 +73,32 @@ pub const MAX_LOG_LINE_BYTES: usize = 16 << 10;
 pub const MAX_STORED_LOG_BYTES: usize = 4 << 10;
 /// Largest total of an outbound HTTP request's header names and values.
 pub const MAX_REQUEST_HEADER_BYTES: usize = 64 << 10;
+/// Longest secret name (`wasmq secret set NAME`, `config::get`).
+pub const MAX_SECRET_NAME_BYTES: usize = 128;
+/// Longest a database statement may run, on the server
+/// (`statement_timeout`); the job's own deadline bounds it too.
+pub const DB_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the database server checks, while a statement runs, that
+/// the worker is still connected (`client_connection_check_interval`,
+/// PostgreSQL 14 and later): a worker killed mid-statement has its
+/// statement stopped and its transaction rolled back within this, instead
+/// of holding row locks until the statement ends.
+pub const DB_CLIENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait to open a new database connection.
+pub const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections a worker keeps per tenant and database: jobs wait for one
+/// when all are in use (bounded by their deadline), so a busy worker
+/// cannot exhaust the server's `max_connections`.
+pub const DB_POOL_SIZE: usize = 16;
+/// Connections one job may open.
+pub const MAX_DB_CONNECTIONS_PER_JOB: u32 = 4;
+/// Most rows one query may return.
+pub const MAX_DB_ROWS: usize = 10_000;
+/// Most bytes of values one query may return.
+pub const MAX_DB_RESULT_BYTES: usize = 4 << 20;
+/// Largest secret value: API keys, tokens, connection URLs, a PEM
+/// certificate; configuration files belong elsewhere.
+pub const MAX_SECRET_BYTES: usize = 64 << 10;
 
 /// `Err` naming `what` when `text` is empty or longer than `max` bytes.
 pub fn check_name(what: &str, text: &str, max: usize) -> Result<(), String> {

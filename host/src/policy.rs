@@ -146,6 +146,15 @@ pub struct SandboxPolicy {
     pub max_concurrent_requests: usize,
     /// Directories granted to the guest.
     pub dirs: Vec<DirGrant>,
+    /// Secrets the guest may read with `config::get`, by name (see
+    /// [`crate::secrets`]); none by default. Left out of records when
+    /// empty, so workers that predate it still read the policy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// PostgreSQL databases the guest may open through `postgres`, by
+    /// name; each one's URL is the secret `database:NAME`. None by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<String>,
     /// Whether an IP-literal `allow_http` entry may grant a non-public
     /// address (see `allow_http`). Not part of a task's manifest: true,
     /// unless the job's tenant may not reach private networks (its caps
@@ -173,6 +182,8 @@ impl Default for SandboxPolicy {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             dirs: Vec::new(),
+            secrets: Vec::new(),
+            databases: Vec::new(),
             literal_private_grants: true,
         }
     }
@@ -241,6 +252,22 @@ mod tests {
         }
         let cpu = TaskPolicy::from_toml(include_str!("../../tasks/thumbnail/task.toml")).unwrap();
         assert_eq!(cpu.pool, crate::pools::PoolKind::Cpu);
+    }
+
+    #[test]
+    fn secret_grants_name_secrets_never_database_urls() {
+        let p = TaskPolicy::from_toml("[sandbox]\nsecrets = [\"mail_api_key\"]\n").unwrap();
+        assert_eq!(p.sandbox.secrets, ["mail_api_key"]);
+        let err = TaskPolicy::from_toml("[sandbox]\nsecrets = [\"database:app\"]\n").unwrap_err();
+        assert!(
+            err.contains("sandbox.secrets[0]") && err.contains("database URL"),
+            "{err}"
+        );
+        let err = TaskPolicy::from_toml("[sandbox]\nsecrets = [\"a/b\"]\n").unwrap_err();
+        assert!(err.contains("is invalid"), "{err}");
+        // Left out of a record when empty, so older workers read it.
+        let json = serde_json::to_string(&SandboxPolicy::default()).unwrap();
+        assert!(!json.contains("secrets"), "{json}");
     }
 
     #[test]
@@ -414,6 +441,27 @@ impl TaskPolicy {
             grant
                 .check()
                 .map_err(|e| format!("sandbox.dirs[{i}]: {e}"))?;
+        }
+        self.sandbox.check_secret_grants()
+    }
+}
+
+impl SandboxPolicy {
+    /// Whether every granted secret has a valid name, none of them a
+    /// database URL (those are reached through `databases`, never read).
+    pub fn check_secret_grants(&self) -> Result<(), String> {
+        for (i, name) in self.secrets.iter().enumerate() {
+            crate::secrets::check_name(name).map_err(|e| format!("sandbox.secrets[{i}]: {e}"))?;
+            if name.starts_with(crate::secrets::DATABASE_PREFIX) {
+                return Err(format!(
+                    "sandbox.secrets[{i}]: {name:?} is a database URL; grant the database \
+                     in sandbox.databases instead (a task never reads a database URL)"
+                ));
+            }
+        }
+        for (i, name) in self.databases.iter().enumerate() {
+            crate::secrets::check_name(&format!("{}{name}", crate::secrets::DATABASE_PREFIX))
+                .map_err(|e| format!("sandbox.databases[{i}]: {e}"))?;
         }
         Ok(())
     }

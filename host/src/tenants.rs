@@ -53,6 +53,15 @@ pub struct TenantLimits {
     /// Outbound HTTP entries a task may be granted (exact `host` or
     /// `host:port` strings); `None`: any.
     pub allow_http: Option<Vec<String>>,
+    /// Secret names a task may be granted (`sandbox.secrets`); `None`: any
+    /// of the tenant's own. (Another tenant's are never reachable: a name
+    /// is looked up in the job's tenant.) Left out of records when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_secrets: Option<Vec<String>>,
+    /// Database names a task may be granted (`sandbox.databases`); `None`:
+    /// any of the tenant's own. Left out of records when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_databases: Option<Vec<String>>,
     /// Host directories (and everything below them) a task may be granted;
     /// `None`: any. Grants are opened beneath them (see [`crate::dir_caps`]).
     pub allow_dirs: Option<Vec<PathBuf>>,
@@ -152,6 +161,20 @@ impl TenantLimits {
         if let Some(allowed) = &self.allow_http {
             for entry in s.allow_http.iter().filter(|e| !allowed.contains(e)) {
                 out.push(format!("outbound HTTP to {entry:?} is not in tenant {tenant:?}'s allowed hosts {allowed:?}"));
+            }
+        }
+        if let Some(allowed) = &self.allow_secrets {
+            for name in s.secrets.iter().filter(|e| !allowed.contains(e)) {
+                out.push(format!(
+                    "secret {name:?} is not in tenant {tenant:?}'s allowed secrets {allowed:?}"
+                ));
+            }
+        }
+        if let Some(allowed) = &self.allow_databases {
+            for name in s.databases.iter().filter(|e| !allowed.contains(e)) {
+                out.push(format!(
+                    "database {name:?} is not in tenant {tenant:?}'s allowed databases {allowed:?}"
+                ));
             }
         }
         for grant in &s.dirs {
@@ -271,6 +294,12 @@ impl TenantLimits {
         if let Some(allowed) = &self.allow_http {
             policy.allow_http.retain(|e| allowed.contains(e));
         }
+        if let Some(allowed) = &self.allow_secrets {
+            policy.secrets.retain(|e| allowed.contains(e));
+        }
+        if let Some(allowed) = &self.allow_databases {
+            policy.databases.retain(|e| allowed.contains(e));
+        }
         policy.allow_private_networks &= self.allow_private_networks;
         policy.literal_private_grants &= self.allow_private_networks;
         policy
@@ -377,6 +406,31 @@ mod tests {
             2,
             "grants are refused at run time, not dropped"
         );
+    }
+
+    #[test]
+    fn secret_and_database_grants_stay_within_the_tenants_caps() {
+        let limits = TenantLimits {
+            allow_secrets: Some(vec!["mail_api_key".into()]),
+            allow_databases: Some(vec!["app".into()]),
+            ..TenantLimits::default()
+        };
+        let mut policy = TaskPolicy::default();
+        policy.sandbox.secrets = vec!["mail_api_key".into(), "payroll_key".into()];
+        policy.sandbox.databases = vec!["app".into(), "billing".into()];
+        let excesses = limits.excesses("acme", &policy);
+        assert_eq!(excesses.len(), 2, "{excesses:?}");
+        assert!(excesses[0]
+            .contains("secret \"payroll_key\" is not in tenant \"acme\"'s allowed secrets"));
+        assert!(excesses[1]
+            .contains("database \"billing\" is not in tenant \"acme\"'s allowed databases"));
+        // Caps lowered after a deploy: the job loses the grants.
+        let clamped = limits.clamp(policy.sandbox);
+        assert_eq!(clamped.secrets, ["mail_api_key"]);
+        assert_eq!(clamped.databases, ["app"]);
+        // Unset caps are left out of records (older workers read them).
+        let json = serde_json::to_string(&TenantLimits::default()).unwrap();
+        assert!(!json.contains("allow_secrets") && !json.contains("allow_databases"));
     }
 
     #[test]

@@ -31,4 +31,15 @@ pub struct Usage {
     /// even when the guest swallowed the error and succeeded.
     #[serde(default)]
     pub denied: u64,
+    /// Time the run spent in database calls (`postgres`: connecting,
+    /// statements, transactions), in microseconds. Left out when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub db_time_us: u64,
+    /// Rows the run's queries returned. Left out when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub db_rows: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

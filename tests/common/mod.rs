@@ -10,6 +10,7 @@ pub mod browser;
 pub mod components;
 pub mod http;
 pub mod jobs;
+pub mod postgres;
 pub mod redis;
 pub mod sandbox;
 pub mod web;
@@ -64,6 +65,35 @@ pub fn wasmq_cached(
         .env("WASMQ_CACHE_DIR", cache)
         .output()
         .unwrap()
+}
+
+/// [`wasmq`] with extra environment variables and `stdin` piped in.
+pub fn wasmq_with(
+    redis: &str,
+    tenant: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(wasmq_bin())
+        .args(["--redis", redis, "--tenant", tenant])
+        .args(args)
+        .env("WASMQ_CACHE_DIR", shared_cache_dir())
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// A command's stdout or stderr, trimmed.

@@ -83,6 +83,16 @@ pub fn start_configured(
 /// Spawn `wasmq --redis URL --tenant TENANT worker ARGS...` (output
 /// discarded), killed when dropped.
 pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> KillOnDrop {
+    spawn_process_with(redis_url, tenant, args, &[])
+}
+
+/// [`spawn_process`] with extra environment variables.
+pub fn spawn_process_with(
+    redis_url: &str,
+    tenant: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> KillOnDrop {
     let child = Command::new(super::wasmq_bin())
         .args(["--redis", redis_url, "--tenant", tenant, "worker"])
         .args(args)
@@ -90,6 +100,7 @@ pub fn spawn_process(redis_url: &str, tenant: &str, args: &[&str]) -> KillOnDrop
             "WASMQ_CACHE_DIR",
             std::env::temp_dir().join("wasmq-test-cache"),
         )
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("WASMQ_TEST_WORKER_LOGS").is_some() {
             Stdio::inherit()

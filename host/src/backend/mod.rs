@@ -218,4 +218,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Start a workflow in `tenant`, or find the one this `request`'s job
     /// and ordinal started before.
     async fn start_flow(&self, tenant: &str, request: FlowRequest) -> BackendResult<StartedFlow>;
+
+    // --- secrets ---
+
+    /// The sealed value of secret `name` for `task` of `tenant`, with the
+    /// field it was filed under (see [`crate::secrets`]): the task's own
+    /// value if set, else the tenant's. `None` when neither is set. The
+    /// default has no secrets at all (embedded mode).
+    async fn secret_sealed(
+        &self,
+        tenant: &str,
+        task: &str,
+        name: &str,
+    ) -> BackendResult<Option<(String, Vec<u8>)>> {
+        let _ = (tenant, task, name);
+        Ok(None)
+    }
 }

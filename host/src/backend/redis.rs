@@ -801,6 +801,27 @@ impl Backend for RedisBackend {
             )),
         }
     }
+    async fn secret_sealed(
+        &self,
+        tenant: &str,
+        task: &str,
+        name: &str,
+    ) -> BackendResult<Option<(String, Vec<u8>)>> {
+        let fields = [
+            crate::secrets::field(name, Some(task)),
+            crate::secrets::field(name, None),
+        ];
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(Keys::new(tenant).secrets())
+            .arg(&fields[..])
+            .query_async(&mut self.conn())
+            .await
+            .map_err(failed("secret get"))?;
+        Ok(fields
+            .into_iter()
+            .zip(values)
+            .find_map(|(field, value)| value.map(|v| (field, v))))
+    }
 }
 
 /// Bytes a step claim reserves for the step's output under a store quota:

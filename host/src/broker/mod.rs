@@ -7,7 +7,8 @@
 //! operator's views ([`inspect`]: queues, jobs by state, per-minute
 //! counts) and controls ([`control`]: cancel, pause, heartbeats), the
 //! tenants' schedules ([`schedules`]: definitions, due times, firing a
-//! tick) and dashboard tokens ([`web_tokens`]). Every state
+//! tick), dashboard tokens ([`web_tokens`]) and sealed secrets
+//! ([`secrets`]). Every state
 //! change is one Lua script ([`scripts`]); running jobs is the worker's job.
 
 pub mod acl;
@@ -22,6 +23,7 @@ mod producer;
 mod registry;
 mod schedules;
 mod scripts;
+mod secrets;
 mod web_tokens;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,6 +40,7 @@ pub use registry::DeployedTask;
 pub use schedules::{
     read_definition, DueSchedule, DueSchedules, LastFire, ScheduleView, TickClaim, DUE_PER_ROUND,
 };
+pub use secrets::SecretEntry;
 pub use web_tokens::{token_digest, token_tenant, WebToken};
 
 /// Redis-backed broker handle; cheap to clone (one multiplexed connection

@@ -214,6 +214,14 @@ fn describe(s: &JobStatus) -> String {
             n("net_in_bytes"),
             n("denied")
         );
+        if n("db_time_us") > 0 || n("db_rows") > 0 {
+            let _ = writeln!(
+                out,
+                "database   {} us, {} rows returned",
+                n("db_time_us"),
+                n("db_rows")
+            );
+        }
     }
     if let Some(flow) = &s.flow {
         let list = |ids: &[String]| match ids {

@@ -15,6 +15,7 @@ mod format;
 mod operate;
 mod run;
 mod schedule;
+mod secret;
 mod tenant;
 mod web;
 mod worker;
@@ -125,6 +126,10 @@ pub enum Command {
     /// running worker fires them; there is no beat process.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
+    /// Secrets of the tenant or one task: `secret set|list|remove|keygen`
+    /// (values from stdin or a file, sealed; never printed).
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// The web dashboard (`--listen ADDR`), or its tenant tokens
     /// (`web token create|list|revoke`).
     Web(web::WebArgs),
@@ -182,6 +187,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Queue(command) => operate::queue(&cli.redis, &cli.tenant, command).await,
         Command::Schedule(command) => schedule::schedule(&cli.redis, &cli.tenant, command).await,
         Command::Web(args) => web::web(&cli.redis, &cli.tenant, args).await,
+        Command::Secret(command) => secret::secret(&cli.redis, &cli.tenant, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

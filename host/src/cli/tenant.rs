@@ -69,6 +69,14 @@ pub struct LimitArgs {
     /// any, hosts are not capped.
     #[arg(long = "allow-http")]
     pub allow_http: Vec<String>,
+    /// A secret name tasks may be granted (repeatable); without any, any
+    /// of the tenant's own secrets.
+    #[arg(long = "allow-secret")]
+    pub allow_secret: Vec<String>,
+    /// A database name tasks may be granted (repeatable); without any, any
+    /// of the tenant's own databases.
+    #[arg(long = "allow-database")]
+    pub allow_database: Vec<String>,
     /// A host directory tasks may be granted, with what is below it
     /// (repeatable; an absolute path without `..`); without any,
     /// directories are not capped. Workers open every grant beneath it: a
@@ -134,6 +142,12 @@ impl LimitArgs {
         limits.max_component_bytes = self.max_component.or(limits.max_component_bytes);
         if !self.allow_http.is_empty() {
             limits.allow_http = Some(self.allow_http.clone());
+        }
+        if !self.allow_secret.is_empty() {
+            limits.allow_secrets = Some(self.allow_secret.clone());
+        }
+        if !self.allow_database.is_empty() {
+            limits.allow_databases = Some(self.allow_database.clone());
         }
         if !self.allow_dir.is_empty() {
             limits.allow_dirs = Some(self.allow_dir.clone());

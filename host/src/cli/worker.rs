@@ -108,6 +108,11 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     if let Some(cap) = args.default_max_component {
         config.default_max_component_bytes = cap;
     }
+    // The secrets key comes from the environment only (a flag would put
+    // it in `ps` and shell history): see `crate::secrets`.
+    config.secrets_key = crate::secrets::SecretsKey::from_env()
+        .map_err(anyhow::Error::msg)?
+        .map(std::sync::Arc::new);
     let total = launcher::run(config, launcher::shutdown_signal()).await?;
     super::format::notice(&format!(
         "wasmq worker stopped: {} job(s) completed, {} handed back ({} succeeded, {} dead-lettered; {} run(s) ended in a retry)",

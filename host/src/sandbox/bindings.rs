@@ -16,6 +16,9 @@ pub mod v0_2 {
         world: "wasmq:task/task@0.2.0",
         imports: { default: async },
         exports: { default: async },
+        with: {
+            "wasmq:task/postgres.connection": crate::sandbox::postgres_api::Connection,
+        },
     });
 }
 

@@ -70,7 +70,7 @@ impl HostState {
     /// the job: the first time the host failed it (the worker then retries
     /// the job without counting the attempt against the task), and every
     /// quota refusal (the job ends `denied` even if the guest swallows it).
-    fn fault(&self, e: BackendError) -> HostError {
+    pub(super) fn fault(&self, e: BackendError) -> HostError {
         match &e {
             BackendError::Unavailable(m) | BackendError::LeaseLost(m) => {
                 let _ = self.host_fault.set(m.clone());

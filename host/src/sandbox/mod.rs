@@ -16,6 +16,7 @@
 
 mod bindings;
 mod compiler;
+mod config_api;
 mod disk;
 mod files;
 mod host_api;
@@ -23,6 +24,7 @@ mod http;
 mod limiter;
 mod output;
 mod pacing;
+pub(crate) mod postgres_api;
 mod state;
 mod steps;
 mod world;
@@ -41,12 +43,14 @@ use crate::engine::CompileSettings;
 use crate::failure::{Category, Failure};
 use crate::fence::LeaseWatch;
 use crate::policy::SandboxPolicy;
+use crate::secrets::SecretsKey;
 use crate::tenants::TenantLimits;
 pub use crate::usage::Usage;
 use bindings::v0_2::wasmq::task0_1_0::types::TaskError;
 use bindings::v0_2::Task;
 pub use compiler::CompileStats;
 use compiler::Compiler;
+use config_api::JobSecrets;
 use disk::DiskLedgers;
 pub use disk::{ENTRY_BYTES as DISK_ENTRY_BYTES, MEASURE_EVERY as DISK_MEASURE_EVERY};
 use files::JobFiles;
@@ -234,6 +238,11 @@ pub struct Sandbox {
     /// Every tenant's disk use in this process (one sandbox per worker
     /// process, so the jobs of a tenant share one account).
     disks: DiskLedgers,
+    /// The key that opens the tenants' secrets (`None`: a job that reads
+    /// a secret that is set fails as the host's fault).
+    secrets_key: Option<Arc<SecretsKey>>,
+    /// This worker's database pools, per tenant and database.
+    databases: Arc<postgres_api::Databases>,
 }
 
 impl Sandbox {
@@ -254,7 +263,15 @@ impl Sandbox {
             cache,
             compiler: Compiler::new(CompileSettings::default()),
             disks: DiskLedgers::default(),
+            secrets_key: None,
+            databases: Arc::default(),
         })
+    }
+
+    /// The same sandbox, opening secrets with `key`.
+    pub fn with_secrets_key(mut self, key: Option<Arc<SecretsKey>>) -> Self {
+        self.secrets_key = key;
+        self
     }
 
     /// The same sandbox, compiling with `settings` (a worker's priority,
@@ -416,6 +433,8 @@ impl Sandbox {
             net_out_bytes: state.http_hooks.traffic().sent(),
             net_in_bytes: state.http_hooks.traffic().received(),
             denied: state.denials.all().len() as u64,
+            db_time_us: state.databases.time_us,
+            db_rows: state.databases.rows,
         };
         let Some(result) = result else {
             let message = "the delivery lost its lease mid-run; the run was stopped".to_string();
@@ -429,6 +448,7 @@ impl Sandbox {
             );
             outcome.lease_lost = true;
             outcome.denials = state.denials.all();
+            redact_secrets(&mut outcome, &state.secrets);
             return outcome;
         };
         let verdict = match result {
@@ -456,6 +476,7 @@ impl Sandbox {
         let mut outcome = finish(verdict, usage, host_fault);
         outcome.waiting_on_step = state.waiting_on_step;
         outcome.denials = state.denials.all();
+        redact_secrets(&mut outcome, &state.secrets);
         outcome
     }
 
@@ -539,6 +560,8 @@ impl Sandbox {
                 .unwrap_or_default(),
             host_fault: std::sync::OnceLock::new(),
             waiting_on_step: false,
+            secrets: JobSecrets::new(self.secrets_key.clone(), &policy.secrets, &job.task),
+            databases: postgres_api::JobDatabases::new(self.databases.clone(), &policy.databases),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -565,6 +588,20 @@ impl Sandbox {
             }
         });
         Ok(store)
+    }
+}
+
+/// Blot the secrets a run read out of everything of it that is kept or
+/// shown: its log, its result and its failure message.
+fn redact_secrets(outcome: &mut JobOutcome, secrets: &JobSecrets) {
+    if !secrets.any_read() {
+        return;
+    }
+    outcome.log = secrets.redact(&outcome.log);
+    match &mut outcome.verdict {
+        Verdict::Succeeded { result } => *result = secrets.redact(result),
+        Verdict::Retry { message, .. } => *message = secrets.redact(message),
+        Verdict::Failed { failure, .. } => failure.message = secrets.redact(&failure.message),
     }
 }
 

@@ -7,10 +7,12 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::config_api::JobSecrets;
 use super::files::JobFiles;
 use super::http::{AllowListHooks, Denials};
 use super::limiter::JobLimiter;
 use super::output::JobLog;
+use super::postgres_api::JobDatabases;
 use super::steps::OpenSteps;
 use crate::backend::{Backend, Claimant};
 
@@ -61,6 +63,10 @@ pub struct HostState {
     pub(crate) host_fault: std::sync::OnceLock<String>,
     /// A step the run needed was held by another job.
     pub(crate) waiting_on_step: bool,
+    /// The secrets the job may read, and those it read.
+    pub(crate) secrets: JobSecrets,
+    /// The databases the job may open, and what it used of them.
+    pub(crate) databases: JobDatabases,
 }
 
 impl WasiView for HostState {

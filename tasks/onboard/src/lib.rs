@@ -13,8 +13,18 @@
 //! the email once. A retry policy listing `"network"` in its auto-retry kinds
 //! retries connection failures; a mail API that answers with an error
 //! status fails the job with kind `"mail-api"`.
+//!
+//! With `"db": "app"` in the payload it is the article's task: in one
+//! transaction it locks the user's row (`SELECT ... FOR UPDATE`), returns
+//! if `onboarded` is already true, sends the email inside the step, sets
+//! `onboarded = true` and commits. The row lock makes concurrent jobs for
+//! one user wait for each other; the step marker is still needed because
+//! the transaction can roll back *after* the email went out (the commit
+//! fails, the worker dies, the job times out): the next run finds the row
+//! not onboarded, but the step done, and does not send again.
 
 use serde::{Deserialize, Serialize};
+use wasmq_guest::postgres::{Connection, Value};
 use wasmq_guest::{http, log, once, Job, TaskError};
 
 /// Payload: `{"user_id": 42, "mail_api": "http://mail.internal/send"}`.
@@ -23,6 +33,10 @@ struct Args {
     user_id: u64,
     /// URL the welcome email is POSTed to.
     mail_api: String,
+    /// Database (granted in the task's policy) whose `users` table has the
+    /// user's `onboarded` flag; without one, the email alone.
+    #[serde(default)]
+    db: Option<String>,
 }
 
 /// What the step records when the email is sent; returned as-is later.
@@ -50,6 +64,41 @@ struct Out {
 
 #[wasmq_guest::task]
 fn run(job: &Job, args: Args) -> Result<Out, TaskError> {
+    let Some(db) = &args.db else {
+        return welcome(job, &args);
+    };
+    let db = Connection::open(db)?;
+    let user = [Value::Int64(args.user_id as i64)];
+    db.begin()?;
+    let rows = db.query(
+        "SELECT onboarded FROM users WHERE id = $1 FOR UPDATE",
+        &user,
+    )?;
+    match rows.rows.first().map(|row| &row[0]) {
+        None => {
+            return Err(TaskError::fail(format!("no user {}", args.user_id)));
+        }
+        Some(Value::Boolean(true)) => {
+            // Dropping the connection rolls the transaction back.
+            log::info(format!("user {} is already onboarded", args.user_id));
+            return Ok(Out {
+                user_id: args.user_id,
+                email: "sent",
+                already_sent: true,
+                sent_by_job: String::new(),
+                mail_api_status: 0,
+            });
+        }
+        Some(_) => {}
+    }
+    let out = welcome(job, &args)?;
+    db.execute("UPDATE users SET onboarded = true WHERE id = $1", &user)?;
+    db.commit()?;
+    Ok(out)
+}
+
+/// Send the welcome email once per user (the step marker).
+fn welcome(job: &Job, args: &Args) -> Result<Out, TaskError> {
     let mut ran_here = false;
     let step = format!("welcome-email:{}", args.user_id);
     let sent = once(&step, || {

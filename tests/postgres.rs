@@ -1,0 +1,683 @@
+//! The `postgres` host interface against a real PostgreSQL and a real
+//! redis-server (both private, on free ports): a task reaches only the
+//! databases its policy grants, in its own tenant; parameters cannot
+//! become SQL; a transaction left open is rolled back when the job
+//! returns, traps, times out (in wasm or in a statement) or is cancelled; pooled connections are reused.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::jobs::enqueue_and_wait;
+use common::postgres::PostgresServer;
+use common::redis::RedisServer;
+use common::{guest_bytes, text, wasmq_with};
+use serde_json::{json, Value};
+use wasmq::broker::{Broker, ResultState};
+use wasmq::failure::Category;
+use wasmq::policy::TaskPolicy;
+use wasmq::secrets::SecretsKey;
+
+const KEY: &str = "0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed0b5e55ed";
+
+struct World {
+    _redis: RedisServer,
+    redis_url: String,
+    pg: PostgresServer,
+    broker: Broker,
+    stop: tokio::sync::oneshot::Sender<()>,
+    worker: tokio::task::JoinHandle<wasmq::worker::WorkerStats>,
+}
+
+/// PostgreSQL with a `users` table (user 7 not onboarded), Redis, the
+/// `db` guest deployed as acme's `db` (granted `app`, 2 s timeout, one
+/// attempt), acme's `database:app` secret, and a worker holding the key.
+async fn world() -> World {
+    world_of(8).await
+}
+
+/// [`world`] with a worker of `concurrency` slots.
+async fn world_of(concurrency: usize) -> World {
+    let pg = PostgresServer::start();
+    let client = pg.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE users (id int8 PRIMARY KEY, name text, onboarded bool NOT NULL DEFAULT false, \
+             score float8, data bytea, meta jsonb); INSERT INTO users (id, name) VALUES (7, 'seven');",
+        )
+        .await
+        .unwrap();
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let out = wasmq_with(
+        &redis.url,
+        "acme",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    policy.sandbox.timeout = Duration::from_secs(2);
+    policy.sandbox.fuel = 1_000_000_000_000; // `spin` meets the deadline first
+    policy.retry.max_attempts = 1;
+    for tenant in ["acme", "other"] {
+        broker
+            .deploy(tenant, "db", &guest_bytes("db"), &policy)
+            .await
+            .unwrap();
+    }
+    // The same, with time to be cancelled mid-statement.
+    policy.sandbox.timeout = Duration::from_secs(60);
+    broker
+        .deploy("acme", "db-slow", &guest_bytes("db"), &policy)
+        .await
+        .unwrap();
+    let mut config = common::workers::in_process_config(
+        &broker,
+        "acme",
+        concurrency,
+        Duration::from_secs(10),
+        "pg-worker",
+    );
+    config.tenants = vec!["acme".into(), "other".into()];
+    config.secrets_key = Some(Arc::new(SecretsKey::from_hex(KEY).unwrap()));
+    let (stop, worker, _) = common::workers::start_configured(config);
+    World {
+        redis_url: redis.url.clone(),
+        _redis: redis,
+        pg,
+        broker,
+        stop,
+        worker,
+    }
+}
+
+impl World {
+    async fn run(&self, tenant: &str, payload: Value) -> ResultState {
+        enqueue_and_wait(&self.broker, tenant, "db", payload, Duration::from_secs(60))
+            .await
+            .1
+    }
+
+    async fn query(&self, sql: &str, params: Value) -> Value {
+        match self
+            .run("acme", json!({"op": "query", "sql": sql, "params": params}))
+            .await
+        {
+            ResultState::Ready(v) => v,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.worker.await.unwrap();
+    }
+
+    /// Backends of wasmq's pools, and those idle in a transaction.
+    async fn wasmq_backends(&self) -> (i64, i64) {
+        let row = self
+            .pg
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%') \
+                 FROM pg_stat_activity WHERE application_name = 'wasmq'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+}
+
+fn failure(state: ResultState) -> wasmq::failure::Failure {
+    match state {
+        ResultState::Failed(f) => f,
+        other => panic!("expected a failure: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_parameters_never_become_sql_and_only_granted_databases_open() {
+    let w = world().await;
+    let hostile = [
+        "Robert'); DROP TABLE users;--",
+        "' OR '1'='1",
+        "$1; DELETE FROM users",
+        "\\'; SELECT pg_sleep(10); --",
+        "\u{0}",
+    ];
+    for (i, name) in hostile.iter().enumerate() {
+        let name = name.replace('\u{0}', "nul?");
+        let got = w
+            .query(
+                "INSERT INTO users (id, name, score, meta) VALUES ($1, $2, $3, $4) RETURNING name, score, meta, onboarded",
+                json!([100 + i as i64, name, 1.5, {"k": [1, 2]}]),
+            )
+            .await;
+        assert_eq!(got["rows"], json!([[name, 1.5, {"k": [1, 2]}, false]]));
+        // Read back by the hostile string itself: exactly that row.
+        let got = w
+            .query("SELECT id FROM users WHERE name = $1", json!([name]))
+            .await;
+        assert_eq!(got["rows"], json!([[100 + i as i64]]));
+    }
+    let got = w.query("SELECT count(*) FROM users", json!([])).await;
+    assert_eq!(got["rows"], json!([[1 + hostile.len() as i64]]));
+    // A string where an integer goes is refused, not parsed.
+    let f = failure(
+        w.run(
+            "acme",
+            json!({"op": "query", "sql": "SELECT * FROM users WHERE id = $1", "params": ["7 OR 1=1"]}),
+        )
+        .await,
+    );
+    assert!(f.message.contains("cannot be passed as int8"), "{f:?}");
+    // Transactions only through the interface.
+    let f = failure(
+        w.run(
+            "acme",
+            json!({"op": "query", "sql": " begin", "params": []}),
+        )
+        .await,
+    );
+    assert!(f.message.contains("use the connection's begin"), "{f:?}");
+
+    // Databases not granted, spelled any way: denied.
+    for db in ["other", "database:app", "wasmq:{other}:secrets", "app/db"] {
+        let f = failure(
+            w.run("acme", json!({"op": "query", "db": db, "sql": "SELECT 1"}))
+                .await,
+        );
+        assert_eq!(f.category, Category::Denied, "{db}: {f:?}");
+    }
+    // Another tenant granted the same name has no URL of its own, and
+    // never gets acme's.
+    let f = failure(
+        w.run("other", json!({"op": "query", "sql": "SELECT 1"}))
+            .await,
+    );
+    assert!(f.message.contains("has no URL"), "{f:?}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out_or_is_cancelled() {
+    let w = world().await;
+    for (then, category) in [
+        ("return", None),
+        ("trap", Some("trap:")),
+        ("spin", Some("timeout:")),
+        // The deadline passes while a statement runs: cancelled, rolled back.
+        ("sleep", Some("timeout:")),
+    ] {
+        let state = w
+            .run("acme", json!({"op": "onboard", "user_id": 7, "then": then}))
+            .await;
+        match (category, state) {
+            (None, ResultState::Ready(_)) => {}
+            // One attempt: "gave up after 1 attempt(s); last error: CATEGORY: ..."
+            (Some(c), ResultState::Failed(f)) => assert!(f.message.contains(c), "{then}: {f:?}"),
+            (_, other) => panic!("{then}: {other:?}"),
+        }
+        // The update was rolled back and the row lock released (NOWAIT
+        // fails at once on a held lock).
+        let client = w.pg.client().await;
+        let mut released = false;
+        for _ in 0..100 {
+            if client
+                .query_one(
+                    "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                    &[],
+                )
+                .await
+                .map(|r| !r.get::<_, bool>(0))
+                .unwrap_or(false)
+            {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(released, "{then}: row 7 still locked or changed");
+        let (_, idle_in_tx) = w.wasmq_backends().await;
+        assert_eq!(
+            idle_in_tx, 0,
+            "{then}: a connection is left in a transaction"
+        );
+    }
+
+    // Cancelled by an operator while its statement runs: the same.
+    let req = wasmq::broker::EnqueueRequest {
+        tenant: "acme".into(),
+        task: "db-slow".into(),
+        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
+        ..Default::default()
+    };
+    let id = w.broker.enqueue(req).await.unwrap().id;
+    let client = w.pg.client().await;
+    let mut sleeping = false;
+    for _ in 0..500 {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            sleeping = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sleeping, "the job never reached its statement");
+    w.broker.cancel("acme", &id, "test").await.unwrap();
+    let mut released = false;
+    for _ in 0..250 {
+        if client
+            .query_one(
+                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await
+            .map(|r| !r.get::<_, bool>(0))
+            .unwrap_or(false)
+        {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(released, "cancelled: row 7 still locked or changed");
+    let status = w.broker.status("acme", &id).await.unwrap().unwrap();
+    assert_eq!(status.state, "cancelled");
+    let state = w
+        .run(
+            "acme",
+            json!({"op": "onboard", "user_id": 7, "then": "commit"}),
+        )
+        .await;
+    assert!(matches!(state, ResultState::Ready(_)), "{state:?}");
+    let client = w.pg.client().await;
+    let row = client
+        .query_one("SELECT onboarded FROM users WHERE id = 7", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+
+    // Pooled: many jobs, few connections, none left in a transaction.
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            let req = wasmq::broker::EnqueueRequest {
+                tenant: "acme".into(),
+                task: "db".into(),
+                payload: json!({"op": "query", "sql": "SELECT id FROM users WHERE id = $1", "params": [7]}),
+                store_result: Some(true),
+                ..Default::default()
+            };
+            ids.push(w.broker.enqueue(req).await.unwrap().id);
+        }
+        ids
+    };
+    for id in &ids {
+        let state = w
+            .broker
+            .result("acme", id, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(matches!(state, ResultState::Ready(_)), "{state:?}");
+    }
+    // Billing: database time and rows per job.
+    let status = w.broker.status("acme", &ids[0]).await.unwrap().unwrap();
+    let usage = status.usage.unwrap();
+    assert_eq!(usage["db_rows"], json!(1), "{usage}");
+    assert!(usage["db_time_us"].as_u64().unwrap() > 0, "{usage}");
+    let (backends, idle_in_tx) = w.wasmq_backends().await;
+    println!("pg backends of the worker after 104 jobs: {backends}");
+    assert!(
+        (1..=wasmq::limits::DB_POOL_SIZE as i64).contains(&backends),
+        "{backends}"
+    );
+    assert_eq!(idle_in_tx, 0);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_transaction_leaves_no_lock_or_connection_behind() {
+    let w = world().await;
+    // Tenant `solo`, served only by a `wasmq worker` process.
+    let redis_url = w.redis_url.clone();
+    let out = wasmq_with(
+        &redis_url,
+        "solo",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &w.pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    w.broker
+        .deploy("solo", "db", &guest_bytes("db"), &policy)
+        .await
+        .unwrap();
+    let mut worker = common::workers::spawn_process_with(
+        &redis_url,
+        "solo",
+        &["--concurrency", "2"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+    );
+    let req = wasmq::broker::EnqueueRequest {
+        tenant: "solo".into(),
+        task: "db".into(),
+        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
+        ..Default::default()
+    };
+    w.broker.enqueue(req).await.unwrap();
+    let client = w.pg.client().await;
+    let mut sleeping = false;
+    for _ in 0..1500 {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            sleeping = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sleeping, "the job never reached its statement");
+    // kill -9: no drop runs, the socket just closes.
+    worker.0.kill().unwrap();
+    worker.0.wait().unwrap();
+    let started = std::time::Instant::now();
+    let mut released = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if client
+            .query_one(
+                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await
+            .map(|r| !r.get::<_, bool>(0))
+            .unwrap_or(false)
+        {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(released, "row 7 still locked 5 s after its worker died");
+    println!("lock released {:?} after the kill", started.elapsed());
+    let (_, idle_in_tx) = w.wasmq_backends().await;
+    assert_eq!(idle_in_tx, 0);
+    w.stop().await;
+}
+
+/// The seed scenario on the database: user 7 enqueued three times at
+/// once, the mail API failing the first send, the worker killed (-9)
+/// while the second send is in flight. One email (one idempotency key
+/// among the sends the API accepted), `onboarded` true, every job done,
+/// no connection left in a transaction or open once the workers are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_one_email_onboarded_no_leak_after_a_kill() {
+    use common::http::{Reply, TestServer};
+    let w = world().await;
+    let emails: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let mail = {
+        let emails = emails.clone();
+        TestServer::start(move |req, n| match n {
+            1 => Reply::status(500),
+            _ => {
+                if let Some(key) = req.header("idempotency-key") {
+                    emails.lock().unwrap().insert(key.to_string());
+                }
+                Reply {
+                    // The second send is slow: the worker dies meanwhile.
+                    delay: Duration::from_millis(if n == 2 { 3000 } else { 50 }),
+                    ..Reply::ok(r#"{"queued":true}"#)
+                }
+            }
+        })
+        .await
+    };
+    let out = wasmq_with(
+        &w.redis_url,
+        "seed",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &w.pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    policy.sandbox.allow_http = vec![mail.authority()];
+    policy.retry.max_attempts = 5;
+    policy.retry.backoff_base = Duration::from_millis(100);
+    policy.retry.backoff_max = Duration::from_millis(500);
+    policy.retry.auto_retry_kinds = vec!["network".into(), "mail-api".into()];
+    w.broker
+        .deploy("seed", "onboard", &guest_bytes("onboard"), &policy)
+        .await
+        .unwrap();
+    let worker = |_: ()| {
+        common::workers::spawn_process_with(
+            &w.redis_url,
+            "seed",
+            &["--concurrency", "3", "--lease", "2s"],
+            &[("WASMQ_SECRETS_KEY", KEY)],
+        )
+    };
+    let mut first = worker(());
+    let payload = json!({"user_id": 7, "mail_api": mail.url("/send"), "db": "app"});
+    let enqueue = |_| {
+        let req = wasmq::broker::EnqueueRequest {
+            tenant: "seed".into(),
+            task: "onboard".into(),
+            payload: payload.clone(),
+            store_result: Some(true),
+            ..Default::default()
+        };
+        w.broker.enqueue(req)
+    };
+    let (a, b, c) = tokio::join!(enqueue(0), enqueue(1), enqueue(2));
+    let ids = [a.unwrap().id, b.unwrap().id, c.unwrap().id];
+    let started = std::time::Instant::now();
+    while mail.count("/send") < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no second send"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let second = worker(());
+    for id in &ids {
+        let state = w
+            .broker
+            .result("seed", id, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(matches!(state, ResultState::Ready(_)), "{id}: {state:?}");
+    }
+    assert_eq!(emails.lock().unwrap().len(), 1, "{:?}", mail.requests());
+    let client = w.pg.client().await;
+    let row = client
+        .query_one("SELECT onboarded FROM users WHERE id = 7", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    let (_, idle_in_tx) = w.wasmq_backends().await;
+    assert_eq!(idle_in_tx, 0);
+    println!("mail API requests: {}", mail.count("/send"));
+    // The workers gone (the in-process one too), no connection of wasmq's
+    // is left open.
+    drop(second);
+    let World {
+        stop,
+        worker,
+        pg,
+        _redis,
+        ..
+    } = w;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let row = pg
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wasmq'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let left: i64 = row.get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{left} connection(s) leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(_redis);
+}
+
+/// Jobs of one indexed SELECT and one UPDATE each, through Redis, a
+/// worker and the pooled `postgres` interface, against the floor: the
+/// same two statements in a plain tokio-postgres loop (8 connections).
+/// Prints both rates; a measurement, not a timed assertion. Debug builds
+/// understate the host: `cargo test --release --test postgres -- --nocapture db_jobs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
+    const N: usize = 5_000;
+    const USERS: i64 = 10_000;
+    let w = world_of(64).await;
+    let client = w.pg.client().await;
+    client
+        .batch_execute(&format!(
+            "UPDATE users SET score = 0; INSERT INTO users (id, score) \
+             SELECT g, 0 FROM generate_series(1000, {}) g",
+            1000 + USERS
+        ))
+        .await
+        .unwrap();
+
+    // The floor: 8 connections, prepared statements, nothing else.
+    let started = std::time::Instant::now();
+    let mut loops = Vec::new();
+    for t in 0..8usize {
+        let c = w.pg.client().await;
+        loops.push(tokio::spawn(async move {
+            let select = c
+                .prepare("SELECT onboarded FROM users WHERE id = $1")
+                .await
+                .unwrap();
+            let update = c
+                .prepare("UPDATE users SET score = score + 1 WHERE id = $1")
+                .await
+                .unwrap();
+            for i in (t..N).step_by(8) {
+                let id = 1000 + (i as i64 * 7919) % USERS;
+                c.query(&select, &[&id]).await.unwrap();
+                c.execute(&update, &[&id]).await.unwrap();
+            }
+        }));
+    }
+    for l in loops {
+        l.await.unwrap();
+    }
+    let floor = N as f64 / started.elapsed().as_secs_f64();
+
+    // Warm up (the first job compiles the component), then measure.
+    let warm = w.run("acme", json!({"op": "bench", "user_id": 1000})).await;
+    assert!(matches!(warm, ResultState::Ready(_)), "{warm:?}");
+    let mut conn = w._redis.connect().await;
+    let runs = |conn: &mut redis::aio::ConnectionManager| {
+        let mut conn = conn.clone();
+        async move {
+            let runs: Option<u64> = redis::cmd("HGET")
+                .arg("wasmq:{acme}:usage")
+                .arg("runs")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            runs.unwrap_or(0)
+        }
+    };
+    let before = runs(&mut conn).await;
+    let payloads: Vec<Value> = (0..N)
+        .map(|i| json!({"op": "bench", "user_id": 1000 + (i as i64 * 7919) % USERS}))
+        .collect();
+    let started = std::time::Instant::now();
+    for chunk in payloads.chunks(1000) {
+        w.broker.enqueue_many("acme", "db", chunk).await.unwrap();
+    }
+    while runs(&mut conn).await < before + N as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = N as f64 / started.elapsed().as_secs_f64();
+    let (backends, _) = w.wasmq_backends().await;
+
+    // The same jobs without the database (the `noop` guest): what the
+    // queue, the worker and a fresh instance per job cost by themselves.
+    w.broker
+        .deploy("acme", "noop", &guest_bytes("noop"), &TaskPolicy::default())
+        .await
+        .unwrap();
+    let warm = enqueue_and_wait(
+        &w.broker,
+        "acme",
+        "noop",
+        json!({}),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(matches!(warm.1, ResultState::Ready(_)), "{warm:?}");
+    let before = runs(&mut conn).await;
+    let started = std::time::Instant::now();
+    for _ in 0..N / 1000 {
+        w.broker
+            .enqueue_many("acme", "noop", &vec![json!({}); 1000])
+            .await
+            .unwrap();
+    }
+    while runs(&mut conn).await < before + N as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noop_rate = N as f64 / started.elapsed().as_secs_f64();
+    let total: f64 = client
+        .query_one("SELECT sum(score) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total as usize, 2 * N + 1, "every UPDATE ran once");
+    println!(
+        "db jobs (SELECT + UPDATE, through Redis, a worker of 64 slots and a pool of {backends} connections): \
+         {rate:.0} jobs/s; the same path with the noop guest: {noop_rate:.0} jobs/s; \
+         plain tokio-postgres loop, 8 connections: {floor:.0} iterations/s"
+    );
+    w.stop().await;
+}
