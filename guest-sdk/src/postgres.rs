@@ -16,7 +16,8 @@
 //!     let db = Connection::open("app")?;
 //!     db.begin()?;
 //!     let rows = db.query("SELECT onboarded FROM users WHERE id = $1 FOR UPDATE", &[Value::Int64(user_id)])?;
-//!     if rows.rows.first().map(|r| r[0] == Value::Boolean(true)).unwrap_or(true) {
+//!     // No such user, or already onboarded: nothing to do.
+//!     if !matches!(rows.rows.first().map(|r| &r[0]), Some(Value::Boolean(false))) {
 //!         return Ok(false); // dropped: rolled back
 //!     }
 //!     db.execute("UPDATE users SET onboarded = true WHERE id = $1", &[Value::Int64(user_id)])?;
