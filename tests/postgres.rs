@@ -134,6 +134,55 @@ impl World {
     }
 }
 
+/// Whether a job's `SELECT pg_sleep(30)` shows as running within `within`.
+async fn statement_running(client: &tokio_postgres::Client, within: Duration) -> bool {
+    poll(within, || async {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 1
+    })
+    .await
+}
+
+/// Whether user 7's row is free (NOWAIT fails at once on a held lock) and
+/// still not onboarded (the job's update rolled back) within `within`.
+async fn row_7_free_and_unchanged(client: &tokio_postgres::Client, within: Duration) -> bool {
+    poll(within, || async {
+        client
+            .query_one(
+                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await
+            .map(|r| !r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await
+}
+
+/// Ask `check` every 20 ms until it says yes or `within` has passed.
+async fn poll<F, Fut>(within: Duration, check: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn failure(state: ResultState) -> wasmq::failure::Failure {
     match state {
         ResultState::Failed(f) => f,
@@ -227,22 +276,7 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out
         // The update was rolled back and the row lock released (NOWAIT
         // fails at once on a held lock).
         let client = w.pg.client().await;
-        let mut released = false;
-        for _ in 0..100 {
-            if client
-                .query_one(
-                    "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
-                    &[],
-                )
-                .await
-                .map(|r| !r.get::<_, bool>(0))
-                .unwrap_or(false)
-            {
-                released = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let released = row_7_free_and_unchanged(&client, Duration::from_millis(2000)).await;
         assert!(released, "{then}: row 7 still locked or changed");
         let (_, idle_in_tx) = w.wasmq_backends().await;
         assert_eq!(
@@ -260,39 +294,12 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out
     };
     let id = w.broker.enqueue(req).await.unwrap().id;
     let client = w.pg.client().await;
-    let mut sleeping = false;
-    for _ in 0..500 {
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap();
-        if row.get::<_, i64>(0) == 1 {
-            sleeping = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(sleeping, "the job never reached its statement");
+    assert!(
+        statement_running(&client, Duration::from_millis(10000)).await,
+        "the job never reached its statement"
+    );
     w.broker.cancel("acme", &id, "test").await.unwrap();
-    let mut released = false;
-    for _ in 0..250 {
-        if client
-            .query_one(
-                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
-                &[],
-            )
-            .await
-            .map(|r| !r.get::<_, bool>(0))
-            .unwrap_or(false)
-        {
-            released = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let released = row_7_free_and_unchanged(&client, Duration::from_millis(5000)).await;
     assert!(released, "cancelled: row 7 still locked or changed");
     let status = w.broker.status("acme", &id).await.unwrap().unwrap();
     assert_eq!(status.state, "cancelled");
@@ -381,42 +388,15 @@ async fn a_worker_killed_mid_transaction_leaves_no_lock_or_connection_behind() {
     };
     w.broker.enqueue(req).await.unwrap();
     let client = w.pg.client().await;
-    let mut sleeping = false;
-    for _ in 0..1500 {
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap();
-        if row.get::<_, i64>(0) == 1 {
-            sleeping = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(sleeping, "the job never reached its statement");
+    assert!(
+        statement_running(&client, Duration::from_millis(30000)).await,
+        "the job never reached its statement"
+    );
     // kill -9: no drop runs, the socket just closes.
     worker.0.kill().unwrap();
     worker.0.wait().unwrap();
     let started = std::time::Instant::now();
-    let mut released = false;
-    while started.elapsed() < Duration::from_secs(5) {
-        if client
-            .query_one(
-                "SELECT onboarded FROM users WHERE id = 7 FOR UPDATE NOWAIT",
-                &[],
-            )
-            .await
-            .map(|r| !r.get::<_, bool>(0))
-            .unwrap_or(false)
-        {
-            released = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let released = row_7_free_and_unchanged(&client, Duration::from_secs(5)).await;
     assert!(released, "row 7 still locked 5 s after its worker died");
     println!("lock released {:?} after the kill", started.elapsed());
     let (_, idle_in_tx) = w.wasmq_backends().await;

@@ -15,6 +15,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::envelope::{Envelope, FlowRef, ENVELOPE_VERSION};
+use super::producer::max_deliveries;
 use super::registry::DeployedTask;
 use super::{now_ms, scripts, Broker};
 use crate::backend::{FlowRequest, StartedFlow};
@@ -22,7 +23,6 @@ use crate::failure::{Category, Failure};
 use crate::flow::{OnFailure, Plan};
 use crate::keys::{valid_tenant, Keys};
 use crate::limits;
-use crate::policy::DEFAULT_MAX_DELIVERIES;
 
 /// How a flow stands, for `wasmq flow --wait` and the Rust API.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,17 +210,13 @@ impl Broker {
                 "dependents": dependents[i].iter().map(|&d| &ids[d]).collect::<Vec<_>>(),
                 "continue": step.on_failure == OnFailure::Continue,
             });
-            let max_deliveries = match task.policy.retry.max_deliveries {
-                DEFAULT_MAX_DELIVERIES => String::new(),
-                n => n.to_string(),
-            };
             let gate = crate::gates::gate_field(&step.task, task.policy.rate_limit.is_some(), None)
                 .unwrap_or_default();
             call.arg(&ids[i])
                 .arg(queue)
                 .arg(serde_json::to_string(&envelope)?)
                 .arg(0)
-                .arg(max_deliveries)
+                .arg(max_deliveries(&task.policy))
                 .arg(gate)
                 .arg(flow_field.to_string())
                 .arg(waits_on.join(" "));

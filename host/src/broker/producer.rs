@@ -74,7 +74,7 @@ pub enum ResultState {
 
 /// The job record's `max_deliveries`: '' for the default (the fetch
 /// script's), so the common case writes no field for it.
-fn max_deliveries(policy: &crate::policy::TaskPolicy) -> String {
+pub(super) fn max_deliveries(policy: &crate::policy::TaskPolicy) -> String {
     match policy.retry.max_deliveries {
         crate::policy::DEFAULT_MAX_DELIVERIES => String::new(),
         n => n.to_string(),
