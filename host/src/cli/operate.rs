@@ -15,7 +15,8 @@ pub struct JobsArgs {
     /// Only this queue.
     #[arg(long)]
     queue: Option<String>,
-    /// Only this state: queued, scheduled, running, succeeded, dead,
+    /// Only this state: waiting (workflow steps), queued, scheduled,
+    /// running, succeeded, dead,
     /// cancelled.
     #[arg(long)]
     state: Option<JobState>,
