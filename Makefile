@@ -78,6 +78,7 @@ bench: setup guests
 	$(CARGO) run --release -p wasmq -- bench --local --jobs 200000
 	$(CARGO) bench -p wasmq --bench cpu
 	$(CARGO) bench -p wasmq --bench compile
+	$(CARGO) test --release -p wasmq --test postgres db_jobs_per_second -- --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -251,6 +251,19 @@ async fn typed_parameters_never_become_sql_and_only_granted_databases_open() {
             .await,
     );
     assert!(f.message.contains("has no URL"), "{f:?}");
+
+    // The rows the queries returned (two per hostile string, and the
+    // count) and the time spent in the database are summed into the
+    // tenant's usage for billing; the other tenant opened nothing.
+    let usage = |tenant: &str| -> Value {
+        let out = common::wasmq(&w.redis_url, tenant, &["tenant", "usage", tenant]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str(&text(&out.stdout)).unwrap()
+    };
+    let acme = usage("acme");
+    assert_eq!(acme["db_rows"], json!(2 * hostile.len() + 1), "{acme}");
+    assert!(acme["db_time_us"].as_u64().unwrap() > 0, "{acme}");
+    assert_eq!(usage("other")["db_rows"], json!(0));
     w.stop().await;
 }
 

@@ -130,7 +130,8 @@ impl Keys {
         self.key(&["history", id])
     }
     /// HASH: the tenant's summed usage (runs, fuel, wall_time_us, run_time_us,
-    /// memory_byte_seconds, net_out_bytes, net_in_bytes), for billing.
+    /// memory_byte_seconds, net_out_bytes, net_in_bytes, denied, db_time_us,
+    /// db_rows), for billing.
     pub fn usage(&self) -> String {
         self.key(&["usage"])
     }

@@ -271,6 +271,24 @@ mod tests {
     }
 
     #[test]
+    fn database_and_secret_grants_may_be_written_at_the_top() {
+        let top = TaskPolicy::from_toml(
+            "queue = \"email\"\ndatabases = [\"app\"]\nsecrets = [\"mail_api_key\"]\n[sandbox]\nfuel = 5\n",
+        )
+        .unwrap();
+        assert_eq!(top.sandbox.databases, ["app"]);
+        assert_eq!(top.sandbox.secrets, ["mail_api_key"]);
+        assert_eq!(top.sandbox.fuel, 5);
+        let err = TaskPolicy::from_toml("databases = [\"a\"]\n[sandbox]\ndatabases = [\"b\"]\n")
+            .unwrap_err();
+        assert!(err.contains("both at the top and under [sandbox]"), "{err}");
+        let err = TaskPolicy::from_toml("secrets = [\"database:app\"]\n").unwrap_err();
+        assert!(err.contains("sandbox.secrets[0]"), "{err}");
+        let err = TaskPolicy::from_toml("databse = [\"app\"]\n").unwrap_err();
+        assert!(err.contains("unknown field `databse`"), "{err}");
+    }
+
+    #[test]
     fn dir_grants_parse() {
         let g = DirGrant::parse("/srv/data::/data:ro").unwrap();
         assert_eq!(g.host_path, PathBuf::from("/srv/data"));
@@ -420,8 +438,31 @@ impl Default for TaskPolicy {
 
 impl TaskPolicy {
     /// Parse a `task.toml` manifest; unknown fields are errors that name them.
+    /// The grants `databases` and `secrets` may also be written at the top
+    /// (`databases = ["app"]`, as the SPEC shows them) instead of under
+    /// `[sandbox]`; not in both places.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let policy: TaskPolicy = toml::from_str(text).map_err(|e| format!("task manifest: {e}"))?;
+        let mut table: toml::Table = text.parse().map_err(|e| format!("task manifest: {e}"))?;
+        for grant in ["databases", "secrets"] {
+            let Some(value) = table.remove(grant) else {
+                continue;
+            };
+            let sandbox = table
+                .entry("sandbox")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(sandbox) = sandbox.as_table_mut() else {
+                return Err("task manifest: `sandbox` must be a table".into());
+            };
+            if sandbox.contains_key(grant) {
+                return Err(format!(
+                    "task manifest: `{grant}` is given both at the top and under [sandbox]: keep one"
+                ));
+            }
+            sandbox.insert(grant.into(), value);
+        }
+        let policy: TaskPolicy = table
+            .try_into()
+            .map_err(|e| format!("task manifest: {e}"))?;
         policy
             .check_grants()
             .map_err(|e| format!("task manifest: {e}"))?;

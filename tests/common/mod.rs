@@ -13,8 +13,11 @@ pub mod jobs;
 pub mod postgres;
 pub mod redis;
 pub mod sandbox;
+mod temp_dir;
 pub mod web;
 pub mod workers;
+
+pub use temp_dir::TempDir;
 
 use std::path::PathBuf;
 
@@ -110,30 +113,6 @@ pub fn create_tenant(redis: &str, name: &str, flags: &[&str]) {
         "tenant create {name}: {}",
         String::from_utf8_lossy(&created.stderr)
     );
-}
-
-/// A scratch directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "wasmq-test-{tag}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Bytes under `dir` as a tenant's disk quota counts them: every file,

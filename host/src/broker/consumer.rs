@@ -304,7 +304,9 @@ impl Broker {
             .arg(sum(byte_seconds))
             .arg(sum(|u| u.net_out_bytes))
             .arg(sum(|u| u.net_in_bytes))
-            .arg(sum(|u| u.denied));
+            .arg(sum(|u| u.denied))
+            .arg(sum(|u| u.db_time_us))
+            .arg(sum(|u| u.db_rows));
         // Each (queue, task) once; jobs name theirs by number.
         let mut groups: Vec<(&str, &str)> = Vec::new();
         let group_of: Vec<usize> = completions

@@ -794,7 +794,8 @@ pub const COMPLETE_FIELDS: usize = 14;
 /// gates.
 /// ARGV: prefix, finished_ttl_ms, the batch's usage totals over the runs
 /// that ran a sandbox (runs, fuel, wall_time_us, run_time_us,
-/// memory_byte_seconds, net_out_bytes, net_in_bytes, denied), the number
+/// memory_byte_seconds, net_out_bytes, net_in_bytes, denied, db_time_us,
+/// db_rows), the number
 /// of (queue, task) groups in the batch and each group's queue and task,
 /// then per job [`COMPLETE_FIELDS`] fields: id, queue, token, outcome ('succeeded' |
 /// 'retry' | 'rate-limited' | 'host-retry' | 'wait' | 'dead' | 'release'), result,
@@ -830,7 +831,7 @@ local prefix, retention = ARGV[1], ARGV[2]
 local now, now_us = clock()
 local now_ms = string.format('%d', now)
 local names = {{'runs', 'fuel', 'wall_time_us', 'run_time_us', 'memory_byte_seconds',
-  'net_out_bytes', 'net_in_bytes', 'denied'}}
+  'net_out_bytes', 'net_in_bytes', 'denied', 'db_time_us', 'db_rows'}}
 local used = {{}}
 for n, name in ipairs(names) do used[name] = tonumber(ARGV[2 + n]) end
 local wasted = {{wasted_runs = 0, wasted_fuel = 0, wasted_wall_time_us = 0, wasted_run_time_us = 0}}
@@ -849,6 +850,8 @@ local function not_counted(usage, stale)
   used.net_out_bytes = used.net_out_bytes - (tonumber(u.net_out_bytes) or 0)
   used.net_in_bytes = used.net_in_bytes - (tonumber(u.net_in_bytes) or 0)
   used.denied = used.denied - (tonumber(u.denied) or 0)
+  used.db_time_us = used.db_time_us - (tonumber(u.db_time_us) or 0)
+  used.db_rows = used.db_rows - (tonumber(u.db_rows) or 0)
   if stale then
     wasted.wasted_runs = wasted.wasted_runs + 1
     wasted.wasted_fuel = wasted.wasted_fuel + fuel

@@ -271,6 +271,8 @@ async fn usage(redis: &str, tenant: &str) -> Result<(), CliError> {
         "net_out_bytes",
         "net_in_bytes",
         "denied",
+        "db_time_us",
+        "db_rows",
         "wasted_runs",
         "wasted_fuel",
         "wasted_wall_time_us",

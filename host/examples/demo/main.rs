@@ -5,7 +5,14 @@
 //! What it shows: `noop`; `thumbnail` burning deterministic fuel; `scrape`
 //! counting pages with a host counter, duplicates counted once; `onboard`
 //! enqueued three times for user 7 plus a mail-API outage, sending exactly one
-//! email; and a hostile guest stopped by its fuel budget.
+//! email; the same task as the seed's article writes it, against a `users`
+//! table in PostgreSQL (a private server unless `WASMQ_DATABASE_URL`
+//! answers): three concurrent jobs for one user, one email, the row's
+//! `onboarded` flag turned on once; and a hostile guest stopped by its fuel
+//! budget.
+
+mod database;
+mod fixture;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +28,14 @@ use wasmq::broker::{Broker, EnqueueRequest, FlowState, ResultState};
 use wasmq::launcher::{self, LaunchConfig};
 use wasmq::policy::TaskPolicy;
 use wasmq::pools::{PoolKind, PoolSpec};
+use wasmq::secrets::SecretsKey;
+
+use fixture::redis::RedisServer;
 
 const GUESTS: &str = "target/guests/wasm32-wasip2/release";
+
+/// The user the database part onboards (user 7 is the HTTP-only part's).
+const DB_USER: i64 = 42;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -58,6 +71,12 @@ async fn main() -> anyhow::Result<()> {
     let (redis_url, _redis) = redis_for_demo().await?;
     let broker = Broker::connect(&redis_url).await?;
     let tenant = "demo";
+    // The worker's secrets key, made up for this run: it seals the
+    // database's URL into the tenant's secrets and opens it in the worker.
+    let secrets_key =
+        Arc::new(SecretsKey::from_hex(&SecretsKey::generate_hex()).map_err(anyhow::Error::msg)?);
+    let db = database::for_demo().await?;
+    database::prepare(&broker, tenant, &secrets_key, &db.url, DB_USER).await?;
     let deploy = |name: &'static str, policy: TaskPolicy| {
         let broker = broker.clone();
         async move {
@@ -85,7 +104,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     deploy("scrape", with_http(&site)).await?;
-    deploy("onboard", with_http(&mail)).await?;
+    deploy("onboard", {
+        let mut p = with_http(&mail);
+        p.sandbox.databases = vec!["app".into()];
+        p
+    })
+    .await?;
     let mut spin = TaskPolicy::default();
     spin.sandbox.fuel = 100_000_000;
     deploy("hostile", spin).await?;
@@ -101,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
     });
     config.drain_timeout = Duration::from_secs(10);
     config.id = "demo".into();
+    config.secrets_key = Some(secrets_key);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let workers = tokio::spawn(launcher::run(config, async move {
         let _ = stopped.await;
@@ -197,20 +222,70 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    let emails_before = emails.load(Ordering::SeqCst);
+    failed += onboard_in_the_database(&broker, tenant, &mail, &db.url).await?;
+    let db_emails = emails.load(Ordering::SeqCst) - emails_before;
     let _ = stop.send(());
     workers.await??;
     println!(
-        "summary: {} jobs through Redis at {redis_url}, {ok} succeeded, {failed} failed, {} welcome email(s) sent for user 7 ({} mail API calls), {:.0} ms",
+        "summary: {} jobs through Redis at {redis_url}, {ok} succeeded, {failed} failed, {emails_before} welcome email(s) sent for user 7 and {db_emails} for user {DB_USER} ({} mail API calls), {:.0} ms",
         jobs.len(),
-        emails.load(Ordering::SeqCst),
         mail_calls.load(Ordering::SeqCst),
         started.elapsed().as_secs_f64() * 1e3
     );
     anyhow::ensure!(
-        emails.load(Ordering::SeqCst) == 1,
-        "expected exactly one welcome email"
+        emails_before == 1,
+        "expected exactly one welcome email for user 7"
+    );
+    anyhow::ensure!(
+        db_emails == 1,
+        "expected exactly one welcome email for user {DB_USER}, got {db_emails}"
     );
     chaos(&broker, &redis_url, tenant).await
+}
+
+/// The seed's task as the article writes it: three `onboard` jobs for one
+/// user at once, each locking the user's row in one transaction; one sends
+/// the email and sets `onboarded`, the others wait for the lock and find it
+/// set. Prints the row before and after; returns the jobs that failed.
+async fn onboard_in_the_database(
+    broker: &Broker,
+    tenant: &str,
+    mail: &str,
+    db_url: &str,
+) -> anyhow::Result<u32> {
+    println!(
+        "db     users row {DB_USER} before: onboarded = {}",
+        database::onboarded(db_url, DB_USER).await?
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let request = EnqueueRequest {
+            tenant: tenant.into(),
+            task: "onboard".into(),
+            payload: json!({"user_id": DB_USER, "mail_api": format!("http://{mail}/send"), "db": "app"}),
+            store_result: Some(true),
+            ..EnqueueRequest::default()
+        };
+        ids.push(broker.enqueue(request).await?.id);
+    }
+    let mut failed = 0;
+    for id in ids {
+        match broker
+            .result(tenant, &id, Some(Duration::from_secs(30)))
+            .await?
+        {
+            ResultState::Ready(result) => println!("ok     onboard    {result} (database)"),
+            other => {
+                failed += 1;
+                println!("failed onboard    {other:?} (database)");
+            }
+        }
+    }
+    let after = database::onboarded(db_url, DB_USER).await?;
+    println!("db     users row {DB_USER} after: onboarded = {after}");
+    anyhow::ensure!(after, "user {DB_USER}'s row is not onboarded");
+    Ok(failed)
 }
 
 /// Onboard users through two `wasmq worker` processes while one of them is
@@ -306,47 +381,19 @@ async fn chaos(broker: &Broker, redis_url: &str, tenant: &str) -> anyhow::Result
 }
 
 /// `WASMQ_REDIS_URL` if it answers, else a private redis-server on a free
-/// port (killed when the returned guard drops).
-async fn redis_for_demo() -> anyhow::Result<(String, Option<KillOnDrop>)> {
+/// port (killed when the returned server drops).
+async fn redis_for_demo() -> anyhow::Result<(String, Option<RedisServer>)> {
     if let Ok(url) = std::env::var("WASMQ_REDIS_URL") {
         if Broker::connect(&url).await.is_ok() {
             return Ok((url, None));
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let dir = std::env::temp_dir().join(format!("wasmq-demo-{port}"));
-    std::fs::create_dir_all(&dir)?;
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("starting redis-server: {e} (run `make setup`)"))?;
-    let guard = KillOnDrop(child);
-    let url = format!("redis://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if Broker::connect(&url).await.is_ok() {
-            println!("started a private redis-server on port {port}");
-            return Ok((url, Some(guard)));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("redis-server on port {port} did not answer")
+    let server = RedisServer::start();
+    println!("started a private redis-server on port {}", server.port);
+    Ok((server.url.clone(), Some(server)))
 }
 
-/// Kills the private redis-server when the demo ends.
+/// Kills a worker process when the demo ends with it still running.
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
