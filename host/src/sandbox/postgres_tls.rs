@@ -24,11 +24,11 @@
 //! there is none or it is `system`, the Mozilla set (webpki-roots) where
 //! libpq would read `~/.postgresql/root.crt`. As libpq, `sslrootcert=system`
 //! makes `verify-full` the default and refuses weaker modes. Unlike libpq,
-//! a `sslrootcert` file that is missing is an error in every mode (libpq
-//! silently skips it below `verify-ca`). Even when the certificate is not
-//! checked, the handshake's signatures are (so the peer holds the key of
-//! the certificate it sent): the encryption is real, only who the peer is
-//! stays unproven, as with libpq's `require`.
+//! a `sslrootcert` file that is missing is an error in every mode but
+//! `disable` (libpq silently skips it below `verify-ca`). Even when the
+//! certificate is not checked, the handshake's signatures are (so the peer
+//! holds the key of the certificate it sent): the encryption is real, only
+//! who the peer is stays unproven, as with libpq's `require`.
 
 use std::future::Future;
 use std::io;
