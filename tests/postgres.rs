@@ -2,7 +2,8 @@
 //! redis-server (both private, on free ports): a task reaches only the
 //! databases its policy grants, in its own tenant; parameters cannot
 //! become SQL; a transaction left open is rolled back when the job
-//! returns, traps, times out (in wasm or in a statement) or is cancelled; pooled connections are reused.
+//! returns, traps, times out (in wasm or in a statement) or is cancelled; pooled connections are reused;
+//! TLS follows libpq's sslmode against a TLS-only server.
 
 mod common;
 
@@ -39,6 +40,14 @@ async fn world() -> World {
 
 /// [`world`] with a worker of `concurrency` slots.
 async fn world_of(concurrency: usize) -> World {
+    world_configured(concurrency, |_| {}).await
+}
+
+/// [`world_of`], its worker's configuration changed by `configure`.
+async fn world_configured(
+    concurrency: usize,
+    configure: impl FnOnce(&mut wasmq::launcher::LaunchConfig),
+) -> World {
     let pg = PostgresServer::start();
     let client = pg.client().await;
     client
@@ -84,6 +93,7 @@ async fn world_of(concurrency: usize) -> World {
     );
     config.tenants = vec!["acme".into(), "other".into()];
     config.secrets_key = Some(Arc::new(SecretsKey::from_hex(KEY).unwrap()));
+    configure(&mut config);
     let (stop, worker, _) = common::workers::start_configured(config);
     World {
         redis_url: redis.url.clone(),
@@ -365,6 +375,171 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out
         "{backends}"
     );
     assert_eq!(idle_in_tx, 0);
+    w.stop().await;
+}
+
+/// Through a real worker running the `db` guest, against a server that
+/// accepts only TLS and holds a certificate for `localhost` signed by its
+/// own CA: libpq's sslmodes do what Django/psycopg users expect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_used_where_the_database_asks_for_it_and_certificates_are_checked_when_told() {
+    // A connection failure is a host fault, retried without using an
+    // attempt: none here, so each failing case ends at once.
+    let w = world_configured(2, |config| {
+        config.host_retries = wasmq::worker::HostRetries {
+            max: 0,
+            ..Default::default()
+        };
+    })
+    .await;
+    let tls_pg = PostgresServer::start_with_tls();
+    let files = tls_pg.tls.as_ref().unwrap();
+    let (ca, other_ca) = (files.ca.display(), files.other_ca.display());
+    let port = tls_pg.port;
+    const SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    // Point acme's `database:app` at `url` (the worker builds a new pool
+    // when the URL changes) and run SSL on it.
+    let run_on = |url: String| {
+        let w = &w;
+        async move {
+            let out = wasmq_with(
+                &w.redis_url,
+                "acme",
+                &["secret", "set", "database:app"],
+                &[("WASMQ_SECRETS_KEY", KEY)],
+                &url,
+            );
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            w.run("acme", json!({"op": "query", "sql": SSL})).await
+        }
+    };
+    let encrypted = json!([[true]]);
+
+    // (f) The plain server of the other tests, default sslmode (prefer):
+    // it offers no TLS, so plaintext, as before.
+    match run_on(w.pg.url.clone()).await {
+        ResultState::Ready(v) => assert_eq!(v["rows"], json!([[false]]), "{v}"),
+        other => panic!("prefer, plain server: {other:?}"),
+    }
+    // require against that server: refused, saying why.
+    let f = failure(run_on(format!("{}?sslmode=require", w.pg.url)).await);
+    assert!(
+        f.message.contains(
+            "connecting to database app: Error occurred while creating a new object: \
+                 error performing TLS handshake: server does not support TLS"
+        ),
+        "{f:?}"
+    );
+    // (a) require: TLS, the certificate not checked (as libpq).
+    let ip = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let host = format!("postgres://postgres@localhost:{port}/postgres");
+    for url in [format!("{ip}?sslmode=require"), ip.clone()] {
+        match run_on(url.clone()).await {
+            ResultState::Ready(v) => assert_eq!(v["rows"], encrypted, "{url}: {v}"),
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    // (b) disable against a hostssl-only server: refused, and the
+    // server's reason reaches the job.
+    let f = failure(run_on(format!("{ip}?sslmode=disable")).await);
+    println!("sslmode=disable: {}", f.message);
+    assert!(f.message.contains("connecting to database app"), "{f:?}");
+    assert!(f.message.contains("no pg_hba.conf entry"), "{f:?}");
+    assert!(f.message.contains("no encryption"), "{f:?}");
+    // (c) verify-full by name, against the CA that signed it: connects.
+    match run_on(format!("{host}?sslmode=verify-full&sslrootcert={ca}")).await {
+        ResultState::Ready(v) => assert_eq!(v["rows"], encrypted, "{v}"),
+        other => panic!("verify-full, localhost: {other:?}"),
+    }
+    // The key=value form too.
+    let conninfo =
+        format!("host=localhost port={port} user=postgres sslmode=verify-full sslrootcert='{ca}'");
+    match run_on(conninfo).await {
+        ResultState::Ready(v) => assert_eq!(v["rows"], encrypted, "{v}"),
+        other => panic!("verify-full, key=value: {other:?}"),
+    }
+    // (d) verify-full against another CA: a certificate problem, named.
+    let f = failure(run_on(format!("{host}?sslmode=verify-full&sslrootcert={other_ca}")).await);
+    println!("verify-full, wrong CA: {}", f.message);
+    assert!(f.message.contains("connecting to database app"), "{f:?}");
+    assert!(
+        f.message
+            .contains("invalid peer certificate: UnknownIssuer"),
+        "{f:?}"
+    );
+    // So does require once a root certificate is given (libpq: verify-ca).
+    let f = failure(run_on(format!("{ip}?sslmode=require&sslrootcert={other_ca}")).await);
+    assert!(f.message.contains("UnknownIssuer"), "{f:?}");
+    // Nor do the public roots vouch for a private CA.
+    let f = failure(run_on(format!("{host}?sslmode=verify-full")).await);
+    assert!(f.message.contains("UnknownIssuer"), "{f:?}");
+    // (e) By IP, the certificate (for `localhost` only) fails verify-full's
+    // name check, but passes verify-ca, which checks only the chain.
+    let f = failure(run_on(format!("{ip}?sslmode=verify-full&sslrootcert={ca}")).await);
+    println!("verify-full, by IP: {}", f.message);
+    assert!(
+        f.message
+            .contains("certificate not valid for name \"127.0.0.1\""),
+        "{f:?}"
+    );
+    match run_on(format!("{ip}?sslmode=verify-ca&sslrootcert={ca}")).await {
+        ResultState::Ready(v) => assert_eq!(v["rows"], encrypted, "{v}"),
+        other => panic!("verify-ca, by IP: {other:?}"),
+    }
+    // A root file the worker does not have: named, for the operator.
+    let f = failure(
+        run_on(format!(
+            "{ip}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem"
+        ))
+        .await,
+    );
+    assert!(
+        f.message
+            .contains("sslrootcert \"/nonexistent/ca.pem\": No such file"),
+        "{f:?}"
+    );
+    // An sslmode libpq does not have: the URL's fault, said so.
+    let f = failure(run_on(format!("{ip}?sslmode=verify_full")).await);
+    assert!(
+        f.message.contains("sslmode \"verify_full\" is not one of"),
+        "{f:?}"
+    );
+
+    // A statement running when its job is cancelled is cancelled over
+    // TLS too (the cancel request is a new connection, which this server
+    // refuses in plaintext): the row lock goes long before the 10 s
+    // statement_timeout would free it.
+    let client = tls_pg.client().await;
+    client
+        .batch_execute("CREATE TABLE users (id int8 PRIMARY KEY, onboarded bool NOT NULL DEFAULT false); INSERT INTO users (id) VALUES (7);")
+        .await
+        .unwrap();
+    let out = wasmq_with(
+        &w.redis_url,
+        "acme",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &format!("{host}?sslmode=verify-full&sslrootcert={ca}"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let req = wasmq::broker::EnqueueRequest {
+        tenant: "acme".into(),
+        task: "db-slow".into(),
+        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
+        ..Default::default()
+    };
+    let id = w.broker.enqueue(req).await.unwrap().id;
+    assert!(
+        statement_running(&client, Duration::from_millis(10000)).await,
+        "the job never reached its statement"
+    );
+    w.broker.cancel("acme", &id, "test").await.unwrap();
+    let released = row_7_free_and_unchanged(&client, Duration::from_millis(5000)).await;
+    assert!(
+        released,
+        "cancelled over TLS: row 7 still locked or changed"
+    );
+    drop(tls_pg);
     w.stop().await;
 }
 

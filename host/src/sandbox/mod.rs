@@ -25,6 +25,7 @@ mod limiter;
 mod output;
 mod pacing;
 pub(crate) mod postgres_api;
+mod postgres_tls;
 mod state;
 mod steps;
 mod world;

@@ -20,6 +20,10 @@
 //!   connection is closed instead, which rolls back on the server, as
 //!   does a worker that dies (the server checks for a vanished client
 //!   every [`limits::DB_CLIENT_CHECK_INTERVAL`] even mid-statement);
+//! - connections (and cancel requests) are encrypted as the URL's libpq
+//!   `sslmode` says, certificates checked as it says (`postgres_tls`);
+//!   a failure to connect names the database and the cause (a TLS
+//!   error's text included), never the URL;
 //! - every statement runs under [`limits::DB_STATEMENT_TIMEOUT`] on the
 //!   server, and within the job's deadline (the run is dropped there);
 //!   results are capped at [`limits::MAX_DB_ROWS`] rows and
@@ -32,39 +36,65 @@ use std::time::Instant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::NoTls;
 use wasmtime::component::Resource;
 
 use super::bindings::v0_2::wasmq::task0_1_0::types::HostError;
 use super::bindings::v0_2::wasmq::task0_2_0::postgres::{self, Rows, Value};
+use super::postgres_tls::{self, PgTls, SetupError};
 use super::state::HostState;
 use crate::limits;
 use crate::secrets::{self, SecretsKey};
 
 /// The worker's pools, by (tenant, database): each with the URL it was
-/// built from.
+/// built from and its TLS connector (the cancel path needs it too).
 #[derive(Default)]
 pub struct Databases {
-    pools: Mutex<HashMap<(String, String), (String, Pool)>>,
+    pools: Mutex<HashMap<(String, String), Kept>>,
+}
+
+/// A pool, the URL it was built from, and its TLS connector.
+struct Kept {
+    url: String,
+    pool: Pool,
+    tls: PgTls,
+}
+
+/// Why a pool could not be built.
+enum PoolError {
+    /// The URL is wrong: the tenant's to fix.
+    Url(String),
+    /// What the URL names cannot be used on this worker (its
+    /// `sslrootcert` file): the operator's.
+    Worker(String),
 }
 
 impl Databases {
     /// The pool for `tenant`'s database `name` at `url`: the one kept, or a
     /// new one when there is none or the URL changed (a rotated password).
-    fn pool(&self, tenant: &str, name: &str, url: &str) -> Result<Pool, String> {
+    fn pool(&self, tenant: &str, name: &str, url: &str) -> Result<(Pool, PgTls), PoolError> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let key = (tenant.to_string(), name.to_string());
-        if let Some((kept_url, pool)) = pools.get(&key) {
-            if kept_url == url {
-                return Ok(pool.clone());
+        if let Some(kept) = pools.get(&key) {
+            if kept.url == url {
+                return Ok((kept.pool.clone(), kept.tls.clone()));
             }
         }
-        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
-            format!(
-                "the secret {}{name} of tenant {tenant} is not a PostgreSQL URL",
-                secrets::DATABASE_PREFIX
-            )
+        let secret = format!(
+            "the secret {}{name} of tenant {tenant}",
+            secrets::DATABASE_PREFIX
+        );
+        // libpq's sslmode/sslrootcert, which tokio-postgres does not
+        // know, are taken out first (see postgres_tls).
+        let (rest, ssl) = postgres_tls::split_ssl_params(url)
+            .map_err(|e| PoolError::Url(format!("{secret}: {e}")))?;
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|_| PoolError::Url(format!("{secret} is not a PostgreSQL URL")))?;
+        let (mode, tls) = PgTls::new(&ssl).map_err(|e| match e {
+            SetupError::Params(m) => PoolError::Url(format!("{secret}: {m}")),
+            SetupError::Roots(m) => PoolError::Worker(format!("TLS to database {name}: {m}")),
         })?;
+        config.ssl_mode(mode);
         config.options(format!(
             "-c statement_timeout={} -c client_connection_check_interval={}",
             limits::DB_STATEMENT_TIMEOUT.as_millis(),
@@ -74,7 +104,7 @@ impl Databases {
         config.application_name("wasmq");
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -82,9 +112,14 @@ impl Databases {
         let pool = Pool::builder(manager)
             .max_size(limits::DB_POOL_SIZE)
             .build()
-            .map_err(|e| format!("building the pool of database {name}: {e}"))?;
-        pools.insert(key, (url.to_string(), pool.clone()));
-        Ok(pool)
+            .map_err(|e| PoolError::Url(format!("building the pool of database {name}: {e}")))?;
+        let kept = Kept {
+            url: url.to_string(),
+            pool: pool.clone(),
+            tls: tls.clone(),
+        };
+        pools.insert(key, kept);
+        Ok((pool, tls))
     }
 }
 
@@ -113,6 +148,9 @@ impl JobDatabases {
 /// A pooled connection held by a job. See the module docs.
 pub struct Connection {
     client: Option<deadpool_postgres::Object>,
+    /// The pool's TLS connector: a cancel request goes over a new
+    /// connection, encrypted as the pool's are.
+    tls: PgTls,
     in_tx: bool,
     /// A statement was sent and its answer not yet read.
     busy: bool,
@@ -127,11 +165,12 @@ impl Drop for Connection {
             return; // clean: straight back to the pool
         }
         let busy = self.busy;
+        let tls = self.tls.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     if busy {
-                        let _ = client.cancel_token().cancel_query(NoTls).await;
+                        let _ = client.cancel_token().cancel_query(tls).await;
                     }
                     if client.batch_execute("ROLLBACK").await.is_err() {
                         // Closing it rolls back on the server.
@@ -280,20 +319,29 @@ fn db_error(e: tokio_postgres::Error) -> HostError {
     // parameters, and the URL is never part of them.
     let text = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => {
-            // The driver's own errors ("error serializing parameter 0")
-            // say why only in their source.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        // The driver's own errors ("error serializing parameter 0")
+        // say why only in their source.
+        None => error_chain(&e),
     };
     HostError::Invalid(text)
+}
+
+/// `e` and its sources, each once: tokio-postgres and deadpool errors
+/// say what failed ("error performing TLS handshake") and leave why
+/// ("invalid peer certificate: UnknownIssuer") to their source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        // Some errors repeat their source's text in their own.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl HostState {
@@ -457,21 +505,29 @@ impl postgres::HostConnection for HostState {
             .map_err(|m| unavailable(self, m))?;
         let url = String::from_utf8(url)
             .map_err(|_| HostError::Invalid(format!("database {name}'s URL is not text")))?;
-        let pool = self
+        let (pool, tls) = self
             .databases
             .pools
             .pool(&self.scope.tenant, &name, &url)
-            .map_err(HostError::Invalid)?;
+            .map_err(|e| match e {
+                PoolError::Url(m) => HostError::Invalid(m),
+                PoolError::Worker(m) => unavailable(self, m),
+            })?;
         let started = Instant::now();
         let client = pool.get().await.map_err(|e| {
-            // The database refusing or unreachable: not the task's doing.
-            unavailable(self, format!("connecting to database {name}: {e}"))
+            // The database refusing or unreachable, or its certificate
+            // not passing: not the task's doing.
+            unavailable(
+                self,
+                format!("connecting to database {name}: {}", error_chain(&e)),
+            )
         })?;
         self.databases.time_us += started.elapsed().as_micros() as u64;
         self.databases.opened += 1;
         self.table
             .push(Connection {
                 client: Some(client),
+                tls,
                 in_tx: false,
                 busy: false,
             })
