@@ -849,3 +849,76 @@ async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
     );
     w.stop().await;
 }
+
+/// `wasmq run --secrets FILE`, no Redis: the job reads the file's secrets
+/// and opens the file's databases, and nothing else; the values are not
+/// printed, not in the saved state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasmq_run_takes_secrets_and_databases_from_a_file() {
+    let pg = PostgresServer::start();
+    let dir = common::TempDir::new("run-secrets");
+    let file = dir.path().join("secrets.env");
+    std::fs::write(
+        &file,
+        format!(
+            "# for this run only\nmail_api_key=run-key-123\ndatabase:app={}\n",
+            pg.url
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state.json");
+    let run = |guest: &str, payload: Value| {
+        let path = common::guest(guest);
+        let out = common::wasmq(
+            "redis://127.0.0.1:1", // never reached: embedded mode
+            "acme",
+            &[
+                "run",
+                path.to_str().unwrap(),
+                &payload.to_string(),
+                "--secrets",
+                file.to_str().unwrap(),
+                "--state",
+                state.to_str().unwrap(),
+            ],
+        );
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, stdout, stderr) = run("secrets", json!({"names": ["mail_api_key", "not_in_file"]}));
+    assert!(ok, "{stderr}");
+    let got: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(got["mail_api_key"], json!({"reversed": "321-yek-nur"}));
+    assert!(
+        got["not_in_file"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("denied"),
+        "{got}"
+    );
+    let (ok, stdout, stderr) = run(
+        "db",
+        json!({"op": "query", "sql": "SELECT $1::int8 + 1 AS n", "params": [41]}),
+    );
+    assert!(ok, "{stderr}");
+    let got: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(got["rows"], json!([[42]]), "{got}");
+    // A database not in the file is denied.
+    let (ok, _, stderr) = run(
+        "db",
+        json!({"op": "query", "db": "other", "sql": "SELECT 1"}),
+    );
+    assert!(!ok && stderr.contains("denied"), "{stderr}");
+    let saved = std::fs::read_to_string(&state).unwrap();
+    for value in ["run-key-123", pg.url.as_str()] {
+        assert!(!saved.contains(value), "the state file holds {value}");
+        assert!(!stderr.contains(value));
+    }
+    // A bad line is named, its value is not echoed.
+    std::fs::write(&file, "mail_api_key=ok\nhunter2\n").unwrap();
+    let (ok, _, stderr) = run("secrets", json!({"names": []}));
+    assert!(
+        !ok && stderr.contains("line 2: expected NAME=VALUE"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}

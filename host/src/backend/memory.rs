@@ -84,6 +84,9 @@ struct State {
 #[derive(Default)]
 pub struct MemoryBackend {
     state: Mutex<State>,
+    /// Sealed secrets by (tenant, field): given by the caller for this
+    /// process (`wasmq run --secrets`), never part of the saved state.
+    secrets: Mutex<HashMap<Key, Vec<u8>>>,
 }
 
 impl MemoryBackend {
@@ -110,6 +113,7 @@ impl MemoryBackend {
         })?;
         Ok(MemoryBackend {
             state: Mutex::new(state),
+            secrets: Mutex::default(),
         })
     }
 
@@ -121,6 +125,15 @@ impl MemoryBackend {
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
+    }
+
+    /// File `sealed` as `tenant`'s secret under `field` (see
+    /// [`crate::secrets::field`]), for this process only.
+    pub fn put_secret(&self, tenant: &str, field: &str, sealed: Vec<u8>) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key(tenant, field), sealed);
     }
 
     /// Child jobs enqueued so far, as `(tenant, job)`.
@@ -142,6 +155,24 @@ impl MemoryBackend {
 
 #[async_trait]
 impl Backend for MemoryBackend {
+    async fn secret_sealed(
+        &self,
+        tenant: &str,
+        task: &str,
+        name: &str,
+    ) -> BackendResult<Option<(String, Vec<u8>)>> {
+        let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        Ok([
+            crate::secrets::field(name, Some(task)),
+            crate::secrets::field(name, None),
+        ]
+        .into_iter()
+        .find_map(|field| {
+            let sealed = secrets.get(&key(tenant, &field))?.clone();
+            Some((field, sealed))
+        }))
+    }
+
     async fn kv_get(&self, tenant: &str, k: &str) -> BackendResult<Option<Vec<u8>>> {
         let s = self.lock();
         Ok(s.kv

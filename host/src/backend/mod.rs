@@ -224,7 +224,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The sealed value of secret `name` for `task` of `tenant`, with the
     /// field it was filed under (see [`crate::secrets`]): the task's own
     /// value if set, else the tenant's. `None` when neither is set. The
-    /// default has no secrets at all (embedded mode).
+    /// default has no secrets at all.
     async fn secret_sealed(
         &self,
         tenant: &str,

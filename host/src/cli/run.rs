@@ -3,6 +3,9 @@
 //! The host interfaces are served by the in-memory backend; with `--state
 //! FILE` it is loaded before and saved after the run, so consecutive runs
 //! share step markers, counters and locks the way jobs on a broker do.
+//! With `--secrets FILE` the job reads the file's secrets and databases as
+//! a deployed task reads its tenant's (sealed in memory under a key made
+//! up for the run, granted by being in the file).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use crate::component::CompiledCache;
 use crate::engine::{build_engine, EngineLimits};
 use crate::policy::{parse_size, DirGrant, SandboxPolicy};
 use crate::sandbox::{JobInput, Sandbox, Verdict};
+use crate::secrets::{self, SecretsKey};
 
 /// Flags of `wasmq run`.
 #[derive(Debug, Args)]
@@ -66,6 +70,64 @@ pub struct RunArgs {
     /// Idempotency key to report to the task.
     #[arg(long = "idempotency-key")]
     pub idempotency_key: Option<String>,
+    /// Secrets for this run, one `NAME=VALUE` per line (`#` starts a
+    /// comment line): each is granted to the task (`config::get`), and
+    /// `database:NAME=URL` grants database NAME. Values stay in the file,
+    /// never on the command line; nothing of them is saved to `--state`.
+    #[arg(long, value_name = "FILE")]
+    pub secrets: Option<PathBuf>,
+}
+
+/// The `NAME=VALUE` lines of a `--secrets` file, checked: valid names,
+/// none twice. Errors name the line, never a value.
+fn parse_secrets(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(format!("line {}: expected NAME=VALUE", i + 1));
+        };
+        let name = name.trim();
+        secrets::check_name(name).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("line {}: secret {name} is given twice", i + 1));
+        }
+        out.push((name.to_string(), value.to_string()));
+    }
+    Ok(out)
+}
+
+/// Seal the `--secrets` file's values into `backend` with a key made up
+/// for this run, and grant them in `policy`; the key, for the sandbox.
+fn load_secrets(
+    path: &std::path::Path,
+    tenant: &str,
+    backend: &MemoryBackend,
+    policy: &mut SandboxPolicy,
+) -> anyhow::Result<Arc<SecretsKey>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --secrets {}", path.display()))?;
+    let entries =
+        parse_secrets(&text).map_err(|e| anyhow::anyhow!("--secrets {}: {e}", path.display()))?;
+    let key = SecretsKey::from_hex(&SecretsKey::generate_hex()).map_err(anyhow::Error::msg)?;
+    for (name, value) in entries {
+        let field = secrets::field(&name, None);
+        let sealed = key
+            .seal(tenant, &field, value.as_bytes())
+            .map_err(anyhow::Error::msg)?;
+        backend.put_secret(tenant, &field, sealed);
+        match name.strip_prefix(secrets::DATABASE_PREFIX) {
+            Some(database) => policy.databases.push(database.to_string()),
+            None => policy.secrets.push(name),
+        }
+    }
+    policy
+        .check_secret_grants()
+        .map_err(|e| anyhow::anyhow!("--secrets {}: {e}", path.display()))?;
+    Ok(Arc::new(key))
 }
 
 impl RunArgs {
@@ -99,7 +161,7 @@ impl RunArgs {
 pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
     let bytes =
         std::fs::read(&args.task).with_context(|| format!("reading {}", args.task.display()))?;
-    let policy = args.policy()?;
+    let mut policy = args.policy()?;
     let limits = EngineLimits {
         instance_slots: 1,
         max_memory_bytes: policy
@@ -108,13 +170,17 @@ pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
         ..EngineLimits::default()
     };
     let engine = build_engine(&limits).map_err(anyhow::Error::from)?;
-    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?;
-    let task = sandbox.prepare(&bytes)?;
-
     let backend = Arc::new(match &args.state {
         Some(path) => MemoryBackend::load(path)?,
         None => MemoryBackend::new(),
     });
+    let secrets_key = match &args.secrets {
+        Some(path) => Some(load_secrets(path, tenant, &backend, &mut policy)?),
+        None => None,
+    };
+    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?
+        .with_secrets_key(secrets_key);
+    let task = sandbox.prepare(&bytes)?;
     let name = args
         .task
         .file_stem()
@@ -167,5 +233,32 @@ pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
     match error {
         Some(failure) => Err(CliError::Job(failure)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_secrets;
+
+    #[test]
+    fn secrets_files_name_bad_lines_never_values() {
+        let text =
+            "# mail\nmail_api_key=s3cret=with=equals\n\n database:app = postgres://u:p@db/app\r\n";
+        let parsed = parse_secrets(text).unwrap();
+        assert_eq!(
+            parsed[0],
+            ("mail_api_key".into(), "s3cret=with=equals".into())
+        );
+        assert_eq!(parsed[1].0, "database:app");
+        assert_eq!(parsed[1].1, " postgres://u:p@db/app");
+        let err = parse_secrets("a=1\nhunter2\n").unwrap_err();
+        assert_eq!(err, "line 2: expected NAME=VALUE");
+        let err = parse_secrets("a=1\na=hunter2\n").unwrap_err();
+        assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
+        let err = parse_secrets("a/b=hunter2\n").unwrap_err();
+        assert!(
+            err.starts_with("line 1") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 }
