@@ -1,7 +1,7 @@
 # wasmq: `make demo` runs the real thing end to end, `make test` runs every
 # test. Both install what is missing on a fresh machine (the wasm32-wasip2
-# target; redis-server, promtool and chromium via apt-get when absent and we
-# are root).
+# target; redis-server, PostgreSQL, openssl, promtool and chromium via
+# apt-get when absent and we are root).
 
 CARGO ?= cargo
 GUEST_TARGET := wasm32-wasip2
@@ -28,15 +28,16 @@ redis:
 	fi
 
 # PostgreSQL's server binaries (/usr/lib/postgresql/*/bin): the tests of
-# the postgres interface start their own server on a free port
-# (tests/common/postgres.rs), never the machine's.
+# the postgres interface and `make demo` start their own server on a free
+# port (tests/common/postgres.rs), never the machine's; the TLS test makes
+# its certificates with the openssl tool.
 postgres:
-	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then :; \
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "PostgreSQL not found: installing Debian's postgresql with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+		echo "PostgreSQL or openssl not found: installing Debian's postgresql and openssl with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql openssl >/dev/null; \
 	else \
-		echo "PostgreSQL not found: install it (e.g. 'sudo apt-get install postgresql') and re-run"; exit 1; \
+		echo "PostgreSQL or openssl not found: install them (e.g. 'sudo apt-get install postgresql openssl') and re-run"; exit 1; \
 	fi
 
 # promtool (Debian's prometheus package) checks the /metrics text in the tests.

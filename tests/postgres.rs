@@ -922,3 +922,47 @@ async fn wasmq_run_takes_secrets_and_databases_from_a_file() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// `wasmq worker --db-pool-size N` (`LaunchConfig::db_pool_size`): however
+/// many jobs run at once, the worker holds at most N connections to one
+/// tenant's database; the other jobs wait for one and all finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_size_bounds_a_workers_connections_and_jobs_wait_for_one() {
+    const POOL: i64 = 3;
+    let w = world_configured(12, |c| c.db_pool_size = POOL as usize).await;
+    let mut ids = Vec::new();
+    for _ in 0..9 {
+        let req = wasmq::broker::EnqueueRequest {
+            tenant: "acme".into(),
+            task: "db".into(),
+            payload: json!({"op": "query", "sql": "SELECT 1 FROM pg_sleep(0.2)", "params": []}),
+            store_result: Some(true),
+            ..Default::default()
+        };
+        ids.push(w.broker.enqueue(req).await.unwrap().id);
+    }
+    let mut most = 0;
+    let started = std::time::Instant::now();
+    loop {
+        let (backends, _) = w.wasmq_backends().await;
+        most = most.max(backends);
+        let mut done = 0;
+        for id in &ids {
+            match w.broker.result("acme", id, None).await.unwrap() {
+                ResultState::Ready(_) => done += 1,
+                ResultState::Pending => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        if done == ids.len() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most, POOL, "connections seen at most");
+    w.stop().await;
+}

@@ -67,6 +67,9 @@ pub struct LaunchConfig {
     /// from `WASMQ_SECRETS_KEY_FILE` or `WASMQ_SECRETS_KEY`); `None`: jobs
     /// that read a secret that is set fail as the host's fault.
     pub secrets_key: Option<Arc<SecretsKey>>,
+    /// Connections the process keeps per tenant and database (`wasmq
+    /// worker --db-pool-size`), shared by all its pools.
+    pub db_pool_size: usize,
 }
 
 impl LaunchConfig {
@@ -91,6 +94,7 @@ impl LaunchConfig {
             host_retries: HostRetries::default(),
             metrics: None,
             secrets_key: None,
+            db_pool_size: crate::limits::DB_POOL_SIZE,
         }
     }
 }
@@ -125,7 +129,8 @@ pub fn sandbox(config: &LaunchConfig) -> anyhow::Result<Arc<Sandbox>> {
     Ok(Arc::new(
         Sandbox::new(engine, CompiledCache::new(config.cache_dir.clone()))?
             .with_compile_settings(compile)
-            .with_secrets_key(config.secrets_key.clone()),
+            .with_secrets_key(config.secrets_key.clone())
+            .with_db_pool_size(config.db_pool_size),
     ))
 }
 

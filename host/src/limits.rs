@@ -86,9 +86,10 @@ pub const DB_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DB_CLIENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait to open a new database connection.
 pub const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections a worker keeps per tenant and database: jobs wait for one
-/// when all are in use (bounded by their deadline), so a busy worker
-/// cannot exhaust the server's `max_connections`.
+/// Connections a worker keeps per tenant and database unless told
+/// otherwise (`wasmq worker --db-pool-size`): jobs wait for one when all
+/// are in use (bounded by their deadline), so a busy worker cannot exhaust
+/// the server's `max_connections`.
 pub const DB_POOL_SIZE: usize = 16;
 /// Connections one job may open.
 pub const MAX_DB_CONNECTIONS_PER_JOB: u32 = 4;

@@ -69,6 +69,20 @@ pub struct WorkerArgs {
     /// `wasmq deploy` applies to them).
     #[arg(long = "default-max-component", value_parser = crate::policy::parse_size)]
     pub default_max_component: Option<u64>,
+    /// Connections this worker keeps per tenant and database (all its
+    /// pools together); jobs wait for one when all are in use. Size it
+    /// against the server's `max_connections` over all workers.
+    #[arg(long = "db-pool-size", default_value_t = crate::limits::DB_POOL_SIZE,
+          value_parser = parse_pool_size)]
+    pub db_pool_size: usize,
+}
+
+/// `--db-pool-size`: 1 to 10,000 connections.
+fn parse_pool_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a pool size from 1 to 10000")),
+    }
 }
 
 impl WorkerArgs {
@@ -105,6 +119,7 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     };
     config.compile_budget = args.compile_budget.into();
     config.metrics = args.metrics;
+    config.db_pool_size = args.db_pool_size;
     if let Some(cap) = args.default_max_component {
         config.default_max_component_bytes = cap;
     }

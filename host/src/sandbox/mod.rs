@@ -269,6 +269,13 @@ impl Sandbox {
         })
     }
 
+    /// The same sandbox, keeping at most `size` connections per tenant and
+    /// database (default [`crate::limits::DB_POOL_SIZE`]).
+    pub fn with_db_pool_size(mut self, size: usize) -> Self {
+        self.databases = Arc::new(postgres_api::Databases::with_pool_size(size));
+        self
+    }
+
     /// The same sandbox, opening secrets with `key`.
     pub fn with_secrets_key(mut self, key: Option<Arc<SecretsKey>>) -> Self {
         self.secrets_key = key;

@@ -47,9 +47,16 @@ use crate::secrets::{self, SecretsKey};
 
 /// The worker's pools, by (tenant, database): each with the URL it was
 /// built from and its TLS connector (the cancel path needs it too).
-#[derive(Default)]
 pub struct Databases {
     pools: Mutex<HashMap<(String, String), Kept>>,
+    /// Connections each pool keeps at most.
+    pool_size: usize,
+}
+
+impl Default for Databases {
+    fn default() -> Self {
+        Databases::with_pool_size(limits::DB_POOL_SIZE)
+    }
 }
 
 /// A pool, the URL it was built from, and its TLS connector.
@@ -69,6 +76,15 @@ enum PoolError {
 }
 
 impl Databases {
+    /// No pools yet; each will keep at most `pool_size` connections (at
+    /// least one).
+    pub fn with_pool_size(pool_size: usize) -> Self {
+        Databases {
+            pools: Mutex::default(),
+            pool_size: pool_size.max(1),
+        }
+    }
+
     /// The pool for `tenant`'s database `name` at `url`: the one kept, or a
     /// new one when there is none or the URL changed (a rotated password).
     fn pool(&self, tenant: &str, name: &str, url: &str) -> Result<(Pool, PgTls), PoolError> {
@@ -110,7 +126,7 @@ impl Databases {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(limits::DB_POOL_SIZE)
+            .max_size(self.pool_size)
             .build()
             .map_err(|e| PoolError::Url(format!("building the pool of database {name}: {e}")))?;
         let kept = Kept {
