@@ -570,3 +570,106 @@ async fn the_flow_command_starts_waits_and_names_bad_definitions() {
     stop.send(()).unwrap();
     worker.await.unwrap();
 }
+
+/// A guest's flow steps are its child jobs: they count against the
+/// tenant's `max_children_per_minute` as child enqueues do, all of a
+/// flow's steps or none (a refused flow writes nothing), while an
+/// operator's flows do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_flow_steps_count_against_the_tenants_children_per_minute() {
+    let site = TestServer::start(|_, _| Reply::ok("<a href=x>")).await;
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let out = wasmq(
+        &redis.url,
+        TENANT,
+        &[
+            "tenant",
+            "create",
+            TENANT,
+            "--max-children-per-minute",
+            "8",
+            "--allow-private-networks",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.allow_http = vec![site.authority()];
+    policy.store_result = true;
+    policy.retry.max_attempts = 1;
+    broker
+        .deploy(TENANT, "scrape", &guest_bytes("scrape"), &policy)
+        .await
+        .unwrap();
+    let (stop, worker) = start_in_process(&broker, TENANT, 4, Duration::from_secs(30), "w1");
+    let fan_out = |pages: usize| {
+        let broker = broker.clone();
+        let pages: Vec<String> = (0..pages).map(|i| site.url(&format!("/p{i}"))).collect();
+        async move {
+            let request = wasmq::broker::EnqueueRequest {
+                tenant: TENANT.into(),
+                task: "scrape".into(),
+                payload: json!({ "pages": pages }),
+                ..Default::default()
+            };
+            let id = broker.enqueue(request).await.unwrap().id;
+            let state = broker.result(TENANT, &id, Some(WAIT)).await.unwrap();
+            (id, state)
+        }
+    };
+    let refused = |state: ResultState| match state {
+        ResultState::Failed(f) => {
+            assert_eq!(f.category, wasmq::failure::Category::Denied, "{f}");
+            assert!(f.message.contains("max_children_per_minute"), "{f}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    // Nine steps never fit in eight a minute.
+    let (id, state) = fan_out(8).await;
+    refused(state);
+    let status = broker.status(TENANT, &id).await.unwrap().unwrap();
+    assert!(
+        status.flows_started.is_empty(),
+        "a refused flow wrote nothing"
+    );
+
+    // Within one minute (by Redis's clock, with room to spare): four steps
+    // fit, six more do not.
+    let mut conn = redis.connect().await;
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    if secs % 60 > 40 {
+        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
+    }
+    let (_, state) = fan_out(3).await;
+    let ResultState::Ready(started) = state else {
+        panic!("four steps fit in eight: {state:?}");
+    };
+    let summary = finished(&broker, started["flow_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(summary["pages"], json!(3));
+    let (_, state) = fan_out(5).await;
+    refused(state);
+    assert_eq!(
+        broker.usage(TENANT).await.unwrap()["children_this_minute"],
+        4
+    );
+
+    // An operator's flow is not a child job: it is not counted.
+    let operator = Node::group(vec![
+        Node::step("scrape", json!({"url": site.url("/x")}));
+        9
+    ]);
+    let started = broker
+        .start_flow_node(TENANT, &operator, None)
+        .await
+        .unwrap();
+    assert_eq!(started.job_ids.len(), 9);
+    assert_eq!(
+        broker.usage(TENANT).await.unwrap()["children_this_minute"],
+        4
+    );
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+}

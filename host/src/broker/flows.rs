@@ -60,6 +60,22 @@ fn failure(category: Category, message: impl Into<String>) -> anyhow::Error {
 }
 
 /// The flow a job's n-th start makes: the same on every delivery.
+/// The reason of FLOW_SUBMIT's `{'refused', reason}`, if that is what it
+/// returned ('new' and 'existing' are plain strings).
+fn refusal(outcome: &redis::Value) -> Option<String> {
+    let redis::Value::Array(parts) = outcome else {
+        return None;
+    };
+    match parts.as_slice() {
+        [redis::Value::BulkString(word), redis::Value::BulkString(reason)]
+            if word.as_slice() == b"refused" =>
+        {
+            Some(String::from_utf8_lossy(reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
 fn flow_id_for_job(tenant: &str, job: &str, ordinal: u32) -> String {
     let digest = Sha256::digest(format!("{tenant}\0{job}\0{ordinal}").as_bytes());
     hex::encode(&digest[..16])
@@ -157,12 +173,22 @@ impl Broker {
             "" => String::new(),
             job => keys.job(job),
         };
+        // A guest's steps are its child jobs: they count against the
+        // tenant's children rate (an operator's or producer's do not).
+        let (children, children_per_minute) = match started_by {
+            "" => (String::new(), 0),
+            _ => (
+                keys.children_rate(),
+                caps.max_children_per_minute.unwrap_or(0),
+            ),
+        };
         let mut call = scripts::FLOW_SUBMIT.key(keys.flow(flow_id));
-        call.key(starter);
+        call.key(starter).key(children);
         call.arg(keys.prefix())
             .arg(flow_id)
             .arg(plan.result.to_json(&ids).to_string())
-            .arg(started_by);
+            .arg(started_by)
+            .arg(children_per_minute);
         for (i, step) in plan.steps.iter().enumerate() {
             let task = &deployed[step.task.as_str()];
             let queue = &task.policy.queue;
@@ -221,7 +247,10 @@ impl Broker {
                 .arg(flow_field.to_string())
                 .arg(waits_on.join(" "));
         }
-        let _: String = call.invoke_async(&mut self.connection()).await?;
+        let outcome: redis::Value = call.invoke_async(&mut self.connection()).await?;
+        if let Some(reason) = refusal(&outcome) {
+            return Err(failure(Category::Denied, reason));
+        }
         Ok(StartedFlow {
             flow_id: flow_id.to_string(),
             job_ids: ids,

@@ -1345,9 +1345,12 @@ return 1
 pub const FLOW_STEP_FIELDS: usize = 8;
 
 /// Submit a workflow, all its steps in one step.
-/// KEYS: the flow's hash, and the job that starts it ('' for none: that
-/// job's `flows` field counts the flows it started, for `wasmq status`).
+/// KEYS: the flow's hash, the job that starts it ('' for none: that
+/// job's `flows` field counts the flows it started, for `wasmq status`),
+/// and the tenant's children-rate hash ('' unless a guest starts it).
 /// ARGV: prefix, flow id, result shape (JSON of job ids), who started it,
+/// the tenant's `max_children_per_minute` (0 = none; a guest's steps count
+/// against it as its child jobs do, all or none),
 /// then per step [`FLOW_STEP_FIELDS`] fields: job id, queue, envelope,
 /// priority, max_deliveries ('' = the default), gate ('' for none), the
 /// job's `flow` field (JSON: flow id, queue, priority, dependents,
@@ -1357,7 +1360,8 @@ pub const FLOW_STEP_FIELDS: usize = 8;
 /// the others are `waiting`, outside every queue, with the set of what they
 /// wait for in `flow:FID:waits:ID` (see `flow_settle`). Returns 'new', or
 /// 'existing' when the flow was submitted before (a guest's start run
-/// again): nothing is written then.
+/// again): nothing is written then; or {'refused', reason} when the
+/// tenant's children rate has no room for all its steps (nothing written).
 pub static FLOW_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     with_priority_band(&format!(
         r#"
@@ -1366,12 +1370,26 @@ local prefix, flow_id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'existing' end
 local now, now_us = clock()
 local now_ms = string.format('%d', now)
-local steps = (#ARGV - 4) / FIELDS
+local steps = (#ARGV - 5) / FIELDS
+local child_rate = tonumber(ARGV[5])
+if KEYS[3] ~= '' and child_rate > 0 then
+  local minute = tostring(math.floor(now / 60000))
+  local window = redis.call('HMGET', KEYS[3], 'minute', 'count')
+  local count = 0
+  if window[1] == minute then count = tonumber(window[2]) or 0 end
+  if count + steps > child_rate then
+    return {{'refused', 'the tenant may enqueue ' .. child_rate ..
+      ' child jobs per minute (max_children_per_minute); this flow has ' .. steps ..
+      ' steps and ' .. (child_rate - count) .. ' remain this minute'}}
+  end
+  redis.call('HSET', KEYS[3], 'minute', minute, 'count', count + steps)
+  redis.call('PEXPIRE', KEYS[3], 120000)
+end
 redis.call('HSET', KEYS[1], 'steps', steps, 'settled', 0, 'result', ARGV[3], 'started_by', ARGV[4],
   'created_at_ms', now_ms)
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'flows', 1) end
 local signalled = {{}}
-for i = 5, #ARGV, FIELDS do
+for i = 6, #ARGV, FIELDS do
   local id, queue, envelope, priority = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local max_deliveries, gate, flow, waits = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   local job = prefix .. 'job:' .. id
