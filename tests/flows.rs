@@ -64,6 +64,8 @@ async fn a_chain_of_three_passes_each_result_on() {
         .unwrap();
     assert_eq!(started.job_ids.len(), 4);
     let result = finished(&broker, &started.flow_id).await.unwrap();
+    // Every step was released from waiting onto its queue.
+    assert_eq!(broker.queue(TENANT, "default").await.unwrap().waiting, 0);
     // The last step saw the third's result (1 + 10 + 100) in its context.
     assert_eq!(result["flow"], json!(started.flow_id));
     assert_eq!(
@@ -340,6 +342,12 @@ async fn cancelling_a_waiting_step_cancels_what_waits_on_it() {
         "{listed}"
     );
     assert!(!listed.contains(started.job_ids[0].as_str()), "{listed}");
+    // `wasmq queues` counts them, on the queue they will go to.
+    let queue = broker.queue(TENANT, "default").await.unwrap();
+    assert_eq!((queue.ready, queue.waiting), (1, 2), "{queue:?}");
+    let printed = text(&wasmq(&redis.url, TENANT, &["queues"]).stdout);
+    let row = printed.lines().find(|l| l.starts_with("default")).unwrap();
+    assert_eq!(row.split_whitespace().last(), Some("2"), "{printed}");
     let out = wasmq(&redis.url, TENANT, &["cancel", middle]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (stop, worker) = start_in_process(&broker, TENANT, 2, Duration::from_secs(30), "w1");
@@ -353,6 +361,7 @@ async fn cancelling_a_waiting_step_cancels_what_waits_on_it() {
         !listed.contains(started.flow_id.as_str()),
         "nothing waits now: {listed}"
     );
+    assert_eq!(broker.queue(TENANT, "default").await.unwrap().waiting, 0);
     let first = job_fields(&broker, &started.job_ids[0], &["state"]).await;
     assert_eq!(first[0].as_deref(), Some("succeeded"));
     stop.send(()).unwrap();

@@ -185,6 +185,12 @@ impl Keys {
     pub fn flows_waiting(&self) -> String {
         self.key(&["flows-waiting"])
     }
+    /// ZSET: the workflow steps of `queue` that wait for others (they go
+    /// on it when released), by when their flow was submitted (ms): what
+    /// `wasmq queues` counts as `waiting`.
+    pub fn flow_waiting(&self, queue: &str) -> String {
+        self.key(&["queue", queue, "flow-waiting"])
+    }
     /// LIST: pushed once when a workflow's last step ends, for `flow --wait`.
     pub fn flow_done(&self, id: &str) -> String {
         self.key(&["flow", id, "done"])

@@ -135,6 +135,7 @@ impl ProducerAcl {
                 keys.delayed(queue),
                 keys.signal(queue),
                 keys.seq(queue),
+                keys.flow_waiting(queue),
             ]);
         }
         let commands = [

@@ -40,6 +40,9 @@ pub struct QueueView {
     pub running: u64,
     /// Jobs dead-lettered from this queue.
     pub dead: u64,
+    /// Workflow steps of this queue that wait for other steps (on no
+    /// queue yet: they go on this one when released).
+    pub waiting: u64,
     /// Set while the queue is paused.
     pub paused: Option<Paused>,
     /// How long the oldest ready job has waited since its enqueue (ms).
@@ -241,24 +244,26 @@ impl Broker {
     /// One queue's figures, read in one script call.
     pub async fn queue(&self, tenant: &str, queue: &str) -> anyhow::Result<QueueView> {
         let keys = Keys::new(tenant);
-        let (ready, delayed, running, dead, paused, oldest, now, succeeded, failed, held_back): (
-            u64,
-            u64,
-            u64,
-            u64,
-            String,
-            i64,
-            u64,
-            u64,
-            u64,
-            u64,
-        ) = scripts::QUEUE_VIEW
+        let (
+            ready,
+            delayed,
+            running,
+            dead,
+            paused,
+            oldest,
+            now,
+            succeeded,
+            failed,
+            held_back,
+            waiting,
+        ): (u64, u64, u64, u64, String, i64, u64, u64, u64, u64, u64) = scripts::QUEUE_VIEW
             .key(keys.ready(queue))
             .key(keys.delayed(queue))
             .key(keys.leased(queue))
             .key(keys.dead_by_queue())
             .key(keys.paused())
             .key(keys.lanes(queue))
+            .key(keys.flow_waiting(queue))
             .arg(keys.prefix())
             .arg(queue)
             .invoke_async(&mut self.connection())
@@ -270,6 +275,7 @@ impl Broker {
             delayed,
             running,
             dead,
+            waiting,
             paused: serde_json::from_str(&paused).ok(),
             oldest_ready_age_ms: u64::try_from(oldest).ok().map(|at| now.saturating_sub(at)),
             succeeded_last_minute: succeeded,

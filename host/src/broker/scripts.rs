@@ -190,6 +190,7 @@ local function flow_release(prefix, dep, job_key, fl, now)
     string.format('%d', now), 'enqueued_at_us', now_us)
   redis.call('ZADD', q .. 'ready', score, dep)
   redis.call('ZREM', prefix .. 'flows-waiting', dep)
+  redis.call('ZREM', q .. 'flow-waiting', dep)
   redis.call('LPUSH', q .. 'signal', '1')
   redis.call('LTRIM', q .. 'signal', 0, 63)
 end
@@ -199,6 +200,7 @@ local function flow_cancel(prefix, dep, job_key, fl, task, reason, now, retentio
   redis.call('HSET', job_key, 'state', 'cancelled', 'last_error', err,
     'finished_at_ms', string.format('%d', now), 'finished_at_us', now_us, 'cancelled_by', 'flow')
   redis.call('ZREM', prefix .. 'flows-waiting', dep)
+  if type(fl.queue) == 'string' then redis.call('ZREM', prefix .. 'queue:' .. fl.queue .. ':flow-waiting', dep) end
   history(job_key, prefix .. 'history:' .. dep, now, 'cancelled', reason)
   redis.call('PEXPIRE', job_key, retention)
   redis.call('PEXPIRE', prefix .. 'history:' .. dep, retention)
@@ -262,6 +264,9 @@ local function flow_forget_waits(prefix, id, flow)
   local decoded, fl = pcall(cjson.decode, flow or '')
   if decoded and type(fl) == 'table' and type(fl.id) == 'string' then
     redis.call('DEL', prefix .. 'flow:' .. fl.id .. ':waits:' .. id)
+    if type(fl.queue) == 'string' then
+      redis.call('ZREM', prefix .. 'queue:' .. fl.queue .. ':flow-waiting', id)
+    end
   end
   redis.call('ZREM', prefix .. 'flows-waiting', id)
 end
@@ -1220,13 +1225,14 @@ return now
 });
 
 /// One queue's figures for `wasmq queues`, read at one instant.
-/// KEYS: ready, delayed, leased, dead-by-queue, paused, lanes. ARGV:
+/// KEYS: ready, delayed, leased, dead-by-queue, paused, lanes, flow-waiting. ARGV:
 /// prefix, queue.
 ///
 /// Returns {ready, delayed, running, dead, paused (JSON or ''), enqueue
 /// time of the oldest ready job (ms, -1 for none), now (ms), succeeded
 /// and failed in this clock minute and the one before, jobs set aside in
-/// the queue's lanes (counted over its first [`MAX_LANES_LISTED`])}. The oldest ready
+/// the queue's lanes (counted over its first [`MAX_LANES_LISTED`]), its
+/// workflow steps waiting for others (KEYS[7])}. The oldest ready
 /// job is the first of some priority band (within a band, jobs are in
 /// enqueue order), so ten lookups find it however long the queue is.
 pub static QUEUE_VIEW: LazyLock<Script> = LazyLock::new(|| {
@@ -1261,7 +1267,7 @@ for _, lane in ipairs(redis.call('ZRANGE', KEYS[6], 0, MAX_LANES_LISTED - 1)) do
 end
 return {ready, redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
   tonumber(redis.call('HGET', KEYS[4], queue)) or 0, redis.call('HGET', KEYS[5], queue) or '',
-  oldest, now, succeeded, failed, held}
+  oldest, now, succeeded, failed, held, redis.call('ZCARD', KEYS[7])}
 "#,
     ))
 });
@@ -1409,6 +1415,7 @@ for i = 6, #ARGV, FIELDS do
     fields[#fields + 1] = 'state'; fields[#fields + 1] = 'waiting'
     redis.call('HSET', job, unpack(fields))
     redis.call('ZADD', prefix .. 'flows-waiting', now, id)
+    redis.call('ZADD', prefix .. 'queue:' .. queue .. ':flow-waiting', now, id)
     local on = {{}}
     for dep in string.gmatch(waits, '[^ ]+') do on[#on + 1] = dep end
     redis.call('SADD', prefix .. 'flow:' .. flow_id .. ':waits:' .. id, unpack(on))

@@ -85,19 +85,30 @@ pub async fn queues(redis: &str, tenant: &str, json: bool) -> Result<(), CliErro
         return Ok(());
     }
     println!(
-        "{:<20} {:>8} {:>8} {:>8} {:>8}  {:<8} {:>9} {:>10} {:>7}",
-        "QUEUE", "READY", "DELAYED", "RUNNING", "DEAD", "STATE", "OLDEST", "SUCCEEDED", "FAILED"
+        "{:<20} {:>8} {:>8} {:>8} {:>8}  {:<8} {:>9} {:>10} {:>7} {:>8}",
+        "QUEUE",
+        "READY",
+        "DELAYED",
+        "RUNNING",
+        "DEAD",
+        "STATE",
+        "OLDEST",
+        "SUCCEEDED",
+        "FAILED",
+        "WAITING"
     );
     for q in &queues {
         print_queue(q);
     }
-    println!("(succeeded and failed: runs in this minute and the one before)");
+    println!(
+        "(succeeded and failed: runs in this minute and the one before; waiting: workflow steps waiting for others)"
+    );
     Ok(())
 }
 
 fn print_queue(q: &QueueView) {
     println!(
-        "{:<20} {:>8} {:>8} {:>8} {:>8}  {:<8} {:>9} {:>10} {:>7}",
+        "{:<20} {:>8} {:>8} {:>8} {:>8}  {:<8} {:>9} {:>10} {:>7} {:>8}",
         q.name,
         q.ready,
         q.delayed,
@@ -110,7 +121,8 @@ fn print_queue(q: &QueueView) {
         },
         q.oldest_ready_age_ms.map_or("-".into(), age),
         q.succeeded_last_minute,
-        q.failed_last_minute
+        q.failed_last_minute,
+        q.waiting
     );
     if let Some(p) = &q.paused {
         println!("  paused by {} at {}", p.by, format::rfc3339(p.at_ms));

@@ -214,6 +214,7 @@ pub fn queues(frame: &Frame, queues: &[QueueView]) -> Markup {
                     thead { tr {
                         th { "queue" } th.n { "ready" } th.n { "scheduled" } th.n { "running" } th.n { "dead" }
                         th { "state" } th.n { "oldest ready" } th.n { "succeeded" } th.n { "failed" }
+                        th.n title="workflow steps waiting for other steps" { "waiting" }
                         @if frame.acts() { th {} }
                     } }
                     tbody {
@@ -230,6 +231,7 @@ pub fn queues(frame: &Frame, queues: &[QueueView]) -> Markup {
                                 }
                                 td.n { (q.oldest_ready_age_ms.map_or("-".into(), age)) }
                                 td.n { (q.succeeded_last_minute) } td.n { (q.failed_last_minute) }
+                                td.n { (q.waiting) }
                                 @if frame.acts() {
                                     td {
                                         @let base = format!("/t/{t}/queues/{}", enc(&q.name));

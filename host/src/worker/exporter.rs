@@ -114,6 +114,7 @@ impl Scrape {
                         ("delayed", view.delayed),
                         ("running", view.running),
                         ("dead", view.dead),
+                        ("waiting", view.waiting),
                     ] {
                         m.queue_jobs
                             .with_label_values(&[&tenant, &queue, state])
