@@ -486,18 +486,26 @@ async fn tls_is_used_where_the_database_asks_for_it_and_certificates_are_checked
         ResultState::Ready(v) => assert_eq!(v["rows"], encrypted, "{v}"),
         other => panic!("verify-ca, by IP: {other:?}"),
     }
-    // A root file the worker does not have: named, for the operator.
-    let f = failure(
-        run_on(format!(
-            "{ip}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem"
-        ))
-        .await,
-    );
-    assert!(
-        f.message
-            .contains("sslrootcert \"/nonexistent/ca.pem\": No such file"),
-        "{f:?}"
-    );
+    // A root file the worker does not have, or one that is no PEM file
+    // (a device, a directory, a readable system file): the URL's fault,
+    // all said in the same words, so a tenant learns nothing of the
+    // worker's files; nothing endless is read.
+    for path in ["/nonexistent/ca.pem", "/dev/zero", "/etc/passwd", "/tmp"] {
+        let f = failure(run_on(format!("{ip}?sslmode=verify-ca&sslrootcert={path}")).await);
+        assert!(
+            f.message.contains(&format!(
+                "sslrootcert {path:?} is not a readable PEM file of CA certificates"
+            )),
+            "{path}: {f:?}"
+        );
+    }
+    // verify-ca without a root file would trust any public certificate.
+    let f = failure(run_on(format!("{ip}?sslmode=verify-ca")).await);
+    assert!(f.message.contains("verify-ca needs sslrootcert"), "{f:?}");
+    // A leading space does not turn the URL into conninfo and its
+    // `require` into `prefer`: against the plain server it still fails.
+    let f = failure(run_on(format!(" {}?sslmode=require", w.pg.url)).await);
+    assert!(f.message.contains("does not support TLS"), "{f:?}");
     // An sslmode libpq does not have: the URL's fault, said so.
     let f = failure(run_on(format!("{ip}?sslmode=verify_full")).await);
     assert!(

@@ -13,7 +13,7 @@
 //!   `result --wait`), `flow:*` and `flows-waiting` (a workflow's record,
 //!   what its waiting steps wait for, and `flow --wait`), `idem:*`, `idem-index`, `done:*`,
 //!   and the `ready`,
-//!   `delayed`, `signal` and `seq` keys of the queues of the tenant's
+//!   `delayed`, `signal`, `seq` and `flow-waiting` keys of the queues of the tenant's
 //!   deployed tasks only (named one by one when the ACL is made: a producer
 //!   cannot put a job on a queue no task of its tenant is deployed to; a
 //!   deploy to a new queue says to make the ACL again).

@@ -59,7 +59,6 @@ fn failure(category: Category, message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(Failure::new(category, message))
 }
 
-/// The flow a job's n-th start makes: the same on every delivery.
 /// The reason of FLOW_SUBMIT's `{'refused', reason}`, if that is what it
 /// returned ('new' and 'existing' are plain strings).
 fn refusal(outcome: &redis::Value) -> Option<String> {
@@ -76,6 +75,7 @@ fn refusal(outcome: &redis::Value) -> Option<String> {
     }
 }
 
+/// The flow a job's n-th start makes: the same on every delivery.
 fn flow_id_for_job(tenant: &str, job: &str, ordinal: u32) -> String {
     let digest = Sha256::digest(format!("{tenant}\0{job}\0{ordinal}").as_bytes());
     hex::encode(&digest[..16])

@@ -1386,7 +1386,7 @@ if KEYS[3] ~= '' and child_rate > 0 then
   if count + steps > child_rate then
     return {{'refused', 'the tenant may enqueue ' .. child_rate ..
       ' child jobs per minute (max_children_per_minute); this flow has ' .. steps ..
-      ' steps and ' .. (child_rate - count) .. ' remain this minute'}}
+      ' steps and ' .. math.max(0, child_rate - count) .. ' remain this minute'}}
   end
   redis.call('HSET', KEYS[3], 'minute', minute, 'count', count + steps)
   redis.call('PEXPIRE', KEYS[3], 120000)

@@ -91,11 +91,18 @@ fn parse_secrets(text: &str) -> Result<Vec<(String, String)>, String> {
             return Err(format!("line {}: expected NAME=VALUE", i + 1));
         };
         let name = name.trim();
-        secrets::check_name(name).map_err(|e| format!("line {}: {e}", i + 1))?;
+        // The check's message quotes the name, which on a mangled line may
+        // be part of a value: only the line number is said.
+        secrets::check_name(name).map_err(|_| {
+            format!(
+                "line {}: not a secret name before `=` (letters, digits, _ . : -)",
+                i + 1
+            )
+        })?;
         if out.iter().any(|(n, _)| n == name) {
             return Err(format!("line {}: secret {name} is given twice", i + 1));
         }
-        out.push((name.to_string(), value.to_string()));
+        out.push((name.to_string(), value.trim().to_string()));
     }
     Ok(out)
 }
@@ -250,7 +257,12 @@ mod tests {
             ("mail_api_key".into(), "s3cret=with=equals".into())
         );
         assert_eq!(parsed[1].0, "database:app");
-        assert_eq!(parsed[1].1, " postgres://u:p@db/app");
+        assert_eq!(parsed[1].1, "postgres://u:p@db/app");
+        let err = parse_secrets("postgres://app:hunter2@db/app?sslmode=require\n").unwrap_err();
+        assert!(
+            err.starts_with("line 1") && !err.contains("hunter2"),
+            "{err}"
+        );
         let err = parse_secrets("a=1\nhunter2\n").unwrap_err();
         assert_eq!(err, "line 2: expected NAME=VALUE");
         let err = parse_secrets("a=1\na=hunter2\n").unwrap_err();

@@ -66,13 +66,10 @@ struct Kept {
     tls: PgTls,
 }
 
-/// Why a pool could not be built.
+/// Why a pool could not be built: the URL is wrong (its `sslrootcert`
+/// file included, which the URL's author chose), the tenant's to fix.
 enum PoolError {
-    /// The URL is wrong: the tenant's to fix.
     Url(String),
-    /// What the URL names cannot be used on this worker (its
-    /// `sslrootcert` file): the operator's.
-    Worker(String),
 }
 
 impl Databases {
@@ -108,7 +105,8 @@ impl Databases {
             .map_err(|_| PoolError::Url(format!("{secret} is not a PostgreSQL URL")))?;
         let (mode, tls) = PgTls::new(&ssl).map_err(|e| match e {
             SetupError::Params(m) => PoolError::Url(format!("{secret}: {m}")),
-            SetupError::Roots(m) => PoolError::Worker(format!("TLS to database {name}: {m}")),
+            // The path is the URL author's choice: their error, not a host fault.
+            SetupError::Roots(m) => PoolError::Url(format!("TLS to database {name}: {m}")),
         })?;
         config.ssl_mode(mode);
         config.options(format!(
@@ -525,10 +523,7 @@ impl postgres::HostConnection for HostState {
             .databases
             .pools
             .pool(&self.scope.tenant, &name, &url)
-            .map_err(|e| match e {
-                PoolError::Url(m) => HostError::Invalid(m),
-                PoolError::Worker(m) => unavailable(self, m),
-            })?;
+            .map_err(|PoolError::Url(m)| HostError::Invalid(m))?;
         let started = Instant::now();
         let client = pool.get().await.map_err(|e| {
             // The database refusing or unreachable, or its certificate

@@ -112,6 +112,9 @@ pub fn split_ssl_params(url: &str) -> Result<(String, SslParams), String> {
         }
         Ok(true)
     };
+    // Trimmed first: a URL with a leading space would otherwise be taken
+    // for conninfo, lose nothing here, and have its `sslmode` overridden.
+    let url = url.trim();
     let rest = match ["postgres://", "postgresql://"]
         .iter()
         .find(|p| url.starts_with(*p))
@@ -254,6 +257,17 @@ impl PgTls {
                     Check::Nothing
                 },
             ),
+            // Unlike require's optional chain check, verify-ca without a
+            // root file would accept any public CA's certificate for any
+            // name: refused, as libpq fails without its root.crt.
+            SslMode::VerifyCa if file.is_none() => {
+                return Err(SetupError::Params(
+                    "sslmode=verify-ca needs sslrootcert=FILE (the CA to trust): with the \
+                     public roots and no name check any public certificate would pass; \
+                     use verify-full for a public CA"
+                        .into(),
+                ))
+            }
             SslMode::VerifyCa => (DriverMode::Require, Check::Chain),
             SslMode::VerifyFull => (DriverMode::Require, Check::Full),
         };
@@ -315,25 +329,43 @@ impl std::fmt::Display for SetupError {
     }
 }
 
-/// The certificates of the PEM file at `path`.
+/// Largest `sslrootcert` file read.
+const MAX_ROOT_FILE_BYTES: u64 = 1 << 20;
+
+/// The certificates of the PEM file at `path`. The path comes from a
+/// tenant's URL: only a regular file of at most [`MAX_ROOT_FILE_BYTES`] is
+/// read (never a device, pipe or directory, which could exhaust memory or
+/// block), and every failure reads the same, so the message tells nothing
+/// about which files exist on the worker or who may read them.
 fn roots_from(path: &str) -> Result<RootCertStore, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("sslrootcert {path:?}: {e}"))?;
-    let mut roots = RootCertStore::empty();
-    let mut bad = 0;
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        // PEM errors quote the offending line: said in our words instead.
-        match cert {
-            Ok(cert) => bad += usize::from(roots.add(cert).is_err()),
-            Err(_) => return Err(format!("sslrootcert {path:?} is not a valid PEM file")),
-        }
+    let unusable = || {
+        format!(
+            "sslrootcert {path:?} is not a readable PEM file of CA certificates \
+             (a regular file of at most 1 MiB on the worker)"
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(|_| unusable())?;
+    if !meta.is_file() || meta.len() > MAX_ROOT_FILE_BYTES {
+        return Err(unusable());
     }
-    if bad > 0 {
-        return Err(format!(
-            "sslrootcert {path:?}: {bad} certificate(s) in it could not be parsed"
-        ));
+    let mut pem = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(|_| unusable())?,
+            MAX_ROOT_FILE_BYTES,
+        ),
+        &mut pem,
+    )
+    .map_err(|_| unusable())?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        // PEM errors quote the offending line, and any other wording would
+        // tell a readable non-certificate file from a missing one.
+        let cert = cert.map_err(|_| unusable())?;
+        roots.add(cert).map_err(|_| unusable())?;
     }
     if roots.is_empty() {
-        return Err(format!("sslrootcert {path:?} holds no certificate"));
+        return Err(unusable());
     }
     Ok(roots)
 }
@@ -438,8 +470,10 @@ where
     /// `domain` is the URL's host: what `verify-full` checks the
     /// certificate against, and the SNI (rustls sends none for an IP).
     fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, String> {
-        let name = ServerName::try_from(domain.to_string())
-            .map_err(|_| format!("{domain:?} is not a host name TLS can check"))?;
+        // tokio-postgres asks for a connector before it knows whether TLS
+        // is wanted, with "" for a Unix socket or a bare `hostaddr`: fail
+        // only if a handshake is then attempted.
+        let name = ServerName::try_from(domain.to_string()).ok();
         Ok(PgTlsConnect {
             connector: tokio_rustls::TlsConnector::from(self.config.clone()),
             name,
@@ -450,7 +484,8 @@ where
 /// One handshake to come, to the host it was made for.
 pub struct PgTlsConnect {
     connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    /// `None`: no host name (see `make_tls_connect`).
+    name: Option<ServerName<'static>>,
 }
 
 impl<S> TlsConnect<S> for PgTlsConnect
@@ -463,7 +498,13 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let stream = self.connector.connect(self.name, stream).await?;
+            let name = self.name.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "TLS needs a host name to check (the URL names none)",
+                )
+            })?;
+            let stream = self.connector.connect(name, stream).await?;
             Ok(PgTlsStream(stream))
         })
     }
@@ -584,6 +625,16 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_socket_or_bare_hostaddr_gets_a_connector_without_a_name() {
+        // tokio-postgres asks with "" before it looks at the mode: a URL
+        // with `sslmode=disable` over a Unix socket must still connect.
+        let (_, mut tls) = PgTls::new(&SslParams::default()).unwrap();
+        let connect =
+            MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut tls, "").unwrap();
+        assert!(connect.name.is_none());
+    }
+
+    #[test]
     fn modes_map_to_the_driver_and_root_files_are_checked() {
         let params = |mode, rootcert: Option<&str>| SslParams {
             mode,
@@ -608,15 +659,24 @@ mod tests {
         );
         let e = driver(params(Some(SslMode::Require), Some("/nonexistent/ca.pem"))).unwrap_err();
         assert!(
-            e.contains("\"/nonexistent/ca.pem\"") && e.contains("No such file"),
+            e.contains("\"/nonexistent/ca.pem\" is not a readable PEM file"),
             "{e}"
         );
+        // A device (endless), a directory: refused unread, and in the same
+        // words as a missing file, so nothing is learnt about the worker.
+        for path in ["/dev/zero", "/dev/urandom", "/tmp", "/etc/shadow"] {
+            let e = driver(params(Some(SslMode::VerifyFull), Some(path))).unwrap_err();
+            assert!(e.contains("is not a readable PEM file"), "{path}: {e}");
+        }
+        // verify-ca trusts no public root without a name check.
+        let e = driver(params(Some(SslMode::VerifyCa), None)).unwrap_err();
+        assert!(e.contains("verify-ca needs sslrootcert"), "{e}");
         let dir = std::env::temp_dir().join(format!("wasmq-pgtls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "SECRET-LOOKING TEXT\n").unwrap();
         let e = driver(params(Some(SslMode::VerifyCa), empty.to_str())).unwrap_err();
-        assert!(e.contains("holds no certificate"), "{e}");
+        assert!(e.contains("is not a readable PEM file"), "{e}");
         let broken = dir.join("broken.pem");
         std::fs::write(
             &broken,
