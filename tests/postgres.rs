@@ -122,6 +122,18 @@ impl World {
         }
     }
 
+    /// Enqueue a `db-slow` job that locks row 7 in a transaction and
+    /// waits in `pg_sleep` (to be cancelled there); its id.
+    async fn enqueue_sleeper(&self) -> String {
+        let req = wasmq::broker::EnqueueRequest {
+            tenant: "acme".into(),
+            task: "db-slow".into(),
+            payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
+            ..Default::default()
+        };
+        self.broker.enqueue(req).await.unwrap().id
+    }
+
     async fn stop(self) {
         self.stop.send(()).unwrap();
         self.worker.await.unwrap();
@@ -309,13 +321,7 @@ async fn an_open_transaction_is_rolled_back_when_the_job_returns_traps_times_out
     }
 
     // Cancelled by an operator while its statement runs: the same.
-    let req = wasmq::broker::EnqueueRequest {
-        tenant: "acme".into(),
-        task: "db-slow".into(),
-        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
-        ..Default::default()
-    };
-    let id = w.broker.enqueue(req).await.unwrap().id;
+    let id = w.enqueue_sleeper().await;
     let client = w.pg.client().await;
     assert!(
         statement_running(&client, Duration::from_millis(10000)).await,
@@ -530,13 +536,7 @@ async fn tls_is_used_where_the_database_asks_for_it_and_certificates_are_checked
         &format!("{host}?sslmode=verify-full&sslrootcert={ca}"),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let req = wasmq::broker::EnqueueRequest {
-        tenant: "acme".into(),
-        task: "db-slow".into(),
-        payload: json!({"op": "onboard", "user_id": 7, "then": "sleep"}),
-        ..Default::default()
-    };
-    let id = w.broker.enqueue(req).await.unwrap().id;
+    let id = w.enqueue_sleeper().await;
     assert!(
         statement_running(&client, Duration::from_millis(10000)).await,
         "the job never reached its statement"

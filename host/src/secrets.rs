@@ -75,6 +75,12 @@ pub fn field(name: &str, task: Option<&str>) -> String {
     }
 }
 
+/// The fields `task` reads secret `name` from, in order: its own value
+/// wins over its tenant's. Every backend looks them up this way.
+pub fn lookup_fields(name: &str, task: &str) -> [String; 2] {
+    [field(name, Some(task)), field(name, None)]
+}
+
 /// A field split back into its name and task.
 pub fn parse_field(field: &str) -> (&str, Option<&str>) {
     match field.split_once('/') {

@@ -162,15 +162,12 @@ impl Backend for MemoryBackend {
         name: &str,
     ) -> BackendResult<Option<(String, Vec<u8>)>> {
         let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
-        Ok([
-            crate::secrets::field(name, Some(task)),
-            crate::secrets::field(name, None),
-        ]
-        .into_iter()
-        .find_map(|field| {
-            let sealed = secrets.get(&key(tenant, &field))?.clone();
-            Some((field, sealed))
-        }))
+        Ok(crate::secrets::lookup_fields(name, task)
+            .into_iter()
+            .find_map(|field| {
+                let sealed = secrets.get(&key(tenant, &field))?.clone();
+                Some((field, sealed))
+            }))
     }
 
     async fn kv_get(&self, tenant: &str, k: &str) -> BackendResult<Option<Vec<u8>>> {

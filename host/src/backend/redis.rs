@@ -807,10 +807,7 @@ impl Backend for RedisBackend {
         task: &str,
         name: &str,
     ) -> BackendResult<Option<(String, Vec<u8>)>> {
-        let fields = [
-            crate::secrets::field(name, Some(task)),
-            crate::secrets::field(name, None),
-        ];
+        let fields = crate::secrets::lookup_fields(name, task);
         let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
             .arg(Keys::new(tenant).secrets())
             .arg(&fields[..])

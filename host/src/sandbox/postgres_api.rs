@@ -40,7 +40,7 @@ use wasmtime::component::Resource;
 
 use super::bindings::v0_2::wasmq::task0_1_0::types::HostError;
 use super::bindings::v0_2::wasmq::task0_2_0::postgres::{self, Rows, Value};
-use super::postgres_tls::{self, PgTls, SetupError};
+use super::postgres_tls::{self, PgTls};
 use super::state::HostState;
 use crate::limits;
 use crate::secrets::{self, SecretsKey};
@@ -66,12 +66,6 @@ struct Kept {
     tls: PgTls,
 }
 
-/// Why a pool could not be built: the URL is wrong (its `sslrootcert`
-/// file included, which the URL's author chose), the tenant's to fix.
-enum PoolError {
-    Url(String),
-}
-
 impl Databases {
     /// No pools yet; each will keep at most `pool_size` connections (at
     /// least one).
@@ -84,7 +78,9 @@ impl Databases {
 
     /// The pool for `tenant`'s database `name` at `url`: the one kept, or a
     /// new one when there is none or the URL changed (a rotated password).
-    fn pool(&self, tenant: &str, name: &str, url: &str) -> Result<(Pool, PgTls), PoolError> {
+    /// An error says what is wrong with the URL (its `sslrootcert` file
+    /// included, which the URL's author chose): the tenant's to fix.
+    fn pool(&self, tenant: &str, name: &str, url: &str) -> Result<(Pool, PgTls), String> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let key = (tenant.to_string(), name.to_string());
         if let Some(kept) = pools.get(&key) {
@@ -98,16 +94,12 @@ impl Databases {
         );
         // libpq's sslmode/sslrootcert, which tokio-postgres does not
         // know, are taken out first (see postgres_tls).
-        let (rest, ssl) = postgres_tls::split_ssl_params(url)
-            .map_err(|e| PoolError::Url(format!("{secret}: {e}")))?;
+        let (rest, ssl) =
+            postgres_tls::split_ssl_params(url).map_err(|e| format!("{secret}: {e}"))?;
         let mut config: tokio_postgres::Config = rest
             .parse()
-            .map_err(|_| PoolError::Url(format!("{secret} is not a PostgreSQL URL")))?;
-        let (mode, tls) = PgTls::new(&ssl).map_err(|e| match e {
-            SetupError::Params(m) => PoolError::Url(format!("{secret}: {m}")),
-            // The path is the URL author's choice: their error, not a host fault.
-            SetupError::Roots(m) => PoolError::Url(format!("TLS to database {name}: {m}")),
-        })?;
+            .map_err(|_| format!("{secret} is not a PostgreSQL URL"))?;
+        let (mode, tls) = PgTls::new(&ssl).map_err(|e| format!("{secret}: {e}"))?;
         config.ssl_mode(mode);
         config.options(format!(
             "-c statement_timeout={} -c client_connection_check_interval={}",
@@ -126,7 +118,7 @@ impl Databases {
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .build()
-            .map_err(|e| PoolError::Url(format!("building the pool of database {name}: {e}")))?;
+            .map_err(|e| format!("building the pool of database {name}: {e}"))?;
         let kept = Kept {
             url: url.to_string(),
             pool: pool.clone(),
@@ -523,7 +515,7 @@ impl postgres::HostConnection for HostState {
             .databases
             .pools
             .pool(&self.scope.tenant, &name, &url)
-            .map_err(|PoolError::Url(m)| HostError::Invalid(m))?;
+            .map_err(HostError::Invalid)?;
         let started = Instant::now();
         let client = pool.get().await.map_err(|e| {
             // The database refusing or unreachable, or its certificate

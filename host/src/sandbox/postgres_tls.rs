@@ -226,7 +226,7 @@ impl PgTls {
     /// The mode tokio-postgres is to use and the connector for `params`.
     /// Reads the `sslrootcert` file when the mode checks certificates;
     /// errors name the problem, never the file's contents.
-    pub fn new(params: &SslParams) -> Result<(DriverMode, PgTls), SetupError> {
+    pub fn new(params: &SslParams) -> Result<(DriverMode, PgTls), String> {
         let system = params.rootcert.as_deref() == Some("system");
         let mode = params.mode.unwrap_or(if system {
             SslMode::VerifyFull
@@ -236,10 +236,10 @@ impl PgTls {
         if system && mode != SslMode::VerifyFull {
             // libpq's rule: the public roots vouch for anyone's name, so
             // only a name check makes them mean something.
-            return Err(SetupError::Params(format!(
+            return Err(format!(
                 "sslmode={} may not be used with sslrootcert=system (use verify-full)",
                 mode.name()
-            )));
+            ));
         }
         let file = params.rootcert.as_deref().filter(|_| !system);
         let (driver, check) = match mode {
@@ -261,12 +261,12 @@ impl PgTls {
             // root file would accept any public CA's certificate for any
             // name: refused, as libpq fails without its root.crt.
             SslMode::VerifyCa if file.is_none() => {
-                return Err(SetupError::Params(
+                return Err(
                     "sslmode=verify-ca needs sslrootcert=FILE (the CA to trust): with the \
                      public roots and no name check any public certificate would pass; \
                      use verify-full for a public CA"
                         .into(),
-                ))
+                )
             }
             SslMode::VerifyCa => (DriverMode::Require, Check::Chain),
             SslMode::VerifyFull => (DriverMode::Require, Check::Full),
@@ -278,7 +278,7 @@ impl PgTls {
             Check::Nothing => Arc::new(AnyCertificate(provider.signature_verification_algorithms)),
             Check::Chain | Check::Full => {
                 let roots = match file {
-                    Some(path) => roots_from(path).map_err(SetupError::Roots)?,
+                    Some(path) => roots_from(path)?,
                     None => RootCertStore {
                         roots: webpki_roots::TLS_SERVER_ROOTS.into(),
                     },
@@ -286,7 +286,7 @@ impl PgTls {
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| SetupError::Roots(format!("sslrootcert: {e}")))?;
+                        .map_err(|e| format!("sslrootcert: {e}"))?;
                 if check == Check::Full {
                     webpki
                 } else {
@@ -296,7 +296,7 @@ impl PgTls {
         };
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| SetupError::Roots(format!("TLS configuration: {e}")))?
+            .map_err(|e| format!("TLS configuration: {e}"))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
@@ -309,23 +309,6 @@ impl PgTls {
                 config: Arc::new(config),
             },
         ))
-    }
-}
-
-/// Why [`PgTls::new`] failed.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SetupError {
-    /// The URL's parameters contradict each other: the URL's author's to fix.
-    Params(String),
-    /// The roots cannot be read on this worker: the operator's.
-    Roots(String),
-}
-
-impl std::fmt::Display for SetupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SetupError::Params(m) | SetupError::Roots(m) => f.write_str(m),
-        }
     }
 }
 
