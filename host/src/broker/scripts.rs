@@ -298,6 +298,33 @@ fn with_priority_band(body: &str) -> Script {
     with_clock(&format!("local PRIORITY_BAND = {PRIORITY_BAND}\n{body}"))
 }
 
+/// [`with_priority_band`], with `take_children` ([`CHILDREN_RATE_LUA`]):
+/// the scripts that put a guest's jobs on queues (enqueue, flow submit).
+fn with_children_rate(body: &str) -> Script {
+    with_priority_band(&format!("{CHILDREN_RATE_LUA}{body}"))
+}
+
+/// The tenant's children rate (`max_children_per_minute`), one window per
+/// Redis-clock minute: `take_children(key, rate, n, now)` takes `n` child
+/// jobs if all fit under `rate` and returns nil, else returns the refusal
+/// and how many remain, taking none. `key` '' or `rate` 0: no cap.
+const CHILDREN_RATE_LUA: &str = r#"
+local function take_children(key, rate, n, now)
+  if key == '' or rate <= 0 then return nil end
+  local minute = tostring(math.floor(now / 60000))
+  local window = redis.call('HMGET', key, 'minute', 'count')
+  local count = 0
+  if window[1] == minute then count = tonumber(window[2]) or 0 end
+  if count + n > rate then
+    return 'the tenant may enqueue ' .. rate .. ' child jobs per minute (max_children_per_minute)',
+      math.max(0, rate - count)
+  end
+  redis.call('HSET', key, 'minute', minute, 'count', count + n)
+  redis.call('PEXPIRE', key, 120000)
+  return nil
+end
+"#;
+
 /// A script whose source is [`CLOCK_LUA`] followed by `body` (scripts that
 /// write no history define nothing else on every call).
 fn with_clock(body: &str) -> Script {
@@ -330,7 +357,7 @@ fn with_clock(body: &str) -> Script {
 /// a tick, one job comes of it, and never one of a replaced definition.
 /// Otherwise it returns {'', 'stale'} and writes nothing.
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    with_priority_band(
+    with_children_rate(
         r#"
 local id, priority = ARGV[1], tonumber(ARGV[3])
 local delay, eta = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -370,17 +397,8 @@ if KEYS[5] ~= '' and not holder and idem_quota > 0 then
     return {'', 'refused', 'the tenant holds ' .. idem_quota .. ' idempotency keys, its quota (max_idempotency_keys)'}
   end
 end
-if KEYS[8] ~= '' and child_rate > 0 then
-  local minute = tostring(math.floor(now / 60000))
-  local window = redis.call('HMGET', KEYS[8], 'minute', 'count')
-  local count = 0
-  if window[1] == minute then count = tonumber(window[2]) or 0 end
-  if count >= child_rate then
-    return {'', 'refused', 'the tenant may enqueue ' .. child_rate .. ' child jobs per minute (max_children_per_minute)'}
-  end
-  redis.call('HSET', KEYS[8], 'minute', minute, 'count', count + 1)
-  redis.call('PEXPIRE', KEYS[8], 120000)
-end
+local refused = take_children(KEYS[8], child_rate, 1, now)
+if refused then return {'', 'refused', refused} end
 if KEYS[5] ~= '' then
   redis.call('SET', KEYS[5], id)
   redis.call('ZADD', KEYS[7], 'inf', KEYS[5])
@@ -1369,7 +1387,7 @@ pub const FLOW_STEP_FIELDS: usize = 8;
 /// again): nothing is written then; or {'refused', reason} when the
 /// tenant's children rate has no room for all its steps (nothing written).
 pub static FLOW_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
-    with_priority_band(&format!(
+    with_children_rate(&format!(
         r#"
 local FIELDS = {FLOW_STEP_FIELDS}
 local prefix, flow_id = ARGV[1], ARGV[2]
@@ -1378,18 +1396,9 @@ local now, now_us = clock()
 local now_ms = string.format('%d', now)
 local steps = (#ARGV - 5) / FIELDS
 local child_rate = tonumber(ARGV[5])
-if KEYS[3] ~= '' and child_rate > 0 then
-  local minute = tostring(math.floor(now / 60000))
-  local window = redis.call('HMGET', KEYS[3], 'minute', 'count')
-  local count = 0
-  if window[1] == minute then count = tonumber(window[2]) or 0 end
-  if count + steps > child_rate then
-    return {{'refused', 'the tenant may enqueue ' .. child_rate ..
-      ' child jobs per minute (max_children_per_minute); this flow has ' .. steps ..
-      ' steps and ' .. math.max(0, child_rate - count) .. ' remain this minute'}}
-  end
-  redis.call('HSET', KEYS[3], 'minute', minute, 'count', count + steps)
-  redis.call('PEXPIRE', KEYS[3], 120000)
+local refused, left = take_children(KEYS[3], child_rate, steps, now)
+if refused then
+  return {{'refused', refused .. '; this flow has ' .. steps .. ' steps and ' .. left .. ' remain this minute'}}
 end
 redis.call('HSET', KEYS[1], 'steps', steps, 'settled', 0, 'result', ARGV[3], 'started_by', ARGV[4],
   'created_at_ms', now_ms)
