@@ -327,3 +327,96 @@ fn secret_set_refuses_without_a_key_or_a_value_and_takes_no_value_as_an_argument
         text(&out.stderr)
     );
 }
+
+/// A value with `"` and `\` (which JSON escapes) is blotted out of the
+/// result, log, error and kind however it is encoded; passed as a secret
+/// or database name it does not show among the denials; a child job or a
+/// flow carrying it is refused (its record would show it), naming the
+/// secret. `status` (text and JSON) and every key in Redis show no value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_values_and_values_used_as_names_are_blotted_out_and_not_passed_on() {
+    let redis = RedisServer::start();
+    let url = redis.url.clone();
+    let broker = Broker::connect(&url).await.unwrap();
+    let value = r#"se"cr\et/val\u0075e"#;
+    secret_set(&url, "acme", "api_key", None, value);
+    deploy_reader(&broker, "acme", "reader", &["api_key"]).await;
+    let (stop, handle) = worker(&broker, "acme");
+
+    let (ok_id, state) = enqueue_and_wait(
+        &broker,
+        "acme",
+        "reader",
+        json!({"names": ["api_key"], "leak": true, "as_names": true, "child": true}),
+        Duration::from_secs(60),
+    )
+    .await;
+    let result = ready(state);
+    assert_eq!(result["api_key"], reversed(value));
+    assert_eq!(result["api_key.plain"], json!("[secret api_key]"));
+    for what in ["api_key.child", "api_key.flow"] {
+        let refused = result[what]["error"].as_str().unwrap_or_default();
+        assert!(
+            refused.contains("secret \"api_key\"") && refused.contains("denied"),
+            "{what}: {}",
+            result[what]
+        );
+    }
+    let (fail_id, state) = enqueue_and_wait(
+        &broker,
+        "acme",
+        "reader",
+        json!({"names": ["api_key"], "fail": true}),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        !matches!(state, ResultState::Ready(_)),
+        "the failing run succeeded: {state:?}"
+    );
+    let escaped = serde_json::to_string(value).unwrap();
+    let escaped = &escaped[1..escaped.len() - 1];
+    for id in [&ok_id, &fail_id] {
+        let status = broker.status("acme", id).await.unwrap().unwrap();
+        let shown = serde_json::to_string(&status).unwrap_or_else(|_| format!("{status:?}"));
+        for args in [vec!["status", id.as_str()], vec!["status", id, "--json"]] {
+            let out = wasmq(&url, "acme", &args);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let printed = text(&out.stdout);
+            for form in [value, escaped, "cr\\et", "cr\\\\et"] {
+                assert!(
+                    !printed.contains(form),
+                    "{id}: status shows {form:?}: {printed}"
+                );
+                assert!(
+                    !shown.contains(form),
+                    "{id}: status shows {form:?}: {shown}"
+                );
+            }
+        }
+    }
+    let denials = broker.status("acme", &ok_id).await.unwrap().unwrap();
+    let denials = format!("{denials:?}");
+    assert!(denials.contains("[secret api_key]"), "{denials}");
+    // Nothing the runs wrote holds the value in any form (the child and
+    // the flow were refused, so no record of theirs holds it either).
+    let mut conn = redis.connect().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let dump = String::from_utf8_lossy(&dump);
+        for form in [value, escaped] {
+            assert!(!dump.contains(form), "{key} holds {form:?}: {dump}");
+        }
+    }
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}

@@ -6,22 +6,22 @@
 //! and kept only for that run (a fresh store per job), so a secret set
 //! again takes effect for the next job. A name the policy does not grant
 //! is refused before anything is looked up, and the refusal is recorded
-//! among the job's denials (a job that then fails ends `denied`). Whatever a run read is blotted out of its log,
-//! result and error message ([`JobSecrets::redact`]): a value a task
-//! prints by mistake does not reach `status`, the dashboard or a log.
-//! Nothing here logs a value, and the span records no name.
+//! among the job's denials (a job that then fails ends `denied`). Whatever
+//! a run read is blotted out of what the host records from it (its log,
+//! result, error message and kind, denials; see `redact` for the forms
+//! looked for), and a child job or flow it starts may not carry it
+//! ([`JobSecrets::refuse_in`]): a value a task prints or passes on by
+//! mistake does not reach `status`, the dashboard or a log. Nothing here
+//! logs a value, and the span records no name.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::bindings::v0_2::wasmq::task0_1_0::types::HostError;
 use super::bindings::v0_2::wasmq::task0_2_0::config;
+use super::redact::Redactor;
 use super::state::HostState;
 use crate::secrets::{self, SecretsKey};
-
-/// Values shorter than this are not blotted out of a run's output: a
-/// two-letter value would blank out half the log and hide nothing.
-const MIN_REDACTED_LEN: usize = 4;
 
 /// One job's secrets. See the module docs.
 pub(crate) struct JobSecrets {
@@ -46,17 +46,32 @@ impl JobSecrets {
         }
     }
 
-    /// `text` with every value this run read replaced by `[secret NAME]`.
-    pub(crate) fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for (name, value) in &self.read {
-            if let Some(value) = value.as_deref().filter(|v| v.len() >= MIN_REDACTED_LEN) {
-                if out.contains(value) {
-                    out = out.replace(value, &format!("[secret {name}]"));
-                }
-            }
+    /// What finds the values this run read (see `redact`).
+    pub(crate) fn redactor(&self) -> Redactor<'_> {
+        Redactor::new(
+            self.read
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.as_deref()?))),
+        )
+    }
+
+    /// Refuse to write `texts` (a child job's task, payload and key, or a
+    /// flow's definition) when any holds a value this run read: the new
+    /// job's record would show it in `status` and the dashboard. The
+    /// refusal names the secret, never the value; the child task should
+    /// be granted the secret and read it itself.
+    pub(crate) fn refuse_in(&self, what: &str, texts: &[&str]) -> Result<(), String> {
+        if !self.any_read() {
+            return Ok(());
         }
-        out
+        let redactor = self.redactor();
+        match texts.iter().find_map(|t| redactor.find(t)) {
+            Some(name) => Err(format!(
+                "{what} holding the value of secret {name:?} (pass the name and grant the \
+                 child task the secret instead)"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The job's task.

@@ -360,6 +360,14 @@ impl jobs::Host for HostState {
         if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
             return Err(HostError::Invalid("child payload is not valid JSON".into()));
         }
+        let key = options.idempotency_key.as_deref().unwrap_or("");
+        if let Err(what) = self
+            .secrets
+            .refuse_in("a child job", &[&task, &payload, key])
+        {
+            self.denials.record(what.clone());
+            return Err(HostError::Denied(what));
+        }
         if self.children_enqueued >= limits::MAX_CHILDREN_PER_JOB {
             let what = format!(
                 "enqueueing more than {} child jobs from one job",
@@ -407,6 +415,10 @@ impl flow::Host for HostState {
             limits::MAX_FLOW_DEFINITION_BYTES,
         )
         .map_err(invalid)?;
+        if let Err(what) = self.secrets.refuse_in("a flow", &[&definition]) {
+            self.denials.record(what.clone());
+            return Err(HostError::Denied(what));
+        }
         if self.flows_started >= limits::MAX_FLOWS_PER_JOB {
             let what = format!(
                 "starting more than {} flows from one job",

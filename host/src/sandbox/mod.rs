@@ -26,6 +26,7 @@ mod output;
 mod pacing;
 pub(crate) mod postgres_api;
 mod postgres_tls;
+mod redact;
 mod state;
 mod steps;
 mod world;
@@ -600,16 +601,26 @@ impl Sandbox {
 }
 
 /// Blot the secrets a run read out of everything of it that is kept or
-/// shown: its log, its result and its failure message.
+/// shown: its log, its result (which a flow hands on to later steps), its
+/// failure message and kind, and its denials (a value passed as a name).
 fn redact_secrets(outcome: &mut JobOutcome, secrets: &JobSecrets) {
     if !secrets.any_read() {
         return;
     }
-    outcome.log = secrets.redact(&outcome.log);
+    let redactor = secrets.redactor();
+    let redact = |text: &mut String| *text = redactor.redact(text);
+    redact(&mut outcome.log);
+    outcome.denials.iter_mut().for_each(redact);
     match &mut outcome.verdict {
-        Verdict::Succeeded { result } => *result = secrets.redact(result),
-        Verdict::Retry { message, .. } => *message = secrets.redact(message),
-        Verdict::Failed { failure, .. } => failure.message = secrets.redact(&failure.message),
+        Verdict::Succeeded { result } => redact(result),
+        Verdict::Retry { message, .. } => redact(message),
+        Verdict::Failed { failure, kind } => {
+            redact(&mut failure.message);
+            kind.iter_mut().for_each(redact);
+        }
+    }
+    if let Some(fault) = outcome.host_fault.as_mut() {
+        redact(fault);
     }
 }
 
