@@ -468,6 +468,65 @@ async fn a_frozen_worker_does_no_step_after_its_lease_and_is_billed_once() {
     frozen.kill().unwrap();
 }
 
+/// A worker frozen (SIGSTOP) past its lease with no other worker running:
+/// nobody reclaimed its job while it was stopped, yet on waking it sends
+/// no more requests for that run and records nothing for it (a renewal
+/// finds the lease lapsed, by Redis time and by its own clock); the job
+/// is delivered again and runs once more from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_its_lease_stops_its_run_even_if_no_one_reclaimed_it() {
+    const TICKS: u64 = 30;
+    let redis = RedisServer::start();
+    let broker = Broker::connect(&redis.url).await.unwrap();
+    let ticks = TestServer::start(|_, _| Reply::ok("ok")).await;
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.allow_http = vec![ticks.authority()];
+    broker
+        .deploy(TENANT, "hostile", &guest_bytes("hostile"), &policy)
+        .await
+        .unwrap();
+    // One slot: a busy worker does not fetch, so on waking nothing of its
+    // own reclaims the job first; its renewal is what must say "lapsed".
+    let mut worker = spawn_process(&redis.url, TENANT, &["--lease", "2s", "--concurrency", "1"]);
+    let payload = json!({"mode": "tick", "url": ticks.url("/tick"), "n": TICKS, "ms": 100});
+    let ids = enqueue_all(&broker, "hostile", &[payload]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ticks.count("/tick") < 5 {
+        assert!(Instant::now() < deadline, "the job never started ticking");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(worker.id(), "-STOP");
+    // A request on the wire when the signal landed still arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ticks.count("/tick") as u64;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    signal(worker.id(), "-CONT");
+    let mut conn = redis.connect().await;
+    wait_all_succeeded(&mut conn, &ids, Duration::from_secs(30)).await;
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for req in ticks.requests() {
+        *seen.entry(req.json()["i"].as_u64().unwrap()).or_default() += 1;
+    }
+    for i in 0..TICKS {
+        let expected = if i < before { 2 } else { 1 };
+        assert_eq!(
+            seen.get(&i).copied().unwrap_or(0),
+            expected,
+            "tick {i}: the run frozen after tick {before} went on after waking past its lease \
+             (ticks seen: {seen:?})"
+        );
+    }
+    let status = broker.status(TENANT, &ids[0]).await.unwrap().unwrap();
+    assert_eq!((status.attempts, status.deliveries), (1, 2), "{status:?}");
+    let successes = status
+        .history
+        .iter()
+        .filter(|e| e["event"] == "succeeded")
+        .count();
+    assert_eq!(successes, 1, "{status:?}");
+    worker.kill().unwrap();
+}
+
 /// An embedded worker (the library launcher) drained while its guests run
 /// past the drain timeout: the runs are stopped before their jobs go back,
 /// so once `run` returns nothing of them runs any more, and a later worker

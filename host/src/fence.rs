@@ -54,11 +54,20 @@ impl LeaseWatch {
         *self.held_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A renewal sent at `sent` for `lease` succeeded.
+    /// A renewal sent at `sent` for `lease` succeeded. A lease that had
+    /// already lapsed on this clock when the renewal was sent stays
+    /// lapsed: the renewal may have found no one else holding the job yet,
+    /// but between the lapse and now another worker was free to run it,
+    /// and this run may have acted while no lease covered it. It is lost.
     pub fn renewed(&self, sent: Instant, lease: Duration) {
         let mut until = self.held_until.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = until.as_mut() {
-            *until = (*until).max(sent + lease);
+        if let Some(end) = until.as_mut() {
+            if sent >= *end {
+                drop(until);
+                self.lose();
+                return;
+            }
+            *end = (*end).max(sent + lease);
         }
     }
 
@@ -112,5 +121,18 @@ mod tests {
             "lapsed on this clock, before anyone said so"
         );
         assert!(LeaseWatch::unbounded().held());
+    }
+
+    #[tokio::test]
+    async fn a_lapsed_lease_is_not_revived_by_a_late_renewal() {
+        let watch = LeaseWatch::new(Instant::now(), Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Frozen past the lease: the renewal sent on waking finds the job
+        // still unclaimed in Redis, and must not bring the lease back.
+        watch.renewed(Instant::now(), Duration::from_secs(30));
+        assert!(!watch.held(), "a lapsed lease stays lapsed");
+        tokio::time::timeout(Duration::from_secs(1), watch.lost())
+            .await
+            .expect("the run is told to stop");
     }
 }

@@ -5,7 +5,10 @@
 //!
 //! A job of a gated task carries its gate in its record (field `gate`,
 //! [`gate_field`]): the fetch script reads it in the read it does of every
-//! popped job anyway, so ungated jobs cost nothing more. A job whose gate
+//! popped job anyway, so ungated jobs cost nothing more. The field is
+//! written by producers, so the worker checks each fetched job's gate
+//! against its task's deployed policy ([`required_gate`]) and puts back,
+//! with the right gate, a job whose gate would skip the task's rate. A job whose gate
 //! is closed is set aside, keeping its score, in a waiting set of its lane
 //! (the task's rate lane, or one concurrency key), and the fetch keeps
 //! popping: other tasks' jobs are never held behind it.
@@ -143,9 +146,93 @@ pub fn gate_field(task: &str, rate_limited: bool, key: Option<&str>) -> Option<S
     ))
 }
 
+/// What the fetch script reads from a `gate` field (the same reading as
+/// its `gate_of`): the task it names, whether it says the task is rate
+/// limited, and its concurrency key, if any. `None`: not a gate.
+fn read_gate_field(text: &str) -> Option<(&str, bool, Option<&str>)> {
+    let (flags, rest) = text.split_once(':')?;
+    let (len, rest) = rest.split_once(':')?;
+    if flags.is_empty() || !flags.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return None;
+    }
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: usize = len.parse().ok()?;
+    let task = rest.get(..len)?;
+    let key = flags.contains('k').then(|| {
+        rest.get(len..)
+            .and_then(|k| k.strip_prefix(':'))
+            .unwrap_or("")
+    });
+    Some((task, flags.contains('r'), key))
+}
+
+/// The gate a fetched job of `task` must carry, when the one in its record
+/// (`recorded`, '' for none) would not make the fetch script enforce the
+/// task's deployed policy; `None` when it does. `Some("")`: the job should
+/// carry no gate.
+///
+/// Gates are written by producers, and a producer (the ACL user of the
+/// hand-written enqueue, or any client) may leave one out or name another
+/// task: the worker checks every job it fetches against the policy it runs
+/// the task under, so a job written by hand is limited exactly like one
+/// from `wasmq enqueue`. A concurrency key is the producer's to choose (it
+/// is the job's data); it is kept when the gate names the job's own task.
+pub fn required_gate(task: &str, rate_limited: bool, recorded: &str) -> Option<String> {
+    if recorded.is_empty() && !rate_limited {
+        return None; // most jobs: no gate, and none needed
+    }
+    let read = read_gate_field(recorded);
+    let enforced = match read {
+        // A gate that names the task, with the rate flag where the policy
+        // has a rate, is enforced as the policy says (an extra rate flag
+        // on a task without a rate finds no rate and costs nothing).
+        Some((named, rated, _)) => named == task && (rated || !rate_limited),
+        None => false,
+    };
+    if enforced {
+        return None;
+    }
+    let key = match read {
+        Some((named, _, key)) if named == task => key,
+        _ => None,
+    };
+    Some(gate_field(task, rate_limited, key).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gate_that_skips_the_policy_is_replaced() {
+        // Written by `wasmq enqueue`: enforced as it is.
+        for (rated, key) in [(true, None), (true, Some("a:b")), (false, Some("k"))] {
+            let gate = gate_field("mail", rated, key).unwrap();
+            assert_eq!(required_gate("mail", rated, &gate), None, "{gate}");
+        }
+        assert_eq!(required_gate("mail", false, ""), None);
+        // Hand-written without a gate, or with one that leaves the rate
+        // out or names another task: the policy's gate, the key kept only
+        // when it is the job's own task's.
+        assert_eq!(required_gate("mail", true, "").unwrap(), "r:4:mail:");
+        assert_eq!(
+            required_gate("mail", true, "k:4:mail:u7").unwrap(),
+            "rk:4:mail:u7"
+        );
+        assert_eq!(
+            required_gate("mail", true, "rk:4:free:u7").unwrap(),
+            "r:4:mail:"
+        );
+        assert_eq!(required_gate("mail", false, "k:4:free:u7").unwrap(), "");
+        for junk in ["r", "r:x:mail:", "r:99:mail:", ":4:mail:", "1:4:mail:"] {
+            assert_eq!(required_gate("mail", true, junk).unwrap(), "r:4:mail:");
+            assert_eq!(required_gate("mail", false, junk).unwrap(), "");
+        }
+        // An extra rate flag on a task without a rate is harmless.
+        assert_eq!(required_gate("mail", false, "r:4:mail:"), None);
+    }
 
     #[test]
     fn rates_parse_and_bad_ones_are_named() {

@@ -30,6 +30,10 @@ pub struct Fetched {
     pub token: String,
     /// Times the host has already retried this job for its own faults.
     pub host_retries: u32,
+    /// The record's `gate` field as the fetch read it ('' for none): the
+    /// worker checks it against the task's deployed policy (see
+    /// [`crate::gates::required_gate`]).
+    pub gate: String,
 }
 
 /// What to record for a job.
@@ -83,6 +87,15 @@ pub enum Outcome {
     Dead(Failure),
     /// Not run to the end (shutdown): back on the queue, attempt not counted.
     Release,
+    /// Not run: the job's record carries a gate that would not enforce its
+    /// task's policy (a hand-written enqueue left it out). Back on the
+    /// queue with this gate ('' for none), neither an attempt nor a
+    /// delivery counted, so the next fetch passes it through the right
+    /// lanes.
+    Regate {
+        /// The gate field the policy requires.
+        gate: String,
+    },
 }
 
 /// Whether an outcome was recorded.
@@ -207,8 +220,8 @@ impl Broker {
         let poisoned = flat.last().map_or(0, |v| number(v, 0) as usize);
         let (leased, poisoned) =
             flat[..flat.len().saturating_sub(1)].split_at(flat.len().saturating_sub(1 + poisoned));
-        let mut out = Vec::with_capacity(leased.len() / 5);
-        for chunk in leased.chunks_exact(5) {
+        let mut out = Vec::with_capacity(leased.len() / 6);
+        for chunk in leased.chunks_exact(6) {
             out.push(Fetched {
                 tenant: tenant.to_string(),
                 queue: queue.to_string(),
@@ -217,6 +230,7 @@ impl Broker {
                 attempt: number(&chunk[2], 1),
                 token: text(&chunk[3]),
                 host_retries: number(&chunk[4], 0),
+                gate: text(&chunk[5]),
             });
         }
         Ok(FetchReply {
@@ -354,6 +368,7 @@ impl Broker {
                 Outcome::Wait { delay, error } => ("wait", "", 0, 0, ms(*delay), error_json(error)),
                 Outcome::Dead(error) => ("dead", "", 0, 0, 0, error_json(error)),
                 Outcome::Release => ("release", "", 0, 0, 0, String::new()),
+                Outcome::Regate { gate } => ("regate", gate.as_str(), 0, 0, 0, String::new()),
             };
             let idem = c
                 .idempotency_key
@@ -399,6 +414,7 @@ impl Outcome {
             Outcome::HostRetry { .. } => "host-retry",
             Outcome::Wait { .. } => "waiting",
             Outcome::Release => "released",
+            Outcome::Regate { .. } => "regated",
         }
     }
 }

@@ -467,7 +467,8 @@ return {id, 'new'}
 /// Ungated jobs cost one more field in the read of their record.
 ///
 /// Returns a flat list: id, envelope, attempt, lease token, host retries,
-/// ... per leased job, then the task of each job dead-lettered as poison
+/// gate ('' for none; the worker checks it against the task's policy) ...
+/// per leased job, then the task of each job dead-lettered as poison
 /// (P names), then P, and last the ms until a lane (or the tenant's rate)
 /// opens again (-1: none waits), so an idle worker looks again then.
 /// A popped id without a job record is dropped.
@@ -747,6 +748,7 @@ while leased < n and aside < MAX_SET_ASIDE do
       out[#out + 1] = attempt
       out[#out + 1] = token
       out[#out + 1] = f[4] or '0'
+      out[#out + 1] = f[6] or ''
       leased = leased + 1
     end
   end
@@ -773,10 +775,12 @@ return answer(out)
 /// Extend leases. KEYS: leased, inflight. ARGV: prefix, lease_ms, id1,
 /// token1, ...
 /// A keyed job's place under its key is extended with it.
-/// Only jobs whose lease token still matches are extended (a job whose lease
-/// lapsed and was redelivered belongs to its new holder). Returns the ids
-/// another delivery owns now (not those whose outcome this caller has just
-/// recorded: their lease ended with it).
+/// Only jobs whose lease token still matches and whose lease has not
+/// lapsed by the Redis clock are extended: a job whose lease lapsed
+/// belongs to whoever fetches it next (the next fetch reclaims it), even
+/// while no one has yet. Returns the ids this delivery no longer owns:
+/// another delivery's now, or lapsed (not those whose outcome this caller
+/// has just recorded: their lease ended with it).
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{CLOCK_LUA}{}{}",
@@ -788,7 +792,10 @@ local lost = {}
 for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   local f = redis.call('HMGET', ARGV[1] .. 'job:' .. id, 'lease', 'recorded', 'gate')
-  if f[1] == token then
+  local ends = f[1] == token and tonumber(redis.call('ZSCORE', KEYS[1], id))
+  if f[1] == token and not (ends and ends >= now) then
+    lost[#lost + 1] = id
+  elseif f[1] == token then
     redis.call('ZADD', KEYS[1], 'XX', expiry, id)
     redis.call('ZADD', KEYS[2], 'XX', expiry, id)
     -- A key's holder stays one as long as its lease.
@@ -821,7 +828,8 @@ pub const COMPLETE_FIELDS: usize = 14;
 /// db_rows), the number
 /// of (queue, task) groups in the batch and each group's queue and task,
 /// then per job [`COMPLETE_FIELDS`] fields: id, queue, token, outcome ('succeeded' |
-/// 'retry' | 'rate-limited' | 'host-retry' | 'wait' | 'dead' | 'release'), result,
+/// 'retry' | 'rate-limited' | 'host-retry' | 'wait' | 'dead' | 'release' |
+/// 'regate'), result (for 'regate': the gate field to write, '' for none),
 /// result_ttl_ms (0 = do not store), idempotency key or '',
 /// idempotency_ttl_ms, delay_ms (retries), error_json, usage_json, and the
 /// run's refusals as a JSON list ('' for none; kept as the job's
@@ -959,6 +967,18 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
       redis.call('HSET', job, 'state', 'queued', 'lease', '', 'recorded', token)
       redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
       history(job, h, now, 'released')
+    elseif outcome == 'regate' then
+      -- Not run: its gate (the result field) is the one its task's policy
+      -- requires, and the next fetch passes it through the right lanes;
+      -- this delivery does not count.
+      if result == '' then redis.call('HDEL', job, 'gate') else redis.call('HSET', job, 'gate', result) end
+      redis.call('HINCRBY', job, 'deliveries', -1)
+      redis.call('HSET', job, 'state', 'queued', 'lease', '', 'recorded', token)
+      redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
+      redis.call('LPUSH', q .. 'signal', '1')
+      redis.call('LTRIM', q .. 'signal', 0, 63)
+      history(job, h, now, 'regated', 'its record did not carry its task\'s rate limit or named ' ..
+        'another task; queued again under the deployed policy')
     elseif outcome == 'retry' or outcome == 'host-retry' or outcome == 'wait' then
       -- A host-side failure does not use up one of the task's attempts
       -- (it counts as a host retry); waiting for a step uses neither.

@@ -172,13 +172,13 @@ impl Leases {
     }
 
     /// A renewal of `jobs` sent at `sent` came back: `lost` are owned by
-    /// another delivery now.
+    /// another delivery now, or their leases lapsed in Redis.
     fn renewed(&self, jobs: &[(String, String)], lost: &[String], sent: Instant, lease: Duration) {
         let held = self.lock();
         for (id, _) in jobs {
             let Some(h) = held.get(id) else { continue };
             if lost.contains(id) {
-                tracing::warn!(job = %id, "the job's lease was lost (another delivery owns it); stopping its run");
+                tracing::warn!(job = %id, "the job's lease was lost (it lapsed, or another delivery owns it); stopping its run");
                 h.watch.lose();
             } else {
                 h.watch.renewed(sent, lease);
@@ -200,6 +200,7 @@ mod tests {
             attempt: 1,
             token: token.into(),
             host_retries: 0,
+            gate: String::new(),
         })
     }
 

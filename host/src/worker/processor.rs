@@ -228,6 +228,15 @@ impl Processor {
                 ),
             ));
         }
+        // Rate limits are the deployed policy's, whatever the producer
+        // wrote: a job whose gate would skip them goes back to pass the
+        // fetch's lanes with the right one (hand-written enqueues only).
+        if let Some(gate) =
+            crate::gates::required_gate(&task.name, task.policy.rate_limit.is_some(), &job.gate)
+        {
+            tracing::debug!(job = %job.id, task = %task.name, "job's gate does not match its task's policy; queued again with it");
+            return not_run(Outcome::Regate { gate });
+        }
         let record = match self.catalog.tenant(&job.tenant).await {
             Ok(record) => record,
             Err(e) => {
@@ -292,7 +301,7 @@ impl Processor {
             idempotency_key: envelope.idempotency_key.clone(),
             payload,
             lease_token: Some(job.token.clone()),
-            lease,
+            lease: lease.clone(),
             max_value_ttl: record.as_ref().and_then(|r| r.limits.max_value_ttl),
             traceparent: traceparent.map(|t| t.to_string()),
             flow,
@@ -316,6 +325,11 @@ impl Processor {
         if !outcome.log.is_empty() {
             tracing::debug!(job = %job.id, log = %outcome.log, "job log");
         }
+        // A run that outlived its lease (this process froze past it, say)
+        // records no verdict, even one it reached before it noticed: the
+        // job was anyone's to run from the lapse on, so it goes back.
+        let mut outcome = outcome;
+        outcome.lease_lost |= !lease.held();
         let recorded = self.verdict(job, &task, envelope, &retry, &outcome);
         let log = log_tail(&outcome.log).to_string();
         (recorded, outcome.usage, outcome.denials, log)
@@ -504,6 +518,7 @@ mod tests {
             attempt: 1,
             token: "w:1".into(),
             host_retries,
+            gate: String::new(),
         };
         assert!(matches!(
             retries.outcome(&job(0), "x".into()),

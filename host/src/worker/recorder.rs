@@ -98,7 +98,7 @@ impl Recorder {
                 Ended::Retried(error.category.as_str())
             }
             Outcome::HostRetry { .. } => Ended::HostFault,
-            Outcome::Wait { .. } | Outcome::Release => Ended::Other,
+            Outcome::Wait { .. } | Outcome::Release | Outcome::Regate { .. } => Ended::Other,
         };
         let e2e = (completion.enqueued_at_ms > 0).then(|| {
             Duration::from_millis(crate::broker::now_ms().saturating_sub(completion.enqueued_at_ms))
@@ -126,7 +126,7 @@ impl Recorder {
             | Outcome::RateLimited { .. }
             | Outcome::HostRetry { .. }
             | Outcome::Wait { .. } => &c.retried,
-            Outcome::Release => &c.released,
+            Outcome::Release | Outcome::Regate { .. } => &c.released,
         };
         kind.fetch_add(1, Ordering::Relaxed);
     }
@@ -150,7 +150,10 @@ impl Recorder {
                 // Recorded by an earlier send whose reply was lost (a
                 // hand-back counts only when it put the job back now).
                 Ok(Ok(Answer::Before)) => {
-                    if !matches!(completion.outcome, Outcome::Release) {
+                    if !matches!(
+                        completion.outcome,
+                        Outcome::Release | Outcome::Regate { .. }
+                    ) {
                         self.count(&completion.outcome);
                         self.export(&completion);
                     }
@@ -159,7 +162,10 @@ impl Recorder {
                 Ok(Ok(Answer::Stale)) => {
                     // A run stopped because its lease went (a cancel, a
                     // redelivery) hands back a job it no longer owns: expected.
-                    if matches!(completion.outcome, Outcome::Release) {
+                    if matches!(
+                        completion.outcome,
+                        Outcome::Release | Outcome::Regate { .. }
+                    ) {
                         tracing::debug!(job = %id, "stopped run's job is owned elsewhere now (cancelled or redelivered)");
                     } else {
                         tracing::warn!(job = %id, "lease lost before the outcome was recorded; another delivery owns the job, or it was cancelled");
