@@ -557,3 +557,47 @@ async fn the_dashboard_lists_schedules_with_names_escaped() {
     assert!(page.body.contains("paused"), "{}", page.body);
     drop(redis);
 }
+
+/// A worker started after ticks were missed says how many it dropped, at
+/// the default log level (no `WASMQ_LOG`), as docs/operations.md promises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_ticks_are_logged_at_the_default_level() {
+    let (redis, broker) = redis_with_task(TENANT, "noop", "noop", &TaskPolicy::default()).await;
+    broker
+        .schedule_put(TENANT, "skip", every(1, CatchUp::Skip))
+        .await
+        .unwrap();
+    let t0 = anchor(&broker, "skip").await;
+    // Ticks fall due with no worker running, past the on-time grace.
+    until_redis(&broker, t0 + 5_500).await;
+    let dir = common::TempDir::new("dropped-ticks");
+    let log_path = dir.path().join("worker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut worker = common::workers::KillOnDrop(
+        std::process::Command::new(common::wasmq_bin())
+            .args(["--redis", &redis.url, "--tenant", TENANT, "worker"])
+            .env_remove("WASMQ_LOG")
+            .env(
+                "WASMQ_CACHE_DIR",
+                std::env::temp_dir().join("wasmq-test-cache"),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let said = loop {
+        let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if said.contains("missed tick(s) not fired") {
+            break said;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line about the dropped ticks at the default log level: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(said.contains("schedule \"skip\""), "{said}");
+    worker.0.kill().unwrap();
+}

@@ -164,10 +164,13 @@ impl Scheduler {
             next,
             dropped,
         } = plan;
-        // Said by the worker that wins the first claim, not by every racer.
+        // Said by the worker that wins the first claim, not by every racer;
+        // a warning, so the default log level (`WASMQ_LOG` unset) shows it:
+        // ticks that never ran are what an operator looks for after an
+        // outage.
         let tell_dropped = || {
             if dropped > 0 {
-                tracing::info!(
+                tracing::warn!(
                     "schedule {name:?} of tenant {tenant:?}: {dropped} missed tick(s) not fired (catch-up {})",
                     schedule.catch_up.as_str()
                 );
