@@ -861,6 +861,140 @@ async fn a_group_after_a_group_of_500_is_linear_and_runs_each_successor_once_in_
     assert_eq!(status.flow.unwrap().dependents, started.job_ids[500..]);
 }
 
+/// A failed member of a group cancels every step of the group after it,
+/// each once and naming it, and what follows them in turn; the barrier
+/// records which member cancelled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_member_cancels_the_whole_group_after_it_once() {
+    let (_redis, broker) =
+        redis_with_task(TENANT, "step", "flowstep", &TaskPolicy::default()).await;
+    let (stop, worker) = start_in_process(&broker, TENANT, 4, Duration::from_secs(30), "w1");
+    let fail = json!({"task": "step", "payload": {"op": "fail"}});
+    let definition = json!({"chain": [
+        {"group": [add(1), fail, add(3)]},
+        {"group": [add(1), add(2), add(3)]},
+        add(5)]});
+    let started = broker
+        .start_flow(TENANT, &definition.to_string(), None)
+        .await
+        .unwrap();
+    let failure = finished(&broker, &started.flow_id).await.unwrap_err();
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    assert_eq!(failure.category.as_str(), "cancelled", "{failure}");
+    let ids = &started.job_ids;
+    let states: Vec<Option<String>> = {
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(job_fields(&broker, id, &["state"]).await.remove(0));
+        }
+        out
+    };
+    let expected = [
+        "succeeded",
+        "dead",
+        "succeeded",
+        "cancelled",
+        "cancelled",
+        "cancelled",
+        "cancelled",
+    ];
+    assert_eq!(states, expected.map(|s| Some(s.to_string())));
+    let keys = Keys::new(TENANT);
+    for (i, id) in ids.iter().enumerate().skip(3) {
+        let history: Vec<String> = redis::cmd("LRANGE")
+            .arg(keys.history(id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut broker.connection())
+            .await
+            .unwrap();
+        let cancels = history
+            .iter()
+            .filter(|e| e.contains(r#""event":"cancelled""#))
+            .count();
+        assert_eq!(cancels, 1, "{id}: {history:?}");
+        let error = broker
+            .status(TENANT, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_error
+            .unwrap()
+            .to_string();
+        let names = if i < 6 { &ids[1] } else { &ids[3] };
+        assert!(error.contains(names.as_str()), "{id}: {error}");
+    }
+    let cancelled_by: Option<String> = redis::cmd("HGET")
+        .arg(keys.flow_barriers(&started.flow_id))
+        .arg("0:cancelled_by")
+        .query_async(&mut broker.connection())
+        .await
+        .unwrap();
+    assert_eq!(cancelled_by.as_ref(), Some(&ids[1]));
+    assert_eq!(broker.queue(TENANT, "default").await.unwrap().waiting, 0);
+}
+
+/// A flow submitted before barriers (a `dependents` list in each step's
+/// `flow` field, the steps waited for in the envelope and a waits set)
+/// still settles under the barrier scripts: what was in flight when the
+/// workers were upgraded finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_submitted_before_barriers_still_settles() {
+    let (_redis, broker) =
+        redis_with_task(TENANT, "step", "flowstep", &TaskPolicy::default()).await;
+    let definition = json!({"chain": [add(1), {"task": "step", "payload": {"op": "deps"}}]});
+    let started = broker
+        .start_flow(TENANT, &definition.to_string(), None)
+        .await
+        .unwrap();
+    let (first, second) = (&started.job_ids[0], &started.job_ids[1]);
+    // Rewrite it as the quadratic layout stored it.
+    let keys = Keys::new(TENANT);
+    let fields = job_fields(&broker, first, &["flow"]).await;
+    let mut flow: Value = serde_json::from_str(fields[0].as_deref().unwrap()).unwrap();
+    flow.as_object_mut().unwrap().remove("feeds");
+    flow["dependents"] = json!([second]);
+    let fields = job_fields(&broker, second, &["envelope"]).await;
+    let mut envelope: Value = serde_json::from_str(fields[0].as_deref().unwrap()).unwrap();
+    envelope["flow"] = json!({"id": started.flow_id, "waits_on": [first]});
+    let _: () = redis::pipe()
+        .hset(keys.job(first), "flow", flow.to_string())
+        .hset(keys.job(second), "envelope", envelope.to_string())
+        .sadd(keys.flow_waits(&started.flow_id, second), first)
+        .del(keys.flow_barriers(&started.flow_id))
+        .query_async(&mut broker.connection())
+        .await
+        .unwrap();
+    let membership = broker
+        .flow_membership(TENANT, second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(membership.still_waiting_on, vec![first.clone()]);
+    let membership = broker
+        .flow_membership(TENANT, first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(membership.dependents, vec![second.clone()]);
+
+    let (stop, worker) = start_in_process(&broker, TENANT, 2, Duration::from_secs(30), "w1");
+    let result = finished(&broker, &started.flow_id).await.unwrap();
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    assert_eq!(
+        result["deps"],
+        json!([{"job": first, "task": "step", "ok": "1", "err": null}])
+    );
+    let waits: bool = redis::cmd("EXISTS")
+        .arg(keys.flow_waits(&started.flow_id, second))
+        .query_async(&mut broker.connection())
+        .await
+        .unwrap();
+    assert!(!waits, "the waits set emptied");
+}
+
 /// The longest command in the slow log (with its name), and empty it.
 async fn longest_command(conn: &mut redis::aio::ConnectionManager) -> (Duration, String) {
     let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
