@@ -11,7 +11,7 @@
 //! ([`crate::flow::Barrier`]) in one hash per flow (`flow:FID:barriers`):
 //! a step's `flow` field names the barrier its end counts toward
 //! (`feeds`), its envelope the one it waits for (`after`). Submitting and
-//! settling a flow so write O(steps), whatever its shape: the largest
+//! settling a flow therefore write O(steps), whatever its shape: the largest
 //! allowed flow is one short script, not a stall of the tenant's Redis.
 
 use std::collections::HashMap;
