@@ -3,8 +3,10 @@
 //! callback released and run once while a worker is killed with SIGKILL,
 //! a failed member cancels what waits on it (naming it) or lets it run
 //! when told to continue, the continuation is released once when its last
-//! dependency is delivered twice, a guest fans out with `scrape`, and a
-//! 0.1.0 component runs beside a 0.2.0 one.
+//! dependency is delivered twice, a guest fans out with `scrape`, a
+//! 0.1.0 component runs beside a 0.2.0 one, and (issue 21) a group of 500
+//! after a group of 500 is one barrier of 1,000 links whose successors
+//! each run once, in order.
 
 mod common;
 
@@ -681,4 +683,349 @@ async fn guest_flow_steps_count_against_the_tenants_children_per_minute() {
     );
     stop.send(()).unwrap();
     worker.await.unwrap();
+}
+
+/// The largest allowed flow, a chain of two groups of 500, is linear in
+/// Redis: one barrier of 500 members and 500 successors (1,000 links, not
+/// the 250,000 pairs of every step before with every step after); its
+/// submit is one short script; and every step after the barrier runs once,
+/// after every step before it ended, receiving all 500 results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_after_a_group_of_500_is_linear_and_runs_each_successor_once_in_order() {
+    let (_redis, broker) =
+        redis_with_task(TENANT, "step", "flowstep", &TaskPolicy::default()).await;
+    let keys = Keys::new(TENANT);
+    let mut conn = broker.connection();
+    let config = |name: &'static str, value: &'static str| {
+        let mut conn = broker.connection();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    // Every command goes to the slow log, so its longest is the longest
+    // any client waited behind.
+    config("slowlog-log-slower-than", "0").await;
+    config("slowlog-max-len", "100000").await;
+    let used_memory = |conn: &mut redis::aio::ConnectionManager| {
+        let mut conn = conn.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .unwrap()
+        }
+    };
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = used_memory(&mut conn).await;
+
+    let adds: Vec<Value> = (0..500).map(add).collect();
+    let sums = vec![json!({"task": "step", "payload": {"op": "sum"}}); 500];
+    let definition = json!({"chain": [{"group": adds}, {"group": sums}]});
+    let submit_began = Instant::now();
+    let started = broker
+        .start_flow(TENANT, &definition.to_string(), None)
+        .await
+        .unwrap();
+    let submit_wall = submit_began.elapsed();
+    let written = used_memory(&mut conn).await - before;
+    let submit_longest = longest_command(&mut conn).await;
+    assert_eq!(started.job_ids.len(), wasmq::limits::MAX_FLOW_STEPS);
+
+    // The links written: the ids the barriers hash lists, and any list a
+    // step's own `flow` field or envelope carries.
+    let barriers: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.flow_barriers(&started.flow_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut links: usize = barriers
+        .iter()
+        .filter(|(field, _)| field.ends_with(":members") || field.ends_with(":successors"))
+        .map(|(_, ids)| ids.split_whitespace().count())
+        .sum();
+    let mut pipe = redis::pipe();
+    for id in &started.job_ids {
+        pipe.cmd("HMGET")
+            .arg(keys.job(id))
+            .arg("flow")
+            .arg("envelope");
+    }
+    let fields: Vec<(String, String)> = pipe.query_async(&mut conn).await.unwrap();
+    for (flow, envelope) in &fields {
+        let flow: Value = serde_json::from_str(flow).unwrap();
+        let envelope: Value = serde_json::from_str(envelope).unwrap();
+        links += flow["dependents"].as_array().map_or(0, Vec::len);
+        links += envelope["flow"]["waits_on"].as_array().map_or(0, Vec::len);
+    }
+    let waits_sets: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}flow:{}:waits:*", keys.prefix(), started.flow_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    println!(
+        "submit of 500 + 500 steps: {links} links, {} KiB of Redis memory, longest command {:?} ({}), {submit_wall:?} wall",
+        written / 1024,
+        submit_longest.0,
+        submit_longest.1,
+    );
+    assert_eq!(links, 1_000, "one barrier: 500 members, 500 successors");
+    assert!(waits_sets.is_empty(), "{waits_sets:?}");
+    // Generous: the quadratic layout took ~300 ms; the bound only catches
+    // a return to it on a shared machine, the figure is printed above.
+    assert!(
+        submit_longest.0 < Duration::from_millis(100),
+        "{submit_longest:?}"
+    );
+    let queue = broker.queue(TENANT, "default").await.unwrap();
+    assert_eq!((queue.ready, queue.waiting), (500, 500), "{queue:?}");
+
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (stop, worker) = start_in_process(&broker, TENANT, 8, Duration::from_secs(30), "w1");
+    let result = finished(&broker, &started.flow_id).await.unwrap();
+    let run_longest = longest_command(&mut conn).await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    println!(
+        "running it: longest command {:?} ({})",
+        run_longest.0, run_longest.1
+    );
+
+    // Each successor received all 500 results, in order of the group.
+    let sums = result.as_array().unwrap();
+    assert_eq!(sums.len(), 500);
+    for sum in sums {
+        assert_eq!(sum["sum"], json!((0..500).sum::<i64>()), "{sum}");
+        assert_eq!(sum["members"], json!(500));
+        assert_eq!(sum["failed"], json!([]));
+    }
+    // Each ran once: the step-marked counter counts 500 runs, one attempt
+    // each, and none started before the last step before it ended.
+    let callbacks: Option<i64> = redis::cmd("GET")
+        .arg(format!("{}counter:callbacks", keys.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(callbacks, Some(500));
+    let mut last_before = 0;
+    for id in &started.job_ids[..500] {
+        let f = job_fields(&broker, id, &["state", "finished_at_us"]).await;
+        assert_eq!(f[0].as_deref(), Some("succeeded"), "{id}");
+        last_before = last_before.max(num(&f[1]));
+    }
+    for id in &started.job_ids[500..] {
+        let f = job_fields(&broker, id, &["state", "attempts", "started_at_us"]).await;
+        assert_eq!(f[0].as_deref(), Some("succeeded"), "{id}");
+        assert_eq!(f[1].as_deref(), Some("1"), "{id}");
+        assert!(
+            num(&f[2]) >= last_before,
+            "{id} started before the barrier opened"
+        );
+    }
+    let dependencies = broker
+        .flow_dependencies(TENANT, &started.flow_id, &started.job_ids[..2])
+        .await
+        .unwrap();
+    assert_eq!(dependencies[1].2, Ok("1".to_string()));
+    let status = broker
+        .status(TENANT, &started.job_ids[999])
+        .await
+        .unwrap()
+        .unwrap();
+    let membership = status.flow.unwrap();
+    assert_eq!(membership.waits_on, started.job_ids[..500]);
+    assert!(membership.still_waiting_on.is_empty());
+    let status = broker
+        .status(TENANT, &started.job_ids[0])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.flow.unwrap().dependents, started.job_ids[500..]);
+}
+
+/// A failed member of a group cancels every step of the group after it,
+/// each once and naming it, and what follows them in turn; the barrier
+/// records which member cancelled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_member_cancels_the_whole_group_after_it_once() {
+    let (_redis, broker) =
+        redis_with_task(TENANT, "step", "flowstep", &TaskPolicy::default()).await;
+    let (stop, worker) = start_in_process(&broker, TENANT, 4, Duration::from_secs(30), "w1");
+    let fail = json!({"task": "step", "payload": {"op": "fail"}});
+    let definition = json!({"chain": [
+        {"group": [add(1), fail, add(3)]},
+        {"group": [add(1), add(2), add(3)]},
+        add(5)]});
+    let started = broker
+        .start_flow(TENANT, &definition.to_string(), None)
+        .await
+        .unwrap();
+    let failure = finished(&broker, &started.flow_id).await.unwrap_err();
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    assert_eq!(failure.category.as_str(), "cancelled", "{failure}");
+    let ids = &started.job_ids;
+    let states: Vec<Option<String>> = {
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(job_fields(&broker, id, &["state"]).await.remove(0));
+        }
+        out
+    };
+    let expected = [
+        "succeeded",
+        "dead",
+        "succeeded",
+        "cancelled",
+        "cancelled",
+        "cancelled",
+        "cancelled",
+    ];
+    assert_eq!(states, expected.map(|s| Some(s.to_string())));
+    let keys = Keys::new(TENANT);
+    for (i, id) in ids.iter().enumerate().skip(3) {
+        let history: Vec<String> = redis::cmd("LRANGE")
+            .arg(keys.history(id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut broker.connection())
+            .await
+            .unwrap();
+        let cancels = history
+            .iter()
+            .filter(|e| e.contains(r#""event":"cancelled""#))
+            .count();
+        assert_eq!(cancels, 1, "{id}: {history:?}");
+        let error = broker
+            .status(TENANT, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_error
+            .unwrap()
+            .to_string();
+        let names = if i < 6 { &ids[1] } else { &ids[3] };
+        assert!(error.contains(names.as_str()), "{id}: {error}");
+    }
+    let cancelled_by: Option<String> = redis::cmd("HGET")
+        .arg(keys.flow_barriers(&started.flow_id))
+        .arg("0:cancelled_by")
+        .query_async(&mut broker.connection())
+        .await
+        .unwrap();
+    assert_eq!(cancelled_by.as_ref(), Some(&ids[1]));
+    assert_eq!(broker.queue(TENANT, "default").await.unwrap().waiting, 0);
+}
+
+/// A flow submitted before barriers (a `dependents` list in each step's
+/// `flow` field, the steps waited for in the envelope and a waits set)
+/// still settles under the barrier scripts: what was in flight when the
+/// workers were upgraded finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_submitted_before_barriers_still_settles() {
+    let (_redis, broker) =
+        redis_with_task(TENANT, "step", "flowstep", &TaskPolicy::default()).await;
+    let definition = json!({"chain": [add(1), {"task": "step", "payload": {"op": "deps"}}]});
+    let started = broker
+        .start_flow(TENANT, &definition.to_string(), None)
+        .await
+        .unwrap();
+    let (first, second) = (&started.job_ids[0], &started.job_ids[1]);
+    // Rewrite it as the quadratic layout stored it.
+    let keys = Keys::new(TENANT);
+    let fields = job_fields(&broker, first, &["flow"]).await;
+    let mut flow: Value = serde_json::from_str(fields[0].as_deref().unwrap()).unwrap();
+    flow.as_object_mut().unwrap().remove("feeds");
+    flow["dependents"] = json!([second]);
+    let fields = job_fields(&broker, second, &["envelope"]).await;
+    let mut envelope: Value = serde_json::from_str(fields[0].as_deref().unwrap()).unwrap();
+    envelope["flow"] = json!({"id": started.flow_id, "waits_on": [first]});
+    let _: () = redis::pipe()
+        .hset(keys.job(first), "flow", flow.to_string())
+        .hset(keys.job(second), "envelope", envelope.to_string())
+        .sadd(keys.flow_waits(&started.flow_id, second), first)
+        .del(keys.flow_barriers(&started.flow_id))
+        .query_async(&mut broker.connection())
+        .await
+        .unwrap();
+    let membership = broker
+        .flow_membership(TENANT, second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(membership.still_waiting_on, vec![first.clone()]);
+    let membership = broker
+        .flow_membership(TENANT, first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(membership.dependents, vec![second.clone()]);
+
+    let (stop, worker) = start_in_process(&broker, TENANT, 2, Duration::from_secs(30), "w1");
+    let result = finished(&broker, &started.flow_id).await.unwrap();
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    assert_eq!(
+        result["deps"],
+        json!([{"job": first, "task": "step", "ok": "1", "err": null}])
+    );
+    let waits: bool = redis::cmd("EXISTS")
+        .arg(keys.flow_waits(&started.flow_id, second))
+        .query_async(&mut broker.connection())
+        .await
+        .unwrap();
+    assert!(!waits, "the waits set emptied");
+}
+
+/// The longest command in the slow log (with its name), and empty it.
+async fn longest_command(conn: &mut redis::aio::ConnectionManager) -> (Duration, String) {
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut longest = (Duration::ZERO, String::new());
+    for entry in entries {
+        let redis::Value::Array(parts) = entry else {
+            continue;
+        };
+        let (Some(redis::Value::Int(micros)), Some(redis::Value::Array(args))) =
+            (parts.get(2), parts.get(3))
+        else {
+            continue;
+        };
+        let micros = Duration::from_micros(*micros as u64);
+        if micros > longest.0 {
+            let name = match args.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            longest = (micros, name);
+        }
+    }
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(conn)
+        .await
+        .unwrap();
+    longest
 }

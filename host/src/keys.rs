@@ -175,7 +175,19 @@ impl Keys {
     pub fn flow_results(&self, id: &str) -> String {
         self.key(&["flow", id, "results"])
     }
-    /// SET: the steps a waiting job of a workflow still waits for.
+    /// HASH: the dependencies between a workflow's nodes, barrier `N` in
+    /// fields `N:members` (the job ids it waits for, space-separated, in
+    /// order: what each successor receives), `N:left` (members not yet
+    /// ended), `N:successors` (the job ids that wait for it) and, once a
+    /// member failed without `continue`, `N:cancelled_by` (that member).
+    /// One key per flow, with at most two links per step. Expires with the
+    /// flow.
+    pub fn flow_barriers(&self, id: &str) -> String {
+        self.key(&["flow", id, "barriers"])
+    }
+    /// SET: the steps a waiting job of a workflow still waits for, in
+    /// flows submitted before barriers ([`Keys::flow_barriers`]): read and
+    /// emptied, no longer written.
     pub fn flow_waits(&self, id: &str, job: &str) -> String {
         self.key(&["flow", id, "waits", job])
     }

@@ -71,9 +71,15 @@ pub struct Envelope {
 pub struct FlowRef {
     /// The flow's id.
     pub id: String,
-    /// The steps (job ids) this one waits for, in order.
+    /// The steps (job ids) this one waits for, in order, as flows
+    /// submitted before barriers wrote them (one list per step: quadratic
+    /// for a group after a group). Read, no longer written.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waits_on: Vec<String>,
+    /// The barrier of its flow this step waits for (`N` in
+    /// `flow:FID:barriers`, whose `N:members` are the steps it waits for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<usize>,
 }
 
 impl Envelope {

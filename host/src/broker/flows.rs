@@ -6,6 +6,13 @@
 //! `waiting`, outside every queue, until the scripts that end jobs
 //! (`flow_settle` in [`scripts`]) move it on. Every key of a flow carries
 //! its tenant's hash tag, so a flow lives in one slot.
+//!
+//! What waits for what is stored as the plan's barriers
+//! ([`crate::flow::Barrier`]) in one hash per flow (`flow:FID:barriers`):
+//! a step's `flow` field names the barrier its end counts toward
+//! (`feeds`), its envelope the one it waits for (`after`). Submitting and
+//! settling a flow therefore write O(steps), whatever its shape: the largest
+//! allowed flow is one short script, not a stall of the tenant's Redis.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -167,7 +174,10 @@ impl Broker {
         let ids: Vec<String> = (0..plan.steps.len())
             .map(|i| format!("{flow_id}-{i}"))
             .collect();
-        let dependents = plan.dependents();
+        let id_list = |steps: &[usize]| {
+            let listed: Vec<&str> = steps.iter().map(|&i| ids[i].as_str()).collect();
+            listed.join(" ")
+        };
         let keys = Keys::new(tenant);
         let starter = match started_by {
             "" => String::new(),
@@ -183,12 +193,20 @@ impl Broker {
             ),
         };
         let mut call = scripts::FLOW_SUBMIT.key(keys.flow(flow_id));
-        call.key(starter).key(children);
+        call.key(starter)
+            .key(children)
+            .key(keys.flow_barriers(flow_id));
         call.arg(keys.prefix())
             .arg(flow_id)
             .arg(plan.result.to_json(&ids).to_string())
             .arg(started_by)
-            .arg(children_per_minute);
+            .arg(children_per_minute)
+            .arg(plan.barriers.len());
+        for barrier in &plan.barriers {
+            call.arg(barrier.members.len())
+                .arg(id_list(&barrier.members))
+                .arg(id_list(&barrier.successors));
+        }
         for (i, step) in plan.steps.iter().enumerate() {
             let task = &deployed[step.task.as_str()];
             let queue = &task.policy.queue;
@@ -210,7 +228,6 @@ impl Broker {
             }
             limits::check_json_depth("payload", &payload, limits::MAX_PAYLOAD_DEPTH)
                 .map_err(|e| failure(Category::BadPayload, format!("{}: {e}", step.path)))?;
-            let waits_on: Vec<String> = step.waits_on.iter().map(|&d| ids[d].clone()).collect();
             let envelope = Envelope {
                 v: ENVELOPE_VERSION,
                 id: ids[i].clone(),
@@ -226,16 +243,19 @@ impl Broker {
                 traceparent: traceparent.clone(),
                 flow: Some(FlowRef {
                     id: flow_id.to_string(),
-                    waits_on: waits_on.clone(),
+                    waits_on: Vec::new(),
+                    after: step.after,
                 }),
             };
-            let flow_field = serde_json::json!({
+            let mut flow_field = serde_json::json!({
                 "id": flow_id,
                 "queue": queue,
                 "priority": 0,
-                "dependents": dependents[i].iter().map(|&d| &ids[d]).collect::<Vec<_>>(),
                 "continue": step.on_failure == OnFailure::Continue,
             });
+            if let Some(feeds) = step.feeds {
+                flow_field["feeds"] = feeds.into();
+            }
             let gate = crate::gates::gate_field(&step.task, task.policy.rate_limit.is_some(), None)
                 .unwrap_or_default();
             call.arg(&ids[i])
@@ -245,7 +265,7 @@ impl Broker {
                 .arg(max_deliveries(&task.policy))
                 .arg(gate)
                 .arg(flow_field.to_string())
-                .arg(waits_on.join(" "));
+                .arg(step.after.map_or(String::new(), |b| b.to_string()));
         }
         let outcome: redis::Value = call.invoke_async(&mut self.connection()).await?;
         if let Some(reason) = refusal(&outcome) {
@@ -354,6 +374,55 @@ impl Broker {
             .collect())
     }
 
+    /// The steps a step of flow `flow.id` waits for, in order: its
+    /// barrier's members (or, in a flow submitted before barriers, the
+    /// list its envelope carries).
+    pub async fn flow_waits_on(&self, tenant: &str, flow: &FlowRef) -> anyhow::Result<Vec<String>> {
+        match flow.after {
+            Some(barrier) => self
+                .barrier_ids(tenant, &flow.id, barrier, "members")
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "flow {}'s record of the steps this one waits for is gone (the flow expired); start the flow again",
+                        flow.id
+                    )
+                }),
+            None => Ok(flow.waits_on.clone()),
+        }
+    }
+
+    /// What a step of a flow receives when it runs: the results of the
+    /// steps it waits for ([`Broker::flow_dependencies`] of
+    /// [`Broker::flow_waits_on`]).
+    pub async fn flow_step_inputs(
+        &self,
+        tenant: &str,
+        flow: &FlowRef,
+    ) -> anyhow::Result<Vec<(String, String, Result<String, String>)>> {
+        let waits_on = self.flow_waits_on(tenant, flow).await?;
+        self.flow_dependencies(tenant, &flow.id, &waits_on).await
+    }
+
+    /// The job ids in field `N:{field}` of flow `flow_id`'s barriers;
+    /// `None` when the flow's record is gone.
+    async fn barrier_ids(
+        &self,
+        tenant: &str,
+        flow_id: &str,
+        barrier: usize,
+        field: &str,
+    ) -> anyhow::Result<Option<Vec<String>>> {
+        let listed: Option<String> = self
+            .connection()
+            .hget(
+                Keys::new(tenant).flow_barriers(flow_id),
+                format!("{barrier}:{field}"),
+            )
+            .await?;
+        Ok(listed.map(|l| l.split_whitespace().map(String::from).collect()))
+    }
+
     /// The flows job `id` started (`flows` of its record: their ids follow
     /// from the job and the order it started them in).
     pub fn flows_started_by(tenant: &str, id: &str, count: u32) -> Vec<String> {
@@ -380,34 +449,20 @@ impl Broker {
         let Some(flow_id) = field["id"].as_str() else {
             return Ok(None);
         };
-        let waits_on = envelope
+        let flow_ref = envelope
             .and_then(|e| serde_json::from_str::<Envelope>(&e).ok())
-            .and_then(|e| e.flow)
-            .map(|f| f.waits_on)
-            .unwrap_or_default();
-        let (still, started_by, steps, settled): (
-            Vec<String>,
-            Option<String>,
-            Option<u64>,
-            Option<u64>,
-        ) = redis::pipe()
-            .smembers(keys.flow_waits(flow_id, id))
-            .hget(keys.flow(flow_id), "started_by")
-            .hget(keys.flow(flow_id), "steps")
-            .hget(keys.flow(flow_id), "settled")
-            .query_async(&mut self.connection())
-            .await?;
-        // In the flow's order, not the set's.
-        let still_waiting_on = waits_on
-            .iter()
-            .filter(|w| still.contains(w))
-            .cloned()
-            .collect();
-        Ok(Some(FlowMembership {
-            flow_id: flow_id.to_string(),
-            waits_on,
-            still_waiting_on,
-            dependents: field["dependents"]
+            .and_then(|e| e.flow);
+        let waits_on = match &flow_ref {
+            Some(f) => self.flow_waits_on(tenant, f).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let dependents = match field["feeds"].as_u64() {
+            Some(barrier) => self
+                .barrier_ids(tenant, flow_id, barrier as usize, "successors")
+                .await?
+                .unwrap_or_default(),
+            // A flow submitted before barriers lists them in the field.
+            None => field["dependents"]
                 .as_array()
                 .map(|d| {
                     d.iter()
@@ -415,10 +470,66 @@ impl Broker {
                         .collect()
                 })
                 .unwrap_or_default(),
+        };
+        let (started_by, steps, settled): (Option<String>, Option<u64>, Option<u64>) =
+            redis::cmd("HMGET")
+                .arg(keys.flow(flow_id))
+                .arg("started_by")
+                .arg("steps")
+                .arg("settled")
+                .query_async(&mut self.connection())
+                .await?;
+        let still_waiting_on = self
+            .not_ended(tenant, flow_id, id, flow_ref.as_ref(), &waits_on)
+            .await?;
+        Ok(Some(FlowMembership {
+            flow_id: flow_id.to_string(),
+            waits_on,
+            still_waiting_on,
+            dependents,
             started_by: started_by.filter(|s| !s.is_empty()),
             steps: steps.unwrap_or(0),
             settled: settled.unwrap_or(0),
         }))
+    }
+
+    /// Which of `waits_on` (what step `id` waits for) have not ended yet,
+    /// in that order: those with no entry in the flow's results (or, in a
+    /// flow submitted before barriers, those left in its waits set).
+    async fn not_ended(
+        &self,
+        tenant: &str,
+        flow_id: &str,
+        id: &str,
+        flow_ref: Option<&FlowRef>,
+        waits_on: &[String],
+    ) -> anyhow::Result<Vec<String>> {
+        if waits_on.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = Keys::new(tenant);
+        if flow_ref.is_some_and(|f| f.after.is_none()) {
+            let still: Vec<String> = self
+                .connection()
+                .smembers(keys.flow_waits(flow_id, id))
+                .await?;
+            return Ok(waits_on
+                .iter()
+                .filter(|w| still.contains(w))
+                .cloned()
+                .collect());
+        }
+        let ended: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys.flow_results(flow_id))
+            .arg(waits_on)
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(waits_on
+            .iter()
+            .zip(ended)
+            .filter(|(_, entry)| entry.is_none())
+            .map(|(w, _)| w.clone())
+            .collect())
     }
 }
 

@@ -171,12 +171,16 @@ end
 /// `flow_settle(prefix, id, flow, task, ok, text, now, retention)` records
 /// how a step of a workflow ended (`flow` is its job's `flow` field; `ok`
 /// with its JSON result as `text`, else the failure) and moves on what
-/// waits on it: a dependent whose last dependency this was goes on its
-/// queue; a dependent of a failed step whose `on_failure` is not
-/// `continue` ends `cancelled`, naming the step, and the same applies to
-/// what waits on it in turn. A step settles once (its entry in the
-/// results hash is written with HSETNX), so a second delivery's outcome,
-/// or an operator's cancel after the end, moves nothing on again.
+/// waits on it, through the barrier its end counts toward (`feeds`, in
+/// `flow:FID:barriers`): when the barrier's last member ends, its
+/// successors go on their queues; when a member fails and its
+/// `on_failure` is not `continue`, its successors end `cancelled`, naming
+/// it, and the same applies to what waits on them in turn. A step settles
+/// once (its entry in the results hash is written with HSETNX) and a
+/// barrier opens or is cancelled once (its `left` reaches 0 once, its
+/// `cancelled_by` is written with HSETNX), so a second delivery's outcome,
+/// or an operator's cancel after the end, moves nothing on again, and the
+/// work a flow's settles do is linear in its steps.
 fn flow_lua() -> String {
     format!(
         r#"
@@ -211,6 +215,25 @@ local function flow_cancel(prefix, dep, job_key, fl, task, reason, now, retentio
   tally(tallies, fl.queue or '', task, 'cancelled')
   flush_tallies(prefix, now, tallies)
 end
+-- Move on step `dep`, which waited for the step `w` that just ended: onto
+-- its queue (`release`), or cancelled naming `w`, with its own settling
+-- queued on `work`. Only a step still `waiting` moves (one an operator
+-- cancelled stays as it is).
+local function flow_onward(prefix, dep, release, w, work, now, retention)
+  local job_key = prefix .. 'job:' .. dep
+  local d = redis.call('HMGET', job_key, 'state', 'flow')
+  if d[1] ~= 'waiting' then return end
+  local ok_dep, dfl = pcall(cjson.decode, d[2] or '')
+  if not ok_dep or type(dfl) ~= 'table' then dfl = {{}} end
+  if release then
+    flow_release(prefix, dep, job_key, dfl, now)
+  else
+    local dep_task = task_of(redis.call('HGET', job_key, 'envelope'))
+    local reason = 'it waited for step ' .. w[1] .. ' (' .. w[3] .. '), which ended ' .. w[5]
+    flow_cancel(prefix, dep, job_key, dfl, dep_task, reason, now, retention)
+    work[#work + 1] = {{dep, d[2], dep_task, false, 'cancelled: ' .. reason}}
+  end
+end
 local function flow_settle(prefix, id, flow, task, ok, text, now, retention)
   local work = {{{{id, flow, task, ok, text}}}}
   local i = 1
@@ -228,23 +251,28 @@ local function flow_settle(prefix, id, flow, task, ok, text, now, retention)
       end
       if redis.call('HSETNX', fk .. ':results', w[1], entry) == 1 then
         local goes_on = w[4] or fl.continue == true
-        for _, dep in ipairs(fl.dependents or {{}}) do
-          local job_key = prefix .. 'job:' .. dep
-          local waits = fk .. ':waits:' .. dep
-          local d = redis.call('HMGET', job_key, 'state', 'flow', 'envelope')
-          local ok_dep, dfl = pcall(cjson.decode, d[2] or '')
-          if not ok_dep or type(dfl) ~= 'table' then dfl = {{}} end
-          if goes_on then
-            if redis.call('SREM', waits, w[1]) == 1 and redis.call('SCARD', waits) == 0
-              and d[1] == 'waiting' then
-              flow_release(prefix, dep, job_key, dfl, now)
+        local bk = fk .. ':barriers'
+        local b = fl.feeds ~= nil and string.format('%d', tonumber(fl.feeds) or -1) or nil
+        -- (A barrier whose flow expired is not written again.)
+        if b and redis.call('HEXISTS', bk, b .. ':left') == 1 then
+          local left = redis.call('HINCRBY', bk, b .. ':left', -1)
+          local open = goes_on and left == 0
+          local cancel = not goes_on and redis.call('HSETNX', bk, b .. ':cancelled_by', w[1]) == 1
+          if open or cancel then
+            for dep in string.gmatch(redis.call('HGET', bk, b .. ':successors') or '', '[^ ]+') do
+              flow_onward(prefix, dep, open, w, work, now, retention)
             end
-          elseif d[1] == 'waiting' then
+          end
+        end
+        -- A flow submitted before barriers lists each dependent, and what
+        -- each still waits for in a set of its own.
+        for _, dep in ipairs(fl.dependents or {{}}) do
+          local waits = fk .. ':waits:' .. dep
+          if not goes_on then
             redis.call('DEL', waits)
-            local dep_task = task_of(d[3])
-            local reason = 'it waited for step ' .. w[1] .. ' (' .. w[3] .. '), which ended ' .. w[5]
-            flow_cancel(prefix, dep, job_key, dfl, dep_task, reason, now, retention)
-            work[#work + 1] = {{dep, d[2], dep_task, false, 'cancelled: ' .. reason}}
+            flow_onward(prefix, dep, false, w, work, now, retention)
+          elseif redis.call('SREM', waits, w[1]) == 1 and redis.call('SCARD', waits) == 0 then
+            flow_onward(prefix, dep, true, w, work, now, retention)
           end
         end
         local settled = redis.call('HINCRBY', fk, 'settled', 1)
@@ -252,6 +280,7 @@ local function flow_settle(prefix, id, flow, task, ok, text, now, retention)
           redis.call('HSET', fk, 'finished_at_ms', string.format('%d', now))
           redis.call('PEXPIRE', fk, retention)
           redis.call('PEXPIRE', fk .. ':results', retention)
+          redis.call('PEXPIRE', bk, retention)
           redis.call('RPUSH', fk .. ':done', '1')
           redis.call('PEXPIRE', fk .. ':done', retention)
         end
@@ -259,7 +288,10 @@ local function flow_settle(prefix, id, flow, task, ok, text, now, retention)
     end
   end
 end
--- A waiting step that ends some other way (cancelled) waits no more.
+-- A waiting step that ends some other way (cancelled) waits no more: it
+-- leaves the waiting indexes (and, in a flow submitted before barriers,
+-- its waits set goes). Its barrier is its siblings' too and stays: when it
+-- opens, this step, no longer `waiting`, is not moved.
 local function flow_forget_waits(prefix, id, flow)
   local decoded, fl = pcall(cjson.decode, flow or '')
   if decoded and type(fl) == 'table' and type(fl.id) == 'string' then
@@ -1385,36 +1417,47 @@ return 1
     )
 });
 
+/// Fields per barrier in [`FLOW_SUBMIT`]'s ARGV.
+pub const FLOW_BARRIER_FIELDS: usize = 3;
+
 /// Fields per step in [`FLOW_SUBMIT`]'s ARGV.
 pub const FLOW_STEP_FIELDS: usize = 8;
 
 /// Submit a workflow, all its steps in one step.
 /// KEYS: the flow's hash, the job that starts it ('' for none: that
 /// job's `flows` field counts the flows it started, for `wasmq status`),
-/// and the tenant's children-rate hash ('' unless a guest starts it).
+/// the tenant's children-rate hash ('' unless a guest starts it), and the
+/// flow's barriers hash.
 /// ARGV: prefix, flow id, result shape (JSON of job ids), who started it,
 /// the tenant's `max_children_per_minute` (0 = none; a guest's steps count
-/// against it as its child jobs do, all or none),
-/// then per step [`FLOW_STEP_FIELDS`] fields: job id, queue, envelope,
-/// priority, max_deliveries ('' = the default), gate ('' for none), the
-/// job's `flow` field (JSON: flow id, queue, priority, dependents,
-/// continue) and the ids of the steps it waits for, space-separated.
+/// against it as its child jobs do, all or none), the number of barriers,
+/// then per barrier [`FLOW_BARRIER_FIELDS`] fields: how many members, the
+/// members' job ids and the successors' (space-separated); then per step
+/// [`FLOW_STEP_FIELDS`] fields: job id, queue, envelope, priority,
+/// max_deliveries ('' = the default), gate ('' for none), the job's
+/// `flow` field (JSON: flow id, queue, priority, continue, and `feeds`,
+/// the barrier its end counts toward) and the barrier it waits for ('' for
+/// none).
 ///
 /// A step that waits for nothing goes on its queue as an enqueue would;
-/// the others are `waiting`, outside every queue, with the set of what they
-/// wait for in `flow:FID:waits:ID` (see `flow_settle`). Returns 'new', or
-/// 'existing' when the flow was submitted before (a guest's start run
-/// again): nothing is written then; or {'refused', reason} when the
-/// tenant's children rate has no room for all its steps (nothing written).
+/// the others are `waiting`, outside every queue, until their barrier
+/// opens (see `flow_settle`). Every id is written at most twice (as a
+/// member and as a successor), so the script is linear in the flow's
+/// steps. Returns 'new', or 'existing' when the flow was submitted before
+/// (a guest's start run again): nothing is written then; or {'refused',
+/// reason} when the tenant's children rate has no room for all its steps
+/// (nothing written).
 pub static FLOW_SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     with_children_rate(&format!(
         r#"
-local FIELDS = {FLOW_STEP_FIELDS}
+local BARRIER_FIELDS, FIELDS = {FLOW_BARRIER_FIELDS}, {FLOW_STEP_FIELDS}
 local prefix, flow_id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'existing' end
 local now, now_us = clock()
 local now_ms = string.format('%d', now)
-local steps = (#ARGV - 5) / FIELDS
+local barriers = tonumber(ARGV[6])
+local first_step = 7 + barriers * BARRIER_FIELDS
+local steps = (#ARGV - first_step + 1) / FIELDS
 local child_rate = tonumber(ARGV[5])
 local refused, left = take_children(KEYS[3], child_rate, steps, now)
 if refused then
@@ -1423,16 +1466,21 @@ end
 redis.call('HSET', KEYS[1], 'steps', steps, 'settled', 0, 'result', ARGV[3], 'started_by', ARGV[4],
   'created_at_ms', now_ms)
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'flows', 1) end
+for b = 0, barriers - 1 do
+  local at = 7 + b * BARRIER_FIELDS
+  redis.call('HSET', KEYS[4], b .. ':left', ARGV[at], b .. ':members', ARGV[at + 1],
+    b .. ':successors', ARGV[at + 2])
+end
 local signalled = {{}}
-for i = 6, #ARGV, FIELDS do
+for i = first_step, #ARGV, FIELDS do
   local id, queue, envelope, priority = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local max_deliveries, gate, flow, waits = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local max_deliveries, gate, flow, after = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   local job = prefix .. 'job:' .. id
   local fields = {{'envelope', envelope, 'attempts', 0, 'deliveries', 0, 'flow', flow,
     'enqueued_at_ms', now_ms, 'enqueued_at_us', now_us}}
   if max_deliveries ~= '' then fields[#fields + 1] = 'max_deliveries'; fields[#fields + 1] = max_deliveries end
   if gate ~= '' then fields[#fields + 1] = 'gate'; fields[#fields + 1] = gate end
-  if waits == '' then
+  if after == '' then
     local q = prefix .. 'queue:' .. queue .. ':'
     local score = (9 - priority) * PRIORITY_BAND + redis.call('INCR', q .. 'seq')
     fields[#fields + 1] = 'state'; fields[#fields + 1] = 'queued'
@@ -1445,9 +1493,6 @@ for i = 6, #ARGV, FIELDS do
     redis.call('HSET', job, unpack(fields))
     redis.call('ZADD', prefix .. 'flows-waiting', now, id)
     redis.call('ZADD', prefix .. 'queue:' .. queue .. ':flow-waiting', now, id)
-    local on = {{}}
-    for dep in string.gmatch(waits, '[^ ]+') do on[#on + 1] = dep end
-    redis.call('SADD', prefix .. 'flow:' .. flow_id .. ':waits:' .. id, unpack(on))
   end
 end
 for queue in pairs(signalled) do

@@ -15,6 +15,14 @@
 //! (in order), a chord's is its `then`'s. A node that comes after another
 //! (the next in a chain, a chord's `then`) waits for that node's ends and
 //! receives their results, in that order.
+//!
+//! Invariant: a flow is linear in size. The dependency between two nodes
+//! is one [`Barrier`] (the ends before, the first steps after), never a
+//! link per pair of steps: a group of 500 after a group of 500 is one
+//! barrier of 500 members and 500 successors, not 250,000 pairs. A step
+//! waits for at most one barrier and its end counts toward at most one
+//! (a node's ends are consumed once, by the node after it), so a plan
+//! holds at most two links per step.
 
 use serde_json::{Map, Value};
 
@@ -162,10 +170,24 @@ pub struct PlannedStep {
     pub payload: Value,
     /// Where it is in the definition (`chord.group[3]`), for messages.
     pub path: String,
-    /// The steps (indexes into [`Plan::steps`]) it waits for, in order.
-    pub waits_on: Vec<usize>,
+    /// The barrier (index into [`Plan::barriers`]) it waits for; `None`
+    /// for a step that goes on its queue at once.
+    pub after: Option<usize>,
+    /// The barrier its end counts toward; `None` when nothing comes after
+    /// it (its result is part of the flow's).
+    pub feeds: Option<usize>,
     /// Its own failure lets what waits on it run.
     pub on_failure: OnFailure,
+}
+
+/// Where one node's ends meet the node after it: the steps after wait for
+/// every member to end, and then receive the members' results, in order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Barrier {
+    /// The steps it waits for (the ends of the node before), in order.
+    pub members: Vec<usize>,
+    /// The steps that wait for it (the first steps of the node after).
+    pub successors: Vec<usize>,
 }
 
 /// The shape of a flow's result: a step's result, or a list of shapes.
@@ -215,20 +237,25 @@ pub struct Plan {
     /// Every step, in the order it appears in the definition; a step only
     /// waits for steps before it.
     pub steps: Vec<PlannedStep>,
+    /// Every dependency between two nodes, in the order they were laid out.
+    pub barriers: Vec<Barrier>,
     /// What the whole flow's result is made of.
     pub result: ResultShape,
 }
 
 impl Plan {
-    /// For each step, the steps that wait for it.
-    pub fn dependents(&self) -> Vec<Vec<usize>> {
-        let mut out = vec![Vec::new(); self.steps.len()];
-        for (i, step) in self.steps.iter().enumerate() {
-            for &d in &step.waits_on {
-                out[d].push(i);
-            }
-        }
-        out
+    /// The steps step `i` waits for (and whose results it receives), in order.
+    pub fn waits_on(&self, i: usize) -> &[usize] {
+        self.steps[i]
+            .after
+            .map_or(&[], |b| self.barriers[b].members.as_slice())
+    }
+
+    /// The steps that wait for step `i`.
+    pub fn dependents(&self, i: usize) -> &[usize] {
+        self.steps[i]
+            .feeds
+            .map_or(&[], |b| self.barriers[b].successors.as_slice())
     }
 }
 
@@ -242,9 +269,14 @@ pub fn plan(definition: &str) -> Result<Plan, String> {
 
 /// Lay out a parsed definition.
 pub fn plan_node(node: &Node) -> Result<Plan, String> {
-    let mut steps = Vec::new();
-    let (_, result) = lay_out(node, &[], OnFailure::Cancel, "flow", &mut steps)?;
-    Ok(Plan { steps, result })
+    let mut plan = Plan {
+        steps: Vec::new(),
+        barriers: Vec::new(),
+        result: ResultShape::List(Vec::new()),
+    };
+    let (_, result) = lay_out(node, None, OnFailure::Cancel, "flow", &mut plan)?;
+    plan.result = result;
+    Ok(plan)
 }
 
 /// Parse one node at `path`.
@@ -359,14 +391,14 @@ fn members(value: &Value, path: &str) -> Result<Vec<Node>, String> {
         .collect()
 }
 
-/// Lay out `node` after the steps `before`, inheriting `inherited`; its
-/// ends and result shape.
+/// Lay out `node` after barrier `after` (none: it starts at once),
+/// inheriting `inherited`; its ends and result shape.
 fn lay_out(
     node: &Node,
-    before: &[usize],
+    after: Option<usize>,
     inherited: OnFailure,
     path: &str,
-    steps: &mut Vec<PlannedStep>,
+    plan: &mut Plan,
 ) -> Result<(Vec<usize>, ResultShape), String> {
     let own = |o: &Option<OnFailure>| o.unwrap_or(inherited);
     match node {
@@ -375,42 +407,50 @@ fn lay_out(
             payload,
             on_failure,
         } => {
-            if steps.len() >= limits::MAX_FLOW_STEPS {
+            if plan.steps.len() >= limits::MAX_FLOW_STEPS {
                 return Err(format!(
                     "{path}: a flow has at most {} steps",
                     limits::MAX_FLOW_STEPS
                 ));
             }
-            steps.push(PlannedStep {
+            let i = plan.steps.len();
+            plan.steps.push(PlannedStep {
                 task: task.clone(),
                 payload: payload.clone(),
                 path: path.to_string(),
-                waits_on: before.to_vec(),
+                after,
+                feeds: None,
                 on_failure: own(on_failure),
             });
-            let i = steps.len() - 1;
+            if let Some(b) = after {
+                plan.barriers[b].successors.push(i);
+            }
             Ok((vec![i], ResultShape::Step(i)))
         }
         Node::Chain { nodes, on_failure } => {
-            let mut ends = before.to_vec();
-            let mut shape = ResultShape::List(Vec::new());
+            non_empty(nodes, &format!("{path}.chain"))?;
+            let mut out = (Vec::new(), ResultShape::List(Vec::new()));
+            let mut after = after;
             for (i, n) in nodes.iter().enumerate() {
-                (ends, shape) = lay_out(
+                if i > 0 {
+                    after = Some(barrier(&out.0, plan));
+                }
+                out = lay_out(
                     n,
-                    &ends,
+                    after,
                     own(on_failure),
                     &format!("{path}.chain[{i}]"),
-                    steps,
+                    plan,
                 )?;
             }
-            Ok((ends, shape))
+            Ok(out)
         }
         Node::Group { nodes, on_failure } => group(
             nodes,
-            before,
+            after,
             own(on_failure),
             &format!("{path}.group"),
-            steps,
+            plan,
         ),
         Node::Chord {
             group: members,
@@ -420,27 +460,63 @@ fn lay_out(
             let inherit = own(on_failure);
             let (ends, _) = group(
                 members,
-                before,
+                after,
                 inherit,
                 &format!("{path}.chord.group"),
-                steps,
+                plan,
             )?;
-            lay_out(then, &ends, inherit, &format!("{path}.chord.then"), steps)
+            let then_after = barrier(&ends, plan);
+            lay_out(
+                then,
+                Some(then_after),
+                inherit,
+                &format!("{path}.chord.then"),
+                plan,
+            )
         }
     }
 }
 
+/// A node built in Rust may hold an empty list, which a definition read
+/// from JSON cannot ([`parse`] refuses it): refuse it the same way, so a
+/// node with no ends never leaves the steps after it waiting for nothing.
+fn non_empty(nodes: &[Node], path: &str) -> Result<(), String> {
+    match nodes {
+        [] => Err(format!(
+            "{path}: an empty list (a flow step needs at least one node)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A new barrier whose members are `ends` (the node just laid out); the
+/// node laid out next waits for it.
+fn barrier(ends: &[usize], plan: &mut Plan) -> usize {
+    let b = plan.barriers.len();
+    for &end in ends {
+        // A node's ends are consumed once, by the node after it.
+        debug_assert_eq!(plan.steps[end].feeds, None, "step {end} feeds two barriers");
+        plan.steps[end].feeds = Some(b);
+    }
+    plan.barriers.push(Barrier {
+        members: ends.to_vec(),
+        successors: Vec::new(),
+    });
+    b
+}
+
 fn group(
     nodes: &[Node],
-    before: &[usize],
+    after: Option<usize>,
     inherited: OnFailure,
     path: &str,
-    steps: &mut Vec<PlannedStep>,
+    plan: &mut Plan,
 ) -> Result<(Vec<usize>, ResultShape), String> {
+    non_empty(nodes, path)?;
     let mut ends = Vec::new();
     let mut shapes = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        let (e, s) = lay_out(n, before, inherited, &format!("{path}[{i}]"), steps)?;
+        let (e, s) = lay_out(n, after, inherited, &format!("{path}[{i}]"), plan)?;
         ends.extend(e);
         shapes.push(s);
     }
@@ -453,7 +529,7 @@ mod tests {
 
     fn step(i: usize, plan: &Plan) -> (&str, Vec<usize>, OnFailure) {
         let s = &plan.steps[i];
-        (s.task.as_str(), s.waits_on.clone(), s.on_failure)
+        (s.task.as_str(), plan.waits_on(i).to_vec(), s.on_failure)
     }
 
     #[test]
@@ -463,7 +539,8 @@ mod tests {
         assert_eq!(step(1, &p), ("b", vec![0], OnFailure::Cancel));
         assert_eq!(step(2, &p), ("c", vec![1], OnFailure::Cancel));
         assert_eq!(p.result, ResultShape::Step(2));
-        assert_eq!(p.dependents(), vec![vec![1], vec![2], vec![]]);
+        let dependents: Vec<&[usize]> = (0..3).map(|i| p.dependents(i)).collect();
+        assert_eq!(dependents, vec![&[1][..], &[2], &[]]);
     }
 
     #[test]
@@ -493,6 +570,51 @@ mod tests {
         );
         let ids = vec!["x".to_string(), "y".to_string(), "z".to_string()];
         assert_eq!(p.result.to_json(&ids), serde_json::json!(["y", "z"]));
+    }
+
+    #[test]
+    fn a_group_after_a_group_is_one_barrier_not_every_pair() {
+        let members = |n: usize| vec![r#"{"task": "a"}"#; n].join(",");
+        let p = plan(&format!(
+            r#"{{"chain": [{{"group": [{}]}}, {{"group": [{}]}}]}}"#,
+            members(500),
+            members(500)
+        ))
+        .unwrap();
+        assert_eq!(p.barriers.len(), 1);
+        let links: usize = p
+            .barriers
+            .iter()
+            .map(|b| b.members.len() + b.successors.len())
+            .sum();
+        assert_eq!(links, 1_000);
+        assert_eq!(p.waits_on(999), (0..500).collect::<Vec<_>>().as_slice());
+        assert_eq!(p.dependents(0), (500..1000).collect::<Vec<_>>().as_slice());
+        assert_eq!((p.steps[0].after, p.steps[0].feeds), (None, Some(0)));
+        assert_eq!((p.steps[999].after, p.steps[999].feeds), (Some(0), None));
+    }
+
+    #[test]
+    fn a_nested_chain_feeds_the_barrier_of_what_follows_its_group() {
+        // chain[group[chain[a, b], c], d]: d waits for b and c; b for a.
+        let p = plan(
+            r#"{"chain": [{"group": [{"chain": [{"task": "a"}, {"task": "b"}]}, {"task": "c"}]},
+                {"task": "d"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(step(1, &p).1, vec![0]);
+        assert_eq!(step(2, &p).1, Vec::<usize>::new());
+        assert_eq!(step(3, &p).1, vec![1, 2]);
+        assert_eq!(p.dependents(0), &[1]);
+        assert_eq!(p.dependents(2), &[3]);
+        assert_eq!(p.barriers.len(), 2);
+    }
+
+    #[test]
+    fn an_empty_list_built_in_rust_is_refused_as_in_json() {
+        let node = Node::chain([Node::step("a", Value::Null), Node::group([])]);
+        let err = plan_node(&node).unwrap_err();
+        assert!(err.contains("flow.chain[1].group: an empty list"), "{err}");
     }
 
     #[test]

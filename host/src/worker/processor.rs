@@ -427,7 +427,7 @@ impl Processor {
     async fn flow_input(&self, job: &Fetched, flow: &FlowRef) -> Result<FlowInput, String> {
         let dependencies = self
             .broker
-            .flow_dependencies(&job.tenant, &flow.id, &flow.waits_on)
+            .flow_step_inputs(&job.tenant, flow)
             .await
             .map_err(|e| format!("reading the results its flow step waited for failed: {e:#}"))?;
         Ok(FlowInput {
