@@ -147,8 +147,8 @@ async fn token(redis: &str, tenant: &str, command: TokenCommand) -> Result<(), C
             println!("{token}");
             format::notice(&format!(
                 "dashboard token {} for tenant {tenant:?} (shown once; revoke with `wasmq web token revoke {} --tenant {tenant}`). \
-                 Serve the dashboard with an admin token (--token-file) for it to protect anything: \
-                 without one, a loopback dashboard lets in anyone as the admin (and, from its next start, refuses to run while tenant tokens exist)",
+                 It protects something only on a dashboard with an admin token (--token-file): \
+                 one already running open on loopback lets anyone in as the admin until it is restarted, and then refuses to start open",
                 record.id, record.id
             ));
         }
