@@ -1,6 +1,7 @@
 //! The web dashboard (`wasmq web`) against a real redis-server and real
-//! workers: over HTTP (who may see what, CSRF, read-only, escaping, and
-//! that its actions change Redis) and in a real headless Chromium
+//! workers: over HTTP (who may see what, on loopback too; the throttle
+//! of wrong tokens; CSRF, read-only, escaping, and that its actions
+//! change Redis) and in a real headless Chromium
 //! (WebDriver): the live chart, pause from the queues page, search a job
 //! by id, cancel and retry from the job page. Screenshots go to
 //! `target/screenshots/`.
@@ -176,12 +177,7 @@ async fn off_loopback_every_request_needs_a_token() {
 
     // No token, no dashboard off loopback; a short token is refused too.
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let config = wasmq::web::WebConfig {
-        broker: broker.clone(),
-        tenant: TENANT.into(),
-        admin_token: None,
-        read_only: false,
-    };
+    let config = wasmq::web::WebConfig::new(broker.clone(), TENANT);
     let refused = wasmq::web::serve(listener, config, async {})
         .await
         .unwrap_err();
@@ -208,6 +204,333 @@ async fn off_loopback_every_request_needs_a_token() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// With a token configured, a loopback dashboard needs it too: a TLS
+/// proxy on the same host forwards from loopback, so an open loopback
+/// would make the token protect nothing. Anonymous pages, API and
+/// actions answer 401 (the login form), whatever `Host` or proxy headers
+/// they carry; the admin token, a login and a tenant token open it. The
+/// startup line says which mode the dashboard is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_on_loopback_is_required_for_everything() {
+    let (redis, broker) = setup(TENANT).await;
+    let web = Dashboard::start(&broker, TENANT, "127.0.0.1", Some(ADMIN), false).await;
+
+    let mut anonymous = web.client();
+    for path in [
+        "/",
+        "/t/ops/",
+        "/t/ops/queues",
+        "/t/ops/jobs",
+        "/t/ops/dead",
+        "/t/ops/api/overview",
+        "/tenants",
+    ] {
+        let r = anonymous.get(path).await;
+        assert_eq!(
+            r.status, 401,
+            "{path} on loopback without a token: {}",
+            r.body
+        );
+        assert!(r.body.contains("name=\"token\""), "{path}: the login form");
+        assert!(!r.body.contains("idle"), "{path}: no data without a token");
+        assert!(r.csrf().is_none(), "{path}: no CSRF token handed out");
+    }
+    // What a proxy on this host forwards looks the same, and is refused
+    // the same (not 421: behind a proxy, Host is the public name).
+    let proxied = anonymous
+        .request(
+            "GET",
+            "/t/ops/queues",
+            &[
+                ("host", "dash.example.com"),
+                ("x-forwarded-for", "203.0.113.7"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(proxied.status, 401, "{}", proxied.body);
+    for action in ["/t/ops/queues/idle/pause", "/t/ops/dead/purge", "/logout"] {
+        let r = anonymous.post(action, &[]).await;
+        assert_eq!(r.status, 401, "{action}: {}", r.body);
+    }
+    assert!(!paused(&broker, TENANT, "idle").await, "nothing changed");
+
+    // The admin token: pages, API and actions work, through the proxy too.
+    let mut admin = web.client();
+    admin.bearer = Some(ADMIN.into());
+    assert_eq!(admin.get("/t/ops/api/overview").await.status, 200);
+    let r = admin
+        .request(
+            "GET",
+            "/t/ops/queues",
+            &[
+                ("host", "dash.example.com"),
+                ("x-forwarded-for", "203.0.113.7"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = admin.act("/t/ops/queues", "/t/ops/queues/idle/pause").await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert!(paused(&broker, TENANT, "idle").await);
+
+    // A login's session.
+    let mut browser = web.client();
+    assert_eq!(
+        browser.post("/login", &[("token", ADMIN)]).await.status,
+        303
+    );
+    let r = browser
+        .act("/t/ops/queues", "/t/ops/queues/idle/resume")
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert!(!paused(&broker, TENANT, "idle").await);
+
+    // A tenant token: its own tenant.
+    let (token, _) = broker
+        .web_token_create(TENANT, "loopback", "test")
+        .await
+        .unwrap();
+    let mut tenant = web.client();
+    tenant.bearer = Some(token);
+    assert_eq!(tenant.get("/t/ops/queues").await.status, 200);
+    assert_eq!(tenant.get("/t/other/queues").await.status, 403);
+
+    // The startup line names the mode.
+    let token_line = first_stderr_line(&redis.url, Some(ADMIN));
+    assert!(
+        token_line.contains("token required") && token_line.contains("http://127.0.0.1:"),
+        "{token_line}"
+    );
+    let fresh = RedisServer::start();
+    let open_line = first_stderr_line(&fresh.url, None);
+    assert!(
+        open_line.contains("open to anyone who can reach loopback")
+            && open_line.contains("no token configured"),
+        "{open_line}"
+    );
+}
+
+/// The first line `wasmq web --listen 127.0.0.1:0` writes to stderr (the
+/// startup line, or why it refused), with `token` as its admin token;
+/// the process is stopped after.
+fn first_stderr_line(redis: &str, token: Option<&str>) -> String {
+    use std::io::BufRead;
+    let mut command = std::process::Command::new(common::wasmq_bin());
+    command
+        .args(["--redis", redis, "web", "--listen", "127.0.0.1:0"])
+        .env_remove("WASMQ_WEB_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(t) = token {
+        command.env("WASMQ_WEB_TOKEN", t);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
+/// An open dashboard (loopback, no admin token) is for this machine's
+/// users only: it refuses a request a proxy forwarded, refuses to start
+/// while tenants it knows of hold dashboard tokens (they mean others are
+/// meant to reach it), and refuses `--trust-forwarded-for`. An admin
+/// token lifts all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_dashboard_is_for_this_machine_only() {
+    let (redis, broker) = setup(TENANT).await;
+    let web = Dashboard::start(&broker, TENANT, "127.0.0.1", None, false).await;
+    let mut c = web.client();
+    assert_eq!(c.get("/t/ops/queues").await.status, 200);
+    for forwarded in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        let r = c
+            .request("GET", "/t/ops/queues", &[(forwarded, "203.0.113.7")], "")
+            .await;
+        assert_eq!(r.status, 403, "{forwarded}: {}", r.body);
+        assert!(r.body.contains("through a proxy"), "{}", r.body);
+        assert!(!r.body.contains("idle"), "no data");
+    }
+    drop(web);
+
+    // A tenant with a record holds a dashboard token: no open dashboard.
+    common::create_tenant(&redis.url, "acme", &[]);
+    broker
+        .web_token_create("acme", "on-call", "test")
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = wasmq::web::serve(
+        listener,
+        wasmq::web::WebConfig::new(broker.clone(), TENANT),
+        async {},
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("acme") && refused.contains("--token-file"),
+        "{refused}"
+    );
+    let out = std::process::Command::new(common::wasmq_bin())
+        .args(["--redis", &redis.url, "web", "--listen", "127.0.0.1:0"])
+        .env_remove("WASMQ_WEB_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("have dashboard tokens"),
+        "{}",
+        text(&out.stderr)
+    );
+    // With an admin token it starts, and the tenant token works.
+    let mut config = wasmq::web::WebConfig::new(broker.clone(), TENANT);
+    config.admin_token = Some(ADMIN.into());
+    let web = Dashboard::start_with("127.0.0.1", config).await;
+    let mut admin = web.client();
+    admin.bearer = Some(ADMIN.into());
+    assert_eq!(admin.get("/t/acme/").await.status, 200);
+
+    let mut config = wasmq::web::WebConfig::new(broker.clone(), TENANT);
+    config.trust_forwarded_for = true;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = wasmq::web::serve(listener, config, async {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("--trust-forwarded-for"), "{refused}");
+}
+
+/// Wrong bearer tokens sent in parallel are counted *before* they are
+/// checked: of 50 sent at once, at most the budget (plus what refilled
+/// while they ran) is checked (401); the rest get 429 with `Retry-After`,
+/// and so does the right token from that client, unchecked, while the
+/// budget is spent. Another client is not held back. After the wait, the
+/// right token works, and valid requests spend nothing. Logins are
+/// counted the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_wrong_tokens_are_throttled_before_they_are_checked() {
+    const BUDGET: u32 = 5;
+    const WINDOW: Duration = Duration::from_secs(10);
+    let refill = WINDOW / BUDGET;
+    let (_redis, broker) = setup(TENANT).await;
+    let mut config = wasmq::web::WebConfig::new(broker.clone(), TENANT);
+    config.admin_token = Some(ADMIN.into());
+    config.throttle = wasmq::web::ThrottleConfig {
+        failures: BUDGET,
+        window: WINDOW,
+    };
+    let web = Dashboard::start_with("127.0.0.1", config).await;
+
+    /// Count of each status among `answers`.
+    fn count(answers: &[common::web::Resp], status: u16) -> usize {
+        answers.iter().filter(|r| r.status == status).count()
+    }
+    // Tenant-shaped guesses: each check is a Redis round trip, so checks
+    // overlap, as a real attacker's would.
+    let started = Instant::now();
+    let guesses = (0..50).map(|_| {
+        let mut c = web.client();
+        c.bearer = Some(format!("wqt-ops.{}", "0".repeat(64)));
+        tokio::spawn(async move { c.get("/t/ops/queues").await })
+    });
+    let mut answers = Vec::new();
+    for guess in guesses.collect::<Vec<_>>() {
+        answers.push(guess.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let refilled = (elapsed.as_secs_f64() / refill.as_secs_f64()).floor() as usize;
+    let (checked, throttled) = (count(&answers, 401), count(&answers, 429));
+    eprintln!(
+        "50 wrong tokens in parallel in {elapsed:?}: {checked} checked (401), {throttled} throttled (429)"
+    );
+    assert_eq!(checked + throttled, 50, "only 401 or 429");
+    assert!(
+        (BUDGET as usize..=BUDGET as usize + refilled).contains(&checked),
+        "{checked} checked: the budget is {BUDGET}, {refilled} refilled in {elapsed:?}"
+    );
+    for r in answers.iter().filter(|r| r.status == 429) {
+        let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=refill.as_secs()).contains(&wait), "Retry-After {wait}");
+        assert!(r.body.contains("Too many wrong tokens"), "{}", r.body);
+    }
+
+    // The right token from the same client is not even checked now...
+    let mut same = web.client();
+    same.bearer = Some(ADMIN.into());
+    let r = same.get("/t/ops/queues").await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    let mut login = web.client();
+    assert_eq!(login.post("/login", &[("token", ADMIN)]).await.status, 429);
+    // ...while another client is not held back.
+    let mut other = web.client();
+    other.source = Some("127.0.0.2".parse().unwrap());
+    other.bearer = Some(ADMIN.into());
+    assert_eq!(other.get("/t/ops/queues").await.status, 200);
+
+    // After the wait, it works; valid requests spend nothing.
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    for _ in 0..3 * BUDGET {
+        let r = same.get("/t/ops/queues").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    // Logins sent in parallel are counted before they are checked too.
+    let started = Instant::now();
+    let logins = (0..20).map(|_| {
+        let mut c = web.client();
+        c.source = Some("127.0.0.3".parse().unwrap());
+        tokio::spawn(async move { c.post("/login", &[("token", "not-the-token-at-all")]).await })
+    });
+    let mut answers = Vec::new();
+    for login in logins.collect::<Vec<_>>() {
+        answers.push(login.await.unwrap());
+    }
+    let refilled = (started.elapsed().as_secs_f64() / refill.as_secs_f64()).floor() as usize;
+    let checked = count(&answers, 401);
+    assert_eq!(checked + count(&answers, 429), 20);
+    assert!(
+        (BUDGET as usize..=BUDGET as usize + refilled).contains(&checked),
+        "{checked} logins checked: the budget is {BUDGET}"
+    );
+}
+
+/// Behind a proxy every client has its address, and they share one
+/// budget; `--trust-forwarded-for` counts each by the last
+/// `X-Forwarded-For` entry instead. Without it, the header is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_picks_the_budget_only_when_trusted() {
+    let (_redis, broker) = setup(TENANT).await;
+    for trust in [false, true] {
+        let mut config = wasmq::web::WebConfig::new(broker.clone(), TENANT);
+        config.admin_token = Some(ADMIN.into());
+        config.trust_forwarded_for = trust;
+        config.throttle = wasmq::web::ThrottleConfig {
+            failures: 2,
+            window: Duration::from_secs(3600),
+        };
+        let web = Dashboard::start_with("127.0.0.1", config).await;
+        let mut c = web.client();
+        c.bearer = Some("admin-token-0123456789abcdeX".into());
+        let mut from = async |xff: &str| {
+            c.request("GET", "/t/ops/", &[("x-forwarded-for", xff)], "")
+                .await
+                .status
+        };
+        // A client's own entry comes first; the proxy's last one counts.
+        assert_eq!(from("6.6.6.6, 198.51.100.1").await, 401);
+        assert_eq!(from("198.51.100.1").await, 401);
+        assert_eq!(from("198.51.100.1").await, 429, "trust {trust}");
+        let fresh = from("198.51.100.2").await;
+        assert_eq!(fresh, if trust { 401 } else { 429 }, "trust {trust}");
+    }
 }
 
 /// A tenant token (`wasmq web token create`) sees and acts on its own
@@ -795,6 +1118,34 @@ async fn browser_overview_chart_fills_and_pause_pauses() {
     browser.close().await;
     stop.send(()).unwrap();
     handle.await.unwrap();
+}
+
+/// In Chromium, on a loopback dashboard with a token: a page shows the
+/// login form, not the data; logging in with the token opens it, and its
+/// Pause button works (the session cookie and CSRF token in a real
+/// browser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_logs_in_to_a_loopback_dashboard_with_a_token() {
+    let (_redis, broker) = setup(TENANT).await;
+    let web = Dashboard::start(&broker, TENANT, "127.0.0.1", Some(ADMIN), false).await;
+    let browser = Browser::start().await;
+    browser.goto(&web.url("/t/ops/queues")).await;
+    browser.find("input[name='token']").await;
+    let shown = browser
+        .execute("return document.body.innerText.includes('idle');")
+        .await;
+    assert_eq!(shown, json!(false), "no data before logging in");
+    browser.type_into("input[name='token']", ADMIN).await;
+    browser.click("button[type='submit']").await;
+    browser.find("#charts").await;
+    browser.goto(&web.url("/t/ops/queues")).await;
+    browser.click("tr[data-queue='idle'] button.pause").await;
+    until(Duration::from_secs(5), "the queue is paused", || async {
+        paused(&broker, TENANT, "idle").await
+    })
+    .await;
+    browser.find("tr[data-queue='idle'] button.resume").await;
+    browser.close().await;
 }
 
 /// In Chromium: a job found by id opens its page, whose Cancel button

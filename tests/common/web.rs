@@ -30,14 +30,16 @@ impl Dashboard {
         admin_token: Option<&str>,
         read_only: bool,
     ) -> Dashboard {
+        let mut config = WebConfig::new(broker.clone(), tenant);
+        config.admin_token = admin_token.map(String::from);
+        config.read_only = read_only;
+        Dashboard::start_with(bind, config).await
+    }
+
+    /// Serve `config` on `bind`, port chosen by the OS.
+    pub async fn start_with(bind: &str, config: WebConfig) -> Dashboard {
         let listener = TcpListener::bind((bind, 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let config = WebConfig {
-            broker: broker.clone(),
-            tenant: tenant.into(),
-            admin_token: admin_token.map(String::from),
-            read_only,
-        };
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(web::serve(listener, config, async move {
             let _ = stopped.await;
@@ -61,6 +63,7 @@ impl Dashboard {
             cookie: None,
             bearer: None,
             extra: Vec::new(),
+            source: None,
         }
     }
 }
@@ -111,6 +114,9 @@ pub struct Client {
     pub bearer: Option<String>,
     /// Headers sent with every request.
     pub extra: Vec<(String, String)>,
+    /// The local address to connect from (e.g. 127.0.0.2, another
+    /// loopback client); the OS's choice when unset.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl Client {
@@ -178,7 +184,14 @@ impl Client {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let mut stream = match self.source {
+            None => TcpStream::connect(self.addr).await.unwrap(),
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(ip, 0)).unwrap();
+                socket.connect(self.addr).await.unwrap()
+            }
+        };
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(body.as_bytes()).await.unwrap();
         let mut raw = Vec::new();

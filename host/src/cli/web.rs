@@ -21,18 +21,28 @@ pub struct WebArgs {
     /// Tenant tokens.
     #[command(subcommand)]
     command: Option<WebCommand>,
-    /// Address to serve on. On a loopback address (127.0.0.1, ::1) no
-    /// token is needed; on any other the dashboard refuses to start
+    /// Address to serve on. On a loopback address (127.0.0.1, ::1)
+    /// without an admin token, the dashboard is open: whoever can connect
+    /// is the admin. With an admin token, every request needs a token,
+    /// loopback included. On any other address it refuses to start
     /// without an admin token.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// File holding the admin token (whitespace around it is ignored);
-    /// or set WASMQ_WEB_TOKEN. The admin sees every tenant.
+    /// or set WASMQ_WEB_TOKEN. The admin sees every tenant. Once set,
+    /// every request on every address needs a token.
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// Show no action buttons and refuse every action (403).
     #[arg(long = "read-only")]
     read_only: bool,
+    /// Throttle failed token checks per client by the last address in
+    /// X-Forwarded-For (the one your proxy appends) instead of the TCP
+    /// peer. Only when nothing but that proxy can reach the dashboard
+    /// (anyone else could write the header); needs an admin token.
+    /// Without it, every client behind a proxy shares the proxy's budget.
+    #[arg(long = "trust-forwarded-for")]
+    trust_forwarded_for: bool,
 }
 
 /// `wasmq web ...` subcommands.
@@ -100,29 +110,26 @@ fn admin_token(file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
 
 async fn serve(redis: &str, tenant: &str, args: WebArgs) -> Result<(), CliError> {
     let broker = Broker::connect(redis).await?;
-    let config = WebConfig {
-        broker,
-        tenant: tenant.to_string(),
-        admin_token: admin_token(args.token_file.as_ref())?,
-        read_only: args.read_only,
-    };
-    if let Some(why) = web::refusal(args.listen, &config) {
-        return Err(anyhow::anyhow!(why).into());
-    }
+    let mut config = WebConfig::new(broker, tenant);
+    config.admin_token = admin_token(args.token_file.as_ref())?;
+    config.read_only = args.read_only;
+    config.trust_forwarded_for = args.trust_forwarded_for;
+    // Checked before binding, so a refusal leaves the port alone; `serve`
+    // checks again.
+    let access = web::access(args.listen, &config).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
-    let access = if args.listen.ip().is_loopback() {
-        "loopback only: no token needed"
-    } else {
-        "a token is needed"
-    };
     // The bound address, so `--listen 127.0.0.1:0` says which port it got.
     let bound = listener.local_addr().unwrap_or(args.listen);
-    format::notice(&format!(
-        "wasmq web: serving http://{bound} ({access}{})",
-        if args.read_only { "; read-only" } else { "" }
-    ));
+    let mut line = format!("wasmq web: {}", access.describe(&format!("http://{bound}")));
+    if args.trust_forwarded_for {
+        line.push_str("; clients by X-Forwarded-For");
+    }
+    if args.read_only {
+        line.push_str("; read-only");
+    }
+    format::notice(&line);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -139,7 +146,9 @@ async fn token(redis: &str, tenant: &str, command: TokenCommand) -> Result<(), C
                 .await?;
             println!("{token}");
             format::notice(&format!(
-                "dashboard token {} for tenant {tenant:?} (shown once; revoke with `wasmq web token revoke {} --tenant {tenant}`)",
+                "dashboard token {} for tenant {tenant:?} (shown once; revoke with `wasmq web token revoke {} --tenant {tenant}`). \
+                 It protects something only on a dashboard with an admin token (--token-file): \
+                 one already running open on loopback lets anyone in as the admin until it is restarted, and then refuses to start open",
                 record.id, record.id
             ));
         }

@@ -12,7 +12,7 @@ use axum::{Extension, Form};
 use serde::Deserialize;
 
 use super::auth::{self, SESSION_COOKIE};
-use super::guard::session_cookie;
+use super::guard::{session_cookie, too_many_failures, ClientIp};
 use super::pages::{self, enc};
 use super::routes::{allowed, check_id, Ctx, PageResult, Shared, WebError};
 use crate::broker::Cancelled;
@@ -28,11 +28,24 @@ pub(crate) struct LoginForm {
 }
 
 /// `POST /login`: a valid token starts a session (an HttpOnly,
-/// SameSite=Strict cookie).
-pub(crate) async fn login(State(app): State<Shared>, Form(form): Form<LoginForm>) -> Response {
+/// SameSite=Strict cookie). A login spends one unit of the client's
+/// budget of failures before its token is checked, given back if it is
+/// valid (see [`super::throttle`]); with none left, 429.
+pub(crate) async fn login(
+    State(app): State<Shared>,
+    Extension(ClientIp(client)): Extension<ClientIp>,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let token = form.token.trim();
+    let attempt = match app.throttle.attempt(client) {
+        Ok(attempt) => attempt,
+        Err(wait) => return too_many_failures(wait),
+    };
     let principal = match app.auth.check_token(&app.broker, token).await {
-        Ok(Some(p)) => p,
+        Ok(Some(p)) => {
+            attempt.succeeded();
+            p
+        }
         Ok(None) => {
             tokio::time::sleep(LOGIN_FAILURE_DELAY).await;
             let page = pages::login(Some("That token is not valid."));

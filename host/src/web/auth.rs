@@ -5,7 +5,12 @@
 //! - **Who**: a `Authorization: Bearer TOKEN` header, or the session
 //!   cookie a login (posting a token to `/login`) set. The admin token
 //!   sees every tenant; a tenant token (`wasmq web token create`) only its
-//!   own. Listening on loopback, a request with neither is the admin.
+//!   own. Only on an *open* dashboard (loopback, and no admin token
+//!   configured: see [`super::Access`]) is a request with neither the
+//!   admin; once a token is configured, every listener needs one,
+//!   loopback included (a proxy on the same host forwards from loopback).
+//!   Failed checks are throttled per client by the caller
+//!   ([`super::throttle`]), before this module is asked.
 //! - **Sessions** live in this process only (a restart logs everyone
 //!   out); the cookie is `HttpOnly; SameSite=Strict`, and the session
 //!   remembers its tenant token's digest so a revoked token ends it.
@@ -42,7 +47,8 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Who is asking.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// The admin token, or anyone on a loopback-only dashboard.
+    /// The admin token, or anyone on an open (loopback, no token)
+    /// dashboard.
     Admin,
     /// A tenant token: this tenant only.
     Tenant {
@@ -114,7 +120,8 @@ pub enum Refusal {
 pub struct Auth {
     /// SHA-256 of the admin token, if one is configured.
     admin_digest: Option<[u8; 32]>,
-    /// Loopback: a request without credentials is the admin.
+    /// Open (loopback, no admin token): a request without credentials is
+    /// the admin.
     pub open: bool,
     /// Per-process random key of the CSRF HMAC.
     secret: [u8; 32],
@@ -124,7 +131,7 @@ pub struct Auth {
 
 impl Auth {
     /// Credentials for a dashboard: `admin_token` if configured; `open`
-    /// when it listens on loopback only.
+    /// when it needs no token (loopback, no admin token).
     pub fn new(admin_token: Option<&str>, open: bool) -> Self {
         Auth {
             admin_digest: admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
@@ -198,9 +205,10 @@ impl Auth {
             }
         }
         if self.open {
-            // Loopback: the admin. The CSRF key is the browser's own
-            // anonymous cookie (set by the caller when missing), which a
-            // cross-site page can neither read nor send (SameSite=Strict).
+            // Open (loopback, no token configured): the admin. The CSRF
+            // key is the browser's own anonymous cookie (set by the caller
+            // when missing), which a cross-site page can neither read nor
+            // send (SameSite=Strict).
             return Ok(Ok(Resolved {
                 principal: Principal::Admin,
                 csrf_key: cookie.map(|c| format!("anon:{c}")).unwrap_or_default(),
@@ -288,7 +296,7 @@ pub fn same_origin(host: Option<&str>, origin: Option<&str>, fetch_site: Option<
 }
 
 /// Whether a `Host` header names this machine's loopback (`localhost`,
-/// `127.x.x.x`, `[::1]`, with or without a port). A loopback dashboard
+/// `127.x.x.x`, `[::1]`, with or without a port). An open dashboard
 /// needs no token, so it answers only requests for those names: a page
 /// on another site whose DNS name was rebound to 127.0.0.1 sends its own
 /// name as `Host` and is refused (DNS rebinding).

@@ -2,15 +2,25 @@
 //! every response carries.
 //!
 //! In order:
-//! 1. **Host** (loopback only): only a loopback name (`localhost`,
-//!    `127.x.x.x`, `[::1]`) is answered, 421 otherwise, so a DNS-rebinding
-//!    page cannot reach a dashboard that needs no token.
+//! 1. **Host** (open dashboards only: loopback, no token): only a
+//!    loopback name (`localhost`, `127.x.x.x`, `[::1]`) is answered, 421
+//!    otherwise, so a DNS-rebinding page cannot reach a dashboard that
+//!    needs no token; and a request a proxy forwarded (`Forwarded`,
+//!    `X-Forwarded-For`, `X-Real-IP`...) is refused (403): whoever sent
+//!    it may not be on this machine, and an open dashboard is for no one
+//!    else.
 //! 2. **Origin** (POST): a cross-site `Origin` or `Sec-Fetch-Site` is
 //!    refused (403).
-//! 3. **Who** ([`super::auth`]): 401 with the login form when nobody is
-//!    (off loopback); `/login` and `/assets/` are open to all.
-//! 4. **Read-only** (POST): every action but logging out is refused (403).
-//! 5. **CSRF** (POST): the form field `csrf` (or header `X-CSRF-Token`)
+//! 3. **Throttle** ([`super::throttle`]): a request carrying a bearer
+//!    token spends one unit of its client's budget *before* the token is
+//!    checked, and gets it back if the token is valid; a client with no
+//!    budget left gets 429 with `Retry-After`, its token unchecked.
+//!    (`POST /login` does the same in its handler.)
+//! 4. **Who** ([`super::auth`]): 401 with the login form when nobody is
+//!    (every listener once a token is configured); `/login` and
+//!    `/assets/` are open to all.
+//! 5. **Read-only** (POST): every action but logging out is refused (403).
+//! 6. **CSRF** (POST): the form field `csrf` (or header `X-CSRF-Token`)
 //!    must be this session's token (403 otherwise), checked before any
 //!    handler runs, so no action can forget it.
 //!
@@ -18,7 +28,9 @@
 //! `nosniff`, a referrer policy and (pages) `Cache-Control: no-store`.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,6 +38,7 @@ use axum::response::{IntoResponse, Response};
 use super::auth::{self, Refusal, SESSION_COOKIE};
 use super::pages;
 use super::routes::{html, Ctx, Shared, WebError};
+use super::throttle;
 
 /// The largest POST body read (action forms are a few dozen bytes).
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -72,8 +85,72 @@ fn form_field<'a>(body: &'a [u8], name: &str) -> Option<&'a str> {
     })
 }
 
+/// Headers a proxy adds to what it forwards.
+const FORWARDED_HEADERS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// The client's address (for the throttle), set by the guard on every
+/// request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientIp(pub IpAddr);
+
+/// The answer to a client whose budget of failed token checks is spent.
+pub(crate) fn too_many_failures(wait: std::time::Duration) -> Response {
+    let secs = throttle::retry_after_secs(wait);
+    let refused = WebError(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "Too many wrong tokens from your address: try again in {secs} s. (Behind a proxy, \
+             every client has the proxy's address; see --trust-forwarded-for.)"
+        ),
+    );
+    let mut response = refused.into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    secure(response, false)
+}
+
+/// Why an open dashboard (no token) refuses a request that may not come
+/// from this machine's users, if it does: a `Host` that is not a
+/// loopback name (a DNS-rebinding page), or a proxy's headers.
+fn not_from_this_machine(headers: &HeaderMap) -> Option<WebError> {
+    if !auth::loopback_host(header_str(headers, header::HOST)) {
+        return Some(WebError(
+            StatusCode::MISDIRECTED_REQUEST,
+            "Refused: this dashboard listens on loopback only and answers only for localhost, \
+             127.0.0.1 or [::1] (another Host could be a DNS-rebinding page)."
+                .into(),
+        ));
+    }
+    if FORWARDED_HEADERS.iter().any(|h| headers.contains_key(*h)) {
+        return Some(WebError::forbidden(
+            "Refused: this request came through a proxy, but this dashboard has no token and is \
+             open to this machine's users only. To serve it behind a proxy, give it an admin token \
+             (--token-file FILE or WASMQ_WEB_TOKEN): then every request needs a token.",
+        ));
+    }
+    None
+}
+
 /// The guard: see the module docs.
 pub(crate) async fn guard(State(app): State<Shared>, request: Request, next: Next) -> Response {
+    // Served with connect info (see `super::serve`), so the peer is
+    // always there; were it not, every client would share one budget.
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let client = throttle::client_address(
+        peer,
+        header_str(request.headers(), "x-forwarded-for"),
+        app.trust_forwarded_for,
+    );
     let path = request.uri().path().to_string();
     let public = path.starts_with("/assets/") || path == "/login";
     let cacheable = path.starts_with("/assets/");
@@ -88,14 +165,10 @@ pub(crate) async fn guard(State(app): State<Shared>, request: Request, next: Nex
         .and_then(|c| auth::cookie(c, SESSION_COOKIE))
         .map(String::from);
     let authorization = header_str(headers, header::AUTHORIZATION).map(String::from);
-    if app.auth.open && !auth::loopback_host(header_str(headers, header::HOST)) {
-        let refused = WebError(
-            StatusCode::MISDIRECTED_REQUEST,
-            "Refused: this dashboard listens on loopback only and answers only for localhost, \
-             127.0.0.1 or [::1] (another Host could be a DNS-rebinding page)."
-                .into(),
-        );
-        return secure(refused.into_response(), false);
+    if app.auth.open {
+        if let Some(refused) = not_from_this_machine(headers) {
+            return secure(refused.into_response(), false);
+        }
     }
     if is_post && !same_origin {
         let refused = WebError::forbidden(
@@ -103,15 +176,28 @@ pub(crate) async fn guard(State(app): State<Shared>, request: Request, next: Nex
         );
         return secure(refused.into_response(), false);
     }
+    let mut request = request;
+    request.extensions_mut().insert(ClientIp(client));
     if public {
         return secure(next.run(request).await, cacheable);
     }
+    // Counted before the check, so parallel guesses cannot outrun it.
+    let attempt = match authorization.as_ref().map(|_| app.throttle.attempt(client)) {
+        Some(Err(wait)) => return too_many_failures(wait),
+        Some(Ok(attempt)) => Some(attempt),
+        None => None,
+    };
     let resolved = match app
         .auth
         .resolve(&app.broker, authorization.as_deref(), cookie.as_deref())
         .await
     {
-        Ok(Ok(resolved)) => resolved,
+        Ok(Ok(resolved)) => {
+            if let Some(attempt) = attempt {
+                attempt.succeeded();
+            }
+            resolved
+        }
         Ok(Err(Refusal::Unauthorized(why))) => {
             let mut response =
                 (StatusCode::UNAUTHORIZED, html(pages::login(Some(why)))).into_response();
@@ -123,7 +209,7 @@ pub(crate) async fn guard(State(app): State<Shared>, request: Request, next: Nex
         }
         Err(e) => return secure(WebError::from(e).into_response(), false),
     };
-    // Loopback without a cookie: give the browser an anonymous one, the
+    // Open, and no cookie yet: give the browser an anonymous one, the
     // key of its CSRF tokens.
     let mut new_cookie = None;
     let csrf_key = if resolved.csrf_key.is_empty() {
@@ -139,7 +225,6 @@ pub(crate) async fn guard(State(app): State<Shared>, request: Request, next: Nex
         csrf: app.auth.csrf_token(&csrf_key),
         logged_in: resolved.logged_in,
     };
-    let mut request = request;
     if is_post {
         if app.read_only && path != "/logout" {
             let refused =
