@@ -3,10 +3,10 @@
 //! Owns: the engine configuration (component model, fuel, epochs, the
 //! pooling allocator with copy-on-write memory images, single-threaded
 //! compilation), the epoch ticker thread that turns wall-clock time into
-//! epoch deadlines, and what compiling a component may cost
-//! ([`CompileSettings`]: the default size cap and the compile budget),
-//! and what one component may contain ([`ComponentLimits`]: core
-//! instances, memories, tables, table elements).
+//! epoch deadlines, what compiling a component may cost
+//! ([`CompileSettings`]: the default size cap and the compile budget), and
+//! what one component may contain ([`ComponentLimits`]: core instances,
+//! memories, tables, table elements).
 //!
 //! Invariant: the pool has at least as many instance slots as the worker runs
 //! jobs at once ([`EngineLimits::instance_slots`]), plus every slot a finished
