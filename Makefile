@@ -9,7 +9,7 @@ GUEST_DIR := target/guests
 GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 flowstep secrets db
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis postgres promtool browser guests build test demo bench lint fmt clean
+.PHONY: all setup target redis postgres promtool browser guests py-guests build test demo bench lint fmt clean
 
 all: build guests
 
@@ -64,6 +64,30 @@ browser:
 # Example tasks and test guests, as WebAssembly components.
 guests: target
 	$(CARGO) build $(GUEST_FLAGS)
+
+# Python tasks, as components: a project virtualenv (.venv/, gitignored)
+# with the pinned componentize-py, then each tasks/*-py built against
+# wit/ (world `task`) into target/guests/py/. Needs python3 with venv and
+# PyPI; not part of `guests` (yet), so CI decides when to run it.
+PYTHON ?= python3
+VENV := .venv
+COMPONENTIZE_PY_VERSION := 0.25.1
+COMPONENTIZE_PY := $(VENV)/bin/componentize-py
+# Installed once per pinned version (a bump reinstalls).
+PY_TOOLS := $(VENV)/componentize-py-$(COMPONENTIZE_PY_VERSION).installed
+PY_GUEST_DIR := $(GUEST_DIR)/py
+PY_GUESTS := noop-py
+
+py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS)))
+
+$(PY_TOOLS):
+	@[ -x $(VENV)/bin/pip ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet componentize-py==$(COMPONENTIZE_PY_VERSION)
+	@touch $@
+
+$(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(wildcard wit/*.wit wit/deps/*/*.wit) $(PY_TOOLS)
+	@mkdir -p $(PY_GUEST_DIR)
+	$(COMPONENTIZE_PY) -d wit -w task componentize -p tasks/$* app -o $@
 
 build:
 	$(CARGO) build -p wasmq

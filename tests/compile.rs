@@ -2,8 +2,10 @@
 //! generated components: a size cap per tenant refused at deploy and at run
 //! time, a compile budget past which a version is refused (and remembered)
 //! while the worker keeps serving, other tasks' jobs running while a slow
-//! compile runs, one compile for many jobs of a new version, and the disk
-//! cache across a worker restart.
+//! compile runs, one compile for many jobs of a new version, the disk
+//! cache across a worker restart, and the engine's component limits
+//! (refused at deploy and at run time naming the limit, part of the cache
+//! key).
 
 mod common;
 
@@ -17,6 +19,8 @@ use common::workers::{in_process_config, start_configured};
 use common::{create_tenant, guest, guest_bytes, wasmq, wasmq_cached, TempDir};
 use serde_json::json;
 use wasmq::broker::{Broker, EnqueueRequest, ResultState};
+use wasmq::component::CompiledCache;
+use wasmq::engine::{build_engine, ComponentLimits, EngineLimits};
 use wasmq::failure::{Category, Failure};
 use wasmq::launcher::LaunchConfig;
 use wasmq::policy::TaskPolicy;
@@ -549,4 +553,176 @@ async fn a_restarted_worker_loads_compiled_code_from_disk() {
         seen.push((stats.compiled, stats.loaded));
     }
     assert_eq!(seen, [(1, 0), (0, 1)], "compiled once, then loaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_over_the_engine_limits_is_refused_at_deploy_and_runs_under_raised_ones() {
+    let redis = RedisServer::start();
+    let url = redis.url.clone();
+    let broker = Broker::connect(&url).await.unwrap();
+    let cache = TempDir::new("limits-cache");
+    // The Rust noop has 3 core instances: over a limit of 2, under the
+    // default (200).
+    let dir = TempDir::new("limits");
+    let file = dir.path().join("noop.wasm");
+    std::fs::write(&file, unique_version(&guest_bytes("noop"), "limits")).unwrap();
+    let deploy = |flags: &[&str]| {
+        let args = [
+            &["deploy", file.to_str().unwrap(), "--name", "n"][..],
+            flags,
+        ]
+        .concat();
+        wasmq_cached(&url, "default", &args, cache.path())
+    };
+
+    let out = deploy(&["--max-core-instances", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: invalid-component: component is over the engine's limits"),
+        "{stderr}"
+    );
+    for needle in [
+        "3 core module instances",
+        "maximum of 2",
+        "this engine allows 2 core instances",
+        "wasmq worker --max-core-instances N",
+    ] {
+        assert!(stderr.contains(needle), "{stderr} should name {needle}");
+    }
+    assert!(broker.task("default", "n").await.unwrap().is_none());
+    assert!(
+        !cache.path().join("compiled").exists(),
+        "nothing a refused compile made is cached"
+    );
+
+    // Under the defaults it deploys, and a worker with them runs it.
+    let out = deploy(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (stop, running, _) = worker(&broker, "default", 2, |_| {});
+    let id = enqueue(&broker, "default", "n", json!({}), 1).await;
+    assert!(matches!(
+        ended(&broker, "default", &id[0]).await,
+        ResultState::Ready(_)
+    ));
+    stop.send(()).unwrap();
+    running.await.unwrap();
+
+    // A worker started with lower limits than deploy checked refuses its
+    // jobs the same way, naming the limit.
+    let (stop, running, _) = worker(&broker, "default", 2, |c| {
+        c.component_limits.core_instances = 2;
+    });
+    let id = enqueue(&broker, "default", "n", json!({}), 1).await;
+    let failure = dead(&broker, "default", &id[0]).await;
+    assert_eq!(failure.category, Category::InvalidComponent, "{failure}");
+    assert!(
+        failure.message.contains("3 core module instances")
+            && failure.message.contains("--max-core-instances"),
+        "{failure}"
+    );
+    stop.send(()).unwrap();
+    running.await.unwrap();
+}
+
+/// Each limit a component can exceed, with wasmtime's words for it: they
+/// are what `component::LIMIT_REFUSALS` matches to name the flag, so a
+/// wasmtime that rewords one fails here.
+#[test]
+fn each_engine_limit_is_named_with_its_flag() {
+    let two_memories = wat::parse_str(
+        "(component (core module $m (memory 1))
+           (core instance (instantiate $m)) (core instance (instantiate $m)))",
+    )
+    .unwrap();
+    let noop = guest_bytes("noop");
+    let defaults = ComponentLimits::default();
+    let cases = [
+        (
+            &noop,
+            ComponentLimits {
+                core_instances: 1,
+                ..defaults
+            },
+            "--max-core-instances",
+        ),
+        (
+            &two_memories,
+            ComponentLimits {
+                memories: 1,
+                ..defaults
+            },
+            "--max-memories",
+        ),
+        (
+            &noop,
+            ComponentLimits {
+                tables: 1,
+                ..defaults
+            },
+            "--max-tables",
+        ),
+        (
+            &noop,
+            ComponentLimits {
+                table_elements: 10,
+                ..defaults
+            },
+            "--max-table-elements",
+        ),
+    ];
+    for (bytes, limits, flag) in cases {
+        let engine = build_engine(&EngineLimits {
+            instance_slots: 1,
+            component: limits,
+            ..EngineLimits::default()
+        })
+        .unwrap();
+        let sandbox = Sandbox::new(engine, CompiledCache::new(None).with_limits(limits)).unwrap();
+        let failure = sandbox.prepare(bytes).err().expect("over a limit");
+        assert_eq!(failure.category, Category::InvalidComponent);
+        assert!(
+            failure.message.contains("over the engine's limits")
+                && failure.message.contains(&format!("wasmq worker {flag} N")),
+            "{flag}: {failure}"
+        );
+    }
+}
+
+#[test]
+fn the_compiled_cache_is_keyed_by_the_engine_limits() {
+    let cache = TempDir::new("limits-key");
+    let bytes = guest_bytes("noop");
+    let prepare = |limits: ComponentLimits| {
+        let engine = build_engine(&EngineLimits {
+            instance_slots: 1,
+            component: limits,
+            ..EngineLimits::default()
+        })
+        .unwrap();
+        let sandbox = Sandbox::new(
+            engine,
+            CompiledCache::new(Some(cache.path().to_path_buf())).with_limits(limits),
+        )
+        .unwrap();
+        sandbox.prepare(&bytes).unwrap();
+        sandbox.compile_stats()
+    };
+    let defaults = ComponentLimits::default();
+    let raised = ComponentLimits {
+        core_instances: defaults.core_instances * 2,
+        ..defaults
+    };
+    assert_eq!(prepare(defaults).compiled, 1);
+    assert_eq!(prepare(defaults).loaded, 1, "same limits: loaded");
+    assert_eq!(prepare(raised).compiled, 1, "other limits: compiled anew");
+    let artifacts = std::fs::read_dir(cache.path().join("compiled"))
+        .unwrap()
+        .count();
+    assert_eq!(artifacts, 2, "one artifact per set of limits");
 }

@@ -739,3 +739,32 @@ async fn spinning_guests_finish_on_the_compute_threads() {
     );
     assert!(ran >= Duration::from_millis(100), "they spun: {ran:?}");
 }
+
+/// A Python task built with componentize-py (`make py-guests`): 14 core
+/// instances and an 18 MB component, which the engine's default limits
+/// hold. Skipped, saying how to build it, where it is not built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_componentize_py_task_runs() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests/py/noop-py.wasm");
+    if !path.exists() {
+        println!(
+            "skipped: {} is not built; build it with `make py-guests` \
+             (a .venv with componentize-py 0.25.1)",
+            path.display()
+        );
+        return;
+    }
+    // The disk cache the tests' CLI runs share: compiling it takes 10-20 s
+    // of CPU, loading it well under one.
+    let sb = Sandbox::new(
+        build_engine(&EngineLimits::default()).unwrap(),
+        CompiledCache::new(Some(common::shared_cache_dir())),
+    )
+    .unwrap();
+    let task = sb.prepare(&std::fs::read(&path).unwrap()).unwrap();
+    for _ in 0..2 {
+        let outcome = run(&sb, &task, "{}", &SandboxPolicy::default()).await;
+        assert_eq!(success(&outcome), json!({"ok": true}));
+    }
+}

@@ -3,9 +3,12 @@
 //! them produced on disk.
 //!
 //! Compiled code is cached on disk under a key made of the component's
-//! sha256 and the engine's compatibility hash (wasmtime version and every
-//! setting that affects code), so a restarted worker deserialises instead of
-//! recompiling, and a worker with other settings never loads stale code.
+//! sha256, the engine's compatibility hash (wasmtime version and every
+//! setting that affects code) and the [`ComponentLimits`] the engine's pool
+//! checks components against, so a restarted worker deserialises instead of
+//! recompiling, a worker with other settings never loads stale code, and an
+//! artifact is only ever loaded by an engine whose limits accepted it. Only
+//! an artifact the engine accepted is written.
 //! When and where a compile runs (once per process, on a thread of its
 //! own, within a budget) is `sandbox::compiler`'s business.
 
@@ -17,6 +20,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
+use crate::engine::ComponentLimits;
 use crate::failure::{Category, Failure};
 
 /// The first 8 bytes of a component binary (magic, then layer 1, version 0xd).
@@ -58,17 +62,57 @@ pub fn check_header(bytes: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Why wasmtime's pool refused a component, as it words it, and the flag
+/// that raises that limit. Matched on wasmtime's messages (a test in
+/// `tests/compile.rs` pins them, so an upgrade that rewords one fails it).
+const LIMIT_REFUSALS: [(&str, &str); 4] = [
+    (
+        "core module instances, which exceeds",
+        "--max-core-instances",
+    ),
+    ("linear memories, which exceeds", "--max-memories"),
+    ("tables, which exceeds", "--max-tables"),
+    ("minimum element size of", "--max-table-elements"),
+];
+
+/// The refusal of a component that does not compile or load: an
+/// `invalid-component` failure, which for a component over the engine's
+/// [`ComponentLimits`] names the limit and the flag that raises it.
+fn refused(error: &wasmtime::Error, limits: &ComponentLimits) -> Failure {
+    let text = format!("{error:#}");
+    match LIMIT_REFUSALS.iter().find(|(said, _)| text.contains(said)) {
+        Some((_, flag)) => invalid(format!(
+            "component is over the engine's limits: {text}; this engine allows {limits}. \
+             Run workers with a higher {flag} (`wasmq worker {flag} N`) and deploy \
+             with the same flag, or make the component smaller"
+        )),
+        None => invalid(format!("component does not compile: {text}")),
+    }
+}
+
 /// The on-disk cache of compiled components.
 #[derive(Debug, Clone)]
 pub struct CompiledCache {
     /// Where compiled artifacts live; `None` disables the disk cache.
     dir: Option<PathBuf>,
+    /// The limits of the engine whose artifacts these are: part of the key.
+    limits: ComponentLimits,
 }
 
 impl CompiledCache {
-    /// A cache in `dir`, or no disk cache with `None`.
+    /// A cache in `dir`, or no disk cache with `None`, for an engine with
+    /// the default [`ComponentLimits`].
     pub fn new(dir: Option<PathBuf>) -> Self {
-        CompiledCache { dir }
+        CompiledCache {
+            dir,
+            limits: ComponentLimits::default(),
+        }
+    }
+
+    /// The same cache, for an engine built with `limits` (as
+    /// `engine::build_engine` was given them).
+    pub fn with_limits(self, limits: ComponentLimits) -> Self {
+        CompiledCache { limits, ..self }
     }
 
     /// The default location: `$WASMQ_CACHE_DIR`, else `$XDG_CACHE_HOME/wasmq`,
@@ -117,27 +161,30 @@ impl CompiledCache {
         abandoned: &AtomicBool,
     ) -> Result<Component, Failure> {
         let Some(path) = self.artifact_path(engine, hash) else {
-            return Component::new(engine, bytes)
-                .map_err(|e| invalid(format!("component does not compile: {e:#}")));
+            return Component::new(engine, bytes).map_err(|e| refused(&e, &self.limits));
         };
         let artifact = engine
             .precompile_component(bytes)
-            .map_err(|e| invalid(format!("component does not compile: {e:#}")))?;
+            .map_err(|e| refused(&e, &self.limits))?;
         if abandoned.load(Ordering::Relaxed) {
             return Err(invalid("compile abandoned past its budget"));
         }
+        // Loading is where the pool checks the component against its
+        // limits: only what loads is worth keeping.
+        // SAFETY: `artifact` was just produced by this engine.
+        let component = unsafe { Component::deserialize(engine, &artifact) }
+            .map_err(|e| refused(&e, &self.limits))?;
         if let Err(e) = write_atomically(&path, &artifact) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled cache");
         }
-        // SAFETY: `artifact` was just produced by this engine.
-        unsafe { Component::deserialize(engine, &artifact) }
-            .map_err(|e| invalid(format!("compiled component does not load: {e:#}")))
+        Ok(component)
     }
 
     fn artifact_path(&self, engine: &Engine, hash: &str) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.limits.hash(&mut hasher);
         Some(
             dir.join("compiled")
                 .join(format!("{hash}-{:016x}.cwasm", hasher.finish())),

@@ -3,8 +3,10 @@
 //! Owns: the engine configuration (component model, fuel, epochs, the
 //! pooling allocator with copy-on-write memory images, single-threaded
 //! compilation), the epoch ticker thread that turns wall-clock time into
-//! epoch deadlines, and what compiling a component may cost
-//! ([`CompileSettings`]: the default size cap and the compile budget).
+//! epoch deadlines, what compiling a component may cost
+//! ([`CompileSettings`]: the default size cap and the compile budget), and
+//! what one component may contain ([`ComponentLimits`]: core instances,
+//! memories, tables, table elements).
 //!
 //! Invariant: the pool has at least as many instance slots as the worker runs
 //! jobs at once ([`EngineLimits::instance_slots`]), plus every slot a finished
@@ -32,9 +34,6 @@ pub const MAX_WASM_STACK: usize = 1 << 20;
 /// Host stack per async call (fiber): the wasm stack plus room for host calls.
 pub const ASYNC_STACK: usize = 2 << 20;
 
-/// Core instances a Rust task component uses: the main module plus the small
-/// shim/fixup modules `wit-component` adds, with headroom.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
 /// Bytes per memory, table and fiber stack reset in place rather than
 /// decommitted when a slot is freed: enough for a small task's whole heap
 /// and stack, small enough that 100 warm slots stay under ~300 MiB resident.
@@ -42,9 +41,73 @@ const KEEP_RESIDENT: usize = 1 << 20;
 /// Decommits batched into one flush.
 const DECOMMIT_BATCH: usize = 16;
 
-/// Memories and tables per component in the pool (main module plus shims).
-const MEMORIES_PER_COMPONENT: u32 = 2;
-const TABLES_PER_COMPONENT: u32 = 4;
+/// Table slots the pool reserves per instance slot. Every toolchain we
+/// measured makes two tables (the main module's function table and the
+/// canonical-ABI shim's), so four leave room; a component with more takes
+/// more slots, and in a full pool waits for them (its job is retried
+/// shortly). Reserved up front: each slot is
+/// [`ComponentLimits::table_elements`] x 8 bytes of address space.
+const TABLES_RESERVED_PER_SLOT: u32 = 4;
+
+/// What one component may contain for the pool to run it. Checked by
+/// wasmtime when a component is compiled or loaded: one over a limit is
+/// refused (`invalid-component`, naming the limit and the flag that raises
+/// it), by `wasmq deploy` against the limits its flags give and by a
+/// worker against its own. Part of the compiled-cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ComponentLimits {
+    /// Core module instances, counted over the component and every
+    /// component it contains.
+    pub core_instances: u32,
+    /// Linear memories the component defines.
+    pub memories: u32,
+    /// Tables the component defines.
+    pub tables: u32,
+    /// Elements one table may hold (its initial size, and what it may grow
+    /// to).
+    pub table_elements: usize,
+}
+
+/// The limits workers and `wasmq deploy` use unless told otherwise, sized
+/// for the toolchains task authors use, with headroom. Measured (core
+/// instances / memories / tables / largest table):
+///
+/// | toolchain                         | inst | mem | tab | elements |
+/// |-----------------------------------|------|-----|-----|----------|
+/// | Rust `wasm32-wasip2` (noop)       | 3    | 1   | 2   | 79       |
+/// | componentize-py 0.25.1 (no-op)    | 14   | 1   | 2   | 5,696    |
+/// | componentize-js 0.23.0 (no-op)    | 4    | 1   | 2   | 7,714    |
+///
+/// A Python package with native extensions adds a core instance per
+/// shared library (numpy alone has dozens) and its functions to the one
+/// table, so instances and table elements get the most headroom: 200 and
+/// 100,000, as Spin's production pool has. Raising these costs nothing per
+/// job and little up front: the core-instance limits are counters, memory
+/// slots stay one per instance slot (see [`build_engine`]), table slots
+/// [`TABLES_RESERVED_PER_SLOT`] per instance slot whatever the
+/// per-component maximum, and a table is reset only as far as it was used.
+pub const DEFAULT_COMPONENT_LIMITS: ComponentLimits = ComponentLimits {
+    core_instances: 200,
+    memories: 4,
+    tables: 64,
+    table_elements: crate::policy::DEFAULT_MAX_TABLE_ELEMENTS,
+};
+
+impl Default for ComponentLimits {
+    fn default() -> Self {
+        DEFAULT_COMPONENT_LIMITS
+    }
+}
+
+impl std::fmt::Display for ComponentLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} core instances, {} memories, {} tables, {} table elements",
+            self.core_instances, self.memories, self.tables, self.table_elements
+        )
+    }
+}
 
 /// Largest component a tenant without its own cap (`wasmq tenant create
 /// --max-component`) may deploy and run. Task code compiles at about 1.4 s
@@ -106,8 +169,8 @@ pub struct EngineLimits {
     pub instance_slots: u32,
     /// Largest linear memory any task may be granted.
     pub max_memory_bytes: u64,
-    /// Largest table any task may be granted, in elements.
-    pub max_table_elements: usize,
+    /// What one component may contain.
+    pub component: ComponentLimits,
     /// Meter fuel. Always on in workers; off only to measure what metering
     /// costs (`cargo bench`).
     pub consume_fuel: bool,
@@ -122,7 +185,7 @@ impl Default for EngineLimits {
         EngineLimits {
             instance_slots: 64,
             max_memory_bytes: 1 << 30,
-            max_table_elements: crate::policy::DEFAULT_MAX_TABLE_ELEMENTS,
+            component: DEFAULT_COMPONENT_LIMITS,
             consume_fuel: true,
             parallel_compilation: false,
         }
@@ -174,22 +237,31 @@ pub fn build_engine(limits: &EngineLimits) -> wasmtime::Result<Engine> {
     config.memory_init_cow(true);
 
     let slots = pool_slots(limits.instance_slots);
+    let component = &limits.component;
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(slots)
-        .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+        // A counter, not a reservation: every slot may hold a component
+        // with the most core instances.
+        .total_core_instances(slots.saturating_mul(component.core_instances))
         // Task components have one linear memory; each memory slot reserves
         // several GiB of address space, so reserve one per instance rather
         // than the per-component maximum (10,000 instances fit in the
         // 128 TiB address space). A component with two memories in a full
         // pool waits for a slot (its job is retried shortly), never fails.
-        .total_memories(slots)
-        .total_tables(slots * TABLES_PER_COMPONENT)
+        .total_memories(slots.max(component.memories))
+        // Tables likewise: a few per instance, not the per-component
+        // maximum, but never fewer than one component at its maximum needs.
+        .total_tables(
+            slots
+                .saturating_mul(TABLES_RESERVED_PER_SLOT)
+                .max(component.tables),
+        )
         .total_stacks(slots)
-        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-        .max_memories_per_component(MEMORIES_PER_COMPONENT)
-        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .max_core_instances_per_component(component.core_instances)
+        .max_memories_per_component(component.memories)
+        .max_tables_per_component(component.tables)
         .max_memory_size(limits.max_memory_bytes as usize)
-        .table_elements(limits.max_table_elements)
+        .table_elements(component.table_elements)
         // Keep a few freed slots warm so reuse skips page faults.
         .max_unused_warm_slots(slots.min(100))
         // A fresh instance per job means the same slots are reset and

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::broker::Broker;
 use crate::component::CompiledCache;
-use crate::engine::{build_engine, CompileSettings, EngineLimits};
+use crate::engine::{build_engine, CompileSettings, ComponentLimits, EngineLimits};
 use crate::keys::valid_tenant;
 use crate::metrics::Metrics;
 use crate::pools::{CpuPriority, PoolKind, PoolSpec};
@@ -56,6 +56,10 @@ pub struct LaunchConfig {
     pub compile_budget: Duration,
     /// Largest component of a tenant without a cap of its own.
     pub default_max_component_bytes: u64,
+    /// What one component may contain (core instances, memories, tables,
+    /// table elements); a component over them is refused
+    /// (`invalid-component`, naming the limit).
+    pub component_limits: ComponentLimits,
     /// This process's id in leases and history; each pool appends its
     /// kind and index.
     pub id: String,
@@ -90,6 +94,7 @@ impl LaunchConfig {
             cache_dir: CompiledCache::default_dir(),
             compile_budget: crate::engine::DEFAULT_COMPILE_BUDGET,
             default_max_component_bytes: crate::engine::DEFAULT_MAX_COMPONENT_BYTES,
+            component_limits: ComponentLimits::default(),
             id: format!("{}-{}", hostname(), std::process::id()),
             host_retries: HostRetries::default(),
             metrics: None,
@@ -117,6 +122,7 @@ pub fn sandbox(config: &LaunchConfig) -> anyhow::Result<Arc<Sandbox>> {
     let slots: usize = config.pools.iter().map(|p| p.width).sum();
     let limits = EngineLimits {
         instance_slots: slots as u32,
+        component: config.component_limits,
         ..EngineLimits::default()
     };
     let engine = build_engine(&limits)?;
@@ -127,10 +133,13 @@ pub fn sandbox(config: &LaunchConfig) -> anyhow::Result<Arc<Sandbox>> {
         ..CompileSettings::default()
     };
     Ok(Arc::new(
-        Sandbox::new(engine, CompiledCache::new(config.cache_dir.clone()))?
-            .with_compile_settings(compile)
-            .with_secrets_key(config.secrets_key.clone())
-            .with_db_pool_size(config.db_pool_size),
+        Sandbox::new(
+            engine,
+            CompiledCache::new(config.cache_dir.clone()).with_limits(config.component_limits),
+        )?
+        .with_compile_settings(compile)
+        .with_secrets_key(config.secrets_key.clone())
+        .with_db_pool_size(config.db_pool_size),
     ))
 }
 

@@ -24,8 +24,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 1 << 20;
 /// Default cap on captured stdout+stderr and log lines per job.
 pub const DEFAULT_MAX_LOG_BYTES: usize = 64 << 10;
-/// Default cap on table elements (function pointers) per table.
-pub const DEFAULT_MAX_TABLE_ELEMENTS: usize = 20_000;
+/// Default cap on table elements (function pointers) per table: what the
+/// workers' engines hold by default (`engine::DEFAULT_COMPONENT_LIMITS`).
+/// Python and JavaScript runtimes start with 5,700-7,700 and a native
+/// extension adds its functions; 100,000 is 800 KB of table at most.
+pub const DEFAULT_MAX_TABLE_ELEMENTS: usize = 100_000;
 /// Default cap on one outbound HTTP response body: the SDK reads bodies
 /// into guest memory, so this stays well under [`DEFAULT_MEMORY_BYTES`].
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 << 20;

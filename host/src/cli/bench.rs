@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
+use super::engine_limits::ComponentLimitArgs;
 use super::CliError;
 use crate::backend::memory::MemoryBackend;
 use crate::component::CompiledCache;
@@ -49,6 +50,9 @@ pub struct BenchArgs {
     /// worker --metrics` does (against Redis; to measure what they cost).
     #[arg(long)]
     pub metrics: bool,
+    /// What the component may contain, as on `wasmq worker`.
+    #[command(flatten)]
+    pub component_limits: ComponentLimitArgs,
 }
 
 /// Run the benchmark and print one JSON line.
@@ -58,8 +62,14 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
     }
     let bytes =
         std::fs::read(&args.task).with_context(|| format!("reading {}", args.task.display()))?;
-    let engine = build_engine(&EngineLimits::default()).map_err(anyhow::Error::from)?;
-    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?;
+    let component = args.component_limits.limits();
+    let engine = build_engine(&EngineLimits {
+        component,
+        ..EngineLimits::default()
+    })
+    .map_err(anyhow::Error::from)?;
+    let cache = CompiledCache::new(CompiledCache::default_dir()).with_limits(component);
+    let sandbox = Sandbox::new(engine, cache)?;
     let task = sandbox.prepare(&bytes)?;
     let policy = SandboxPolicy::default();
     let backend = Arc::new(MemoryBackend::new());

@@ -46,11 +46,12 @@ pub async fn bench(redis: &str, args: BenchArgs) -> Result<(), CliError> {
 
     let limits = EngineLimits {
         instance_slots: args.concurrency as u32,
+        component: args.component_limits.limits(),
         ..EngineLimits::default()
     };
     let sandbox = Arc::new(Sandbox::new(
         build_engine(&limits).map_err(anyhow::Error::from)?,
-        CompiledCache::new(CompiledCache::default_dir()),
+        CompiledCache::new(CompiledCache::default_dir()).with_limits(limits.component),
     )?);
     sandbox.prepare(&bytes)?;
     let config = WorkerConfig {

@@ -5,7 +5,12 @@
 //! it, then compiles it as a worker would (one thread, the same engine
 //! settings, so the disk cache it fills serves workers on this machine),
 //! giving up past the compile budget: a component deploy accepts compiles
-//! within the budget on workers as fast as this machine.
+//! within the budget on workers as fast as this machine. It checks the
+//! component against the engine limits its flags give (the workers'
+//! defaults unless told otherwise), the same check a worker makes: a
+//! component no worker with those limits could run is refused here,
+//! naming the limit; a worker started with lower limits refuses it the
+//! same way at run time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use super::engine_limits::ComponentLimitArgs;
 use super::enqueue::into_cli;
 use super::CliError;
 use crate::broker::Broker;
@@ -40,6 +46,10 @@ pub struct DeployArgs {
     /// `--compile-budget`, so what deploys compiles on them.
     #[arg(long = "compile-budget", default_value_t = DEFAULT_COMPILE_BUDGET.into())]
     pub compile_budget: humantime::Duration,
+    /// The engine limits to check the component against: keep them the
+    /// same as the workers' (`wasmq worker` takes the same flags).
+    #[command(flatten)]
+    pub component_limits: ComponentLimitArgs,
 }
 
 /// Validate against the WIT world, then store content-addressed with its policy.
@@ -63,8 +73,10 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
         .check_component_size(tenant, bytes.len() as u64)
         .await
         .map_err(into_cli)?;
+    let limits = args.component_limits.limits();
     let engine = build_engine(&EngineLimits {
         instance_slots: 1,
+        component: limits,
         ..EngineLimits::default()
     })
     .map_err(anyhow::Error::from)?;
@@ -73,8 +85,11 @@ pub async fn deploy(redis: &str, tenant: &str, args: DeployArgs) -> Result<(), C
         ..CompileSettings::default()
     };
     let sandbox = Arc::new(
-        Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?
-            .with_compile_settings(compile),
+        Sandbox::new(
+            engine,
+            CompiledCache::new(CompiledCache::default_dir()).with_limits(limits),
+        )?
+        .with_compile_settings(compile),
     );
     let hash = content_hash(&bytes);
     let prepared = sandbox

@@ -9,6 +9,7 @@ mod bench;
 mod bench_redis;
 mod dead;
 mod deploy;
+mod engine_limits;
 mod enqueue;
 mod flow;
 mod format;

@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
+use super::engine_limits::ComponentLimitArgs;
 use super::CliError;
 use crate::backend::memory::MemoryBackend;
 use crate::component::CompiledCache;
@@ -76,6 +77,9 @@ pub struct RunArgs {
     /// never on the command line; nothing of them is saved to `--state`.
     #[arg(long, value_name = "FILE")]
     pub secrets: Option<PathBuf>,
+    /// What the component may contain, as on `wasmq worker`.
+    #[command(flatten)]
+    pub component_limits: ComponentLimitArgs,
 }
 
 /// The `NAME=VALUE` lines of a `--secrets` file, checked: valid names,
@@ -174,6 +178,7 @@ pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
         max_memory_bytes: policy
             .memory_bytes
             .max(EngineLimits::default().max_memory_bytes),
+        component: args.component_limits.limits(),
         ..EngineLimits::default()
     };
     let engine = build_engine(&limits).map_err(anyhow::Error::from)?;
@@ -185,8 +190,8 @@ pub async fn run(tenant: &str, args: RunArgs) -> Result<(), CliError> {
         Some(path) => Some(load_secrets(path, tenant, &backend, &mut policy)?),
         None => None,
     };
-    let sandbox = Sandbox::new(engine, CompiledCache::new(CompiledCache::default_dir()))?
-        .with_secrets_key(secrets_key);
+    let cache = CompiledCache::new(CompiledCache::default_dir()).with_limits(limits.component);
+    let sandbox = Sandbox::new(engine, cache)?.with_secrets_key(secrets_key);
     let task = sandbox.prepare(&bytes)?;
     let name = args
         .task

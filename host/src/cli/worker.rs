@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::engine_limits::ComponentLimitArgs;
 use super::CliError;
 use crate::engine::DEFAULT_COMPILE_BUDGET;
 use crate::launcher::{self, LaunchConfig};
@@ -75,6 +76,11 @@ pub struct WorkerArgs {
     #[arg(long = "db-pool-size", default_value_t = crate::limits::DB_POOL_SIZE,
           value_parser = parse_pool_size)]
     pub db_pool_size: usize,
+    /// What one component may contain: a component over these limits is
+    /// refused (its jobs dead-lettered `invalid-component`, naming the
+    /// limit). Give `wasmq deploy` the same, so what deploys runs here.
+    #[command(flatten)]
+    pub component_limits: ComponentLimitArgs,
 }
 
 /// `--db-pool-size`: 1 to 10,000 connections.
@@ -120,6 +126,7 @@ pub async fn worker(redis: &str, tenant: &str, args: WorkerArgs) -> Result<(), C
     config.compile_budget = args.compile_budget.into();
     config.metrics = args.metrics;
     config.db_pool_size = args.db_pool_size;
+    config.component_limits = args.component_limits.limits();
     if let Some(cap) = args.default_max_component {
         config.default_max_component_bytes = cap;
     }
