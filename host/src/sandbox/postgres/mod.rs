@@ -153,11 +153,10 @@ impl HostState {
         let started = Instant::now();
         let conn = self.conn(c)?;
         let in_tx = conn.in_tx;
+        let Some(session) = conn.session.as_mut() else {
+            return Err(HostError::Invalid(CLOSED.into()));
+        };
         conn.busy = true;
-        let session = conn
-            .session
-            .as_mut()
-            .ok_or_else(|| HostError::Invalid(CLOSED.into()))?;
         let result = statement::run(session, sql, params, want_rows, in_tx).await;
         // Reached only when the call finished: a run dropped mid-call
         // leaves `busy` set, and the check-in cancels the statement.
