@@ -3,7 +3,11 @@
 //! databases its policy grants, in its own tenant; parameters cannot
 //! become SQL; a transaction left open is rolled back when the job
 //! returns, traps, times out (in wasm or in a statement) or is cancelled; pooled connections are reused;
-//! TLS follows libpq's sslmode against a TLS-only server.
+//! TLS follows libpq's sslmode against a TLS-only server; a session
+//! belongs to one job (what a job changed in it is gone for the next);
+//! transaction control in SQL cannot leave or end the host's transaction;
+//! the statement timeout cannot be lifted; a huge value never reaches the
+//! worker's memory.
 
 mod common;
 
@@ -110,6 +114,24 @@ impl World {
         enqueue_and_wait(&self.broker, tenant, "db", payload, Duration::from_secs(60))
             .await
             .1
+    }
+
+    async fn run_task(&self, task: &str, payload: Value) -> ResultState {
+        enqueue_and_wait(&self.broker, "acme", task, payload, Duration::from_secs(60))
+            .await
+            .1
+    }
+
+    /// Run `steps` (see the db guest's `script`) as one job of acme's
+    /// `task`; one result per step.
+    async fn script(&self, task: &str, steps: Value) -> Vec<Value> {
+        match self
+            .run_task(task, json!({"op": "script", "steps": steps}))
+            .await
+        {
+            ResultState::Ready(Value::Array(results)) => results,
+            other => panic!("{steps}: {other:?}"),
+        }
     }
 
     async fn query(&self, sql: &str, params: Value) -> Value {
@@ -779,6 +801,34 @@ async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
     }
     let floor = N as f64 / started.elapsed().as_secs_f64();
 
+    // What a job's check-in adds on the server: the same loop, each
+    // iteration followed by `DISCARD ALL` and so preparing again.
+    let started = std::time::Instant::now();
+    let mut loops = Vec::new();
+    for t in 0..8usize {
+        let c = w.pg.client().await;
+        loops.push(tokio::spawn(async move {
+            for i in (t..N).step_by(8) {
+                let id = 1000 + (i as i64 * 7919) % USERS;
+                let select = c
+                    .prepare("SELECT onboarded FROM users WHERE id = $1")
+                    .await
+                    .unwrap();
+                let update = c
+                    .prepare("UPDATE users SET score = score + 1 WHERE id = $1")
+                    .await
+                    .unwrap();
+                c.query(&select, &[&id]).await.unwrap();
+                c.execute(&update, &[&id]).await.unwrap();
+                c.batch_execute("DISCARD ALL").await.unwrap();
+            }
+        }));
+    }
+    for l in loops {
+        l.await.unwrap();
+    }
+    let reset_floor = N as f64 / started.elapsed().as_secs_f64();
+
     // Warm up (the first job compiles the component), then measure.
     let warm = w.run("acme", json!({"op": "bench", "user_id": 1000})).await;
     assert!(matches!(warm, ResultState::Ready(_)), "{warm:?}");
@@ -849,11 +899,14 @@ async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(total as usize, 2 * N + 1, "every UPDATE ran once");
+    // Both loops, the jobs and the warm-up job.
+    assert_eq!(total as usize, 3 * N + 1, "every UPDATE ran once");
     println!(
         "db jobs (SELECT + UPDATE, through Redis, a worker of 64 slots and a pool of {backends} connections): \
          {rate:.0} jobs/s; the same path with the noop guest: {noop_rate:.0} jobs/s; \
-         plain tokio-postgres loop, 8 connections: {floor:.0} iterations/s"
+         plain tokio-postgres loop, 8 connections: {floor:.0} iterations/s; \
+         the same loop preparing each time and ending with DISCARD ALL (a check-in's cost): \
+         {reset_floor:.0} iterations/s"
     );
     w.stop().await;
 }
@@ -972,5 +1025,289 @@ async fn the_pool_size_bounds_a_workers_connections_and_jobs_wait_for_one() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(most, POOL, "connections seen at most");
+    w.stop().await;
+}
+
+/// The text of a step's error, or a panic naming what it returned.
+fn step_error(result: &Value) -> &str {
+    result["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error: {result}"))
+}
+
+/// One connection in the pool, two tasks of one tenant (`db-slow`, then
+/// `db`): everything the first job changed in its session is gone when
+/// the second gets the same connection; its advisory lock is freed as
+/// soon as it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_belongs_to_one_job_whatever_the_job_changed_in_it() {
+    let w = world_configured(2, |c| c.db_pool_size = 1).await;
+    let client = w.pg.client().await;
+    client
+        .batch_execute("CREATE ROLE reader; CREATE SCHEMA elsewhere;")
+        .await
+        .unwrap();
+    const SHOW: &str = "SELECT current_user::text, current_setting('search_path'), \
+         current_setting('statement_timeout'), current_setting('lock_timeout'), \
+         current_setting('default_transaction_read_only'), current_setting('myapp.tenant', true), \
+         (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()), \
+         (SELECT count(*) FROM pg_listening_channels()), \
+         (SELECT count(*) FROM pg_prepared_statements WHERE from_sql), pg_backend_pid()";
+    let first = w
+        .script(
+            "db-slow",
+            json!([
+                {"sql": "CREATE TEMP TABLE scratch (x int)"},
+                {"sql": "SELECT 1 FROM pg_advisory_lock(42)"},
+                {"sql": "LISTEN wasmq_test"},
+                {"sql": "DO $$BEGIN EXECUTE 'PREPARE leftover AS SELECT 1'; END$$"},
+                {"sql": "SET search_path = elsewhere"},
+                {"sql": "SET lock_timeout = '1ms'"},
+                {"sql": "SET myapp.tenant = 'first'"},
+                {"sql": "SET default_transaction_read_only = on"},
+                {"sql": "SET statement_timeout = 0"},
+                {"sql": "SET ROLE reader"},
+                {"sql": SHOW},
+            ]),
+        )
+        .await;
+    for (i, r) in first.iter().enumerate() {
+        assert!(r.get("rows").is_some(), "step {i}: {r}");
+    }
+    let changed = &first[10]["rows"][0];
+    println!("inside the first job: {changed}");
+    assert_eq!(changed[0], json!("reader"));
+    assert_eq!(changed[1], json!("elsewhere"));
+    // Lifted by the job, set again by the host after the statement.
+    assert_eq!(changed[2], json!("10s"));
+    assert_eq!(changed[5], json!("first"));
+    assert_eq!(
+        changed.as_array().unwrap()[6..9],
+        [json!(1), json!(1), json!(1)]
+    );
+    // Freed when the job ended, not when the connection is next used.
+    let freed = poll(Duration::from_secs(5), || async {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 0
+    })
+    .await;
+    assert!(freed, "the advisory lock outlived its job");
+    let second = w.script("db", json!([{"sql": SHOW}])).await;
+    let seen = &second[0]["rows"][0];
+    println!("in the next job: {seen}");
+    assert_eq!(seen[9], changed[9], "not the same connection: {seen}");
+    assert_eq!(seen[0], json!("postgres"));
+    assert_eq!(seen[1], json!("\"$user\", public"));
+    assert_eq!(seen[2], json!("10s"));
+    assert_eq!(seen[3], json!("0"));
+    assert_eq!(seen[4], json!("off"));
+    assert!(seen[5].is_null() || seen[5] == json!(""), "{seen}");
+    assert_eq!(
+        seen.as_array().unwrap()[6..9],
+        [json!(0), json!(0), json!(0)]
+    );
+    let (backends, idle_in_tx) = w.wasmq_backends().await;
+    assert_eq!((backends, idle_in_tx), (1, 0));
+    w.stop().await;
+}
+
+/// Transaction control the host did not issue: hidden behind comments or
+/// empty statements it is refused; in a `DO` block or a procedure inside
+/// the host's transaction the server refuses it and the host's rollback
+/// still undoes everything; a COMMIT of a failed transaction says it
+/// rolled back. No job leaves a transaction open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_control_in_sql_cannot_leave_open_or_end_the_hosts_transaction() {
+    let w = world_configured(2, |c| c.db_pool_size = 1).await;
+    let client = w.pg.client().await;
+    client
+        .batch_execute(
+            "CREATE PROCEDURE commit_inside() LANGUAGE plpgsql AS \
+             $$BEGIN UPDATE users SET onboarded = true WHERE id = 7; COMMIT; END$$; \
+             CREATE PROCEDURE chain_at_end() LANGUAGE plpgsql AS \
+             $$BEGIN COMMIT AND CHAIN; END$$;",
+        )
+        .await
+        .unwrap();
+    let update = json!({"sql": "UPDATE users SET name = 'changed' WHERE id = 7 RETURNING id"});
+    let name = json!({"sql": "SELECT name, onboarded FROM users WHERE id = 7"});
+    let got = w
+        .script(
+            "db",
+            json!([
+                {"sql": "/* x */ BEGIN"},
+                {"sql": "-- x\nCOMMIT"},
+                {"sql": "/* a /* nested */ comment */ start transaction"},
+                {"sql": " ;; COMMIT AND CHAIN"},
+                {"call": "begin"},
+                update,
+                {"sql": "-- hidden\ncommit"},
+                {"sql": "DO $$BEGIN COMMIT; END$$"},
+                {"call": "rollback"},
+                name,
+                {"call": "begin"},
+                update,
+                {"sql": "CALL commit_inside()"},
+                {"call": "rollback"},
+                name,
+                {"call": "begin"},
+                update,
+                {"sql": "SELECT 1/0"},
+                {"call": "commit"},
+                name,
+                // Outside a transaction a procedure may commit its own.
+                {"sql": "CALL chain_at_end()"},
+                {"sql": "DO $$BEGIN PERFORM 1; COMMIT; END$$"},
+            ]),
+        )
+        .await;
+    println!("{}", serde_json::to_string_pretty(&got).unwrap());
+    for i in [0, 1, 2, 3, 6] {
+        assert!(
+            step_error(&got[i]).contains("use the connection's begin, commit and rollback"),
+            "step {i}: {}",
+            got[i]
+        );
+    }
+    assert!(step_error(&got[7]).contains("2D000"), "{}", got[7]); // invalid transaction termination
+    assert!(step_error(&got[12]).contains("2D000"), "{}", got[12]);
+    for i in [9, 14, 19] {
+        assert_eq!(got[i]["rows"], json!([["seven", false]]), "step {i}");
+    }
+    assert!(step_error(&got[17]).contains("22012"), "{}", got[17]); // division by zero
+    assert!(
+        step_error(&got[18]).contains("COMMIT rolled it back"),
+        "{}",
+        got[18]
+    );
+    assert!(got[20].get("rows").is_some(), "{}", got[20]);
+    assert!(got[21].get("rows").is_some(), "{}", got[21]);
+    let (_, idle_in_tx) = w.wasmq_backends().await;
+    assert_eq!(idle_in_tx, 0);
+    let row = client
+        .query_one("SELECT name FROM users WHERE id = 7", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "seven");
+    w.stop().await;
+}
+
+/// `SET statement_timeout = 0` (or `set_config`) lasts only until its own
+/// statement ends: the next one still runs under the host's 10 s, and a
+/// 30 s `pg_sleep` is cancelled there (the job's own deadline is 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_lift_the_statement_timeout() {
+    let w = world_configured(2, |c| c.db_pool_size = 1).await;
+    let started = std::time::Instant::now();
+    let got = w
+        .script(
+            "db-slow",
+            json!([
+                {"sql": "SET statement_timeout = 0"},
+                {"sql": "SELECT current_setting('statement_timeout')"},
+                {"call": "begin"},
+                {"sql": "SELECT set_config('statement_timeout', '0', false)"},
+                {"sql": "SELECT 1 FROM pg_sleep(30)"},
+            ]),
+        )
+        .await;
+    let took = started.elapsed();
+    println!("{got:?} in {took:?}");
+    assert_eq!(got[1]["rows"], json!([["10s"]]));
+    assert!(step_error(&got[4]).contains("57014"), "{}", got[4]); // query_canceled
+    assert!(took < Duration::from_secs(25), "{took:?}");
+    w.stop().await;
+}
+
+/// Peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A worker process whose guest selects one 200 MB value: refused, naming
+/// the cap, and the worker's peak memory rises by less than the cap (the
+/// value is refused from its message header, before tokio-postgres would
+/// buffer it). Many rows that pass the cap together: the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mb_value_is_refused_before_it_is_in_the_workers_memory() {
+    let w = world().await;
+    let out = wasmq_with(
+        &w.redis_url,
+        "solo",
+        &["secret", "set", "database:app"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+        &w.pg.url,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut policy = TaskPolicy::default();
+    policy.sandbox.databases = vec!["app".into()];
+    policy.retry.max_attempts = 1;
+    w.broker
+        .deploy("solo", "db", &guest_bytes("db"), &policy)
+        .await
+        .unwrap();
+    let worker = common::workers::spawn_process_with(
+        &w.redis_url,
+        "solo",
+        &["--concurrency", "1", "--db-pool-size", "1"],
+        &[("WASMQ_SECRETS_KEY", KEY)],
+    );
+    let pid = worker.0.id();
+    let run = |sql: &str| {
+        let payload = json!({"op": "query", "sql": sql});
+        let broker = &w.broker;
+        async move {
+            enqueue_and_wait(broker, "solo", "db", payload, Duration::from_secs(60))
+                .await
+                .1
+        }
+    };
+    // Warm up: the component compiled, the pool and a connection made.
+    let warm = run("SELECT repeat('x', 1000)").await;
+    assert!(matches!(warm, ResultState::Ready(_)), "{warm:?}");
+    let before = peak_rss(pid);
+    let f = failure(run("SELECT repeat('x', 200000000)").await);
+    let after = peak_rss(pid);
+    let cap = wasmq::limits::MAX_DB_RESULT_BYTES as u64;
+    println!(
+        "worker peak RSS {} MiB before, {} MiB after a 200 MB value (cap {} MiB): {}",
+        before >> 20,
+        after >> 20,
+        cap >> 20,
+        f.message
+    );
+    assert!(
+        f.message
+            .contains(&format!("the query's result passed {cap} bytes")),
+        "{f:?}"
+    );
+    assert!(
+        after - before < cap,
+        "peak RSS rose by {} bytes",
+        after - before
+    );
+    // Many small rows past the cap together: refused the same way, and
+    // the next job has a working connection.
+    let f = failure(run("SELECT repeat('x', 1000) FROM generate_series(1, 9000)").await);
+    assert!(f.message.contains("the query's result passed"), "{f:?}");
+    let ok = run("SELECT 1::int8").await;
+    assert!(matches!(ok, ResultState::Ready(_)), "{ok:?}");
+    drop(worker);
     w.stop().await;
 }

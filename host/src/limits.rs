@@ -25,6 +25,7 @@
 //! | log kept in the job record | [`MAX_STORED_LOG_BYTES`] (the tail) |
 //! | outbound HTTP request headers | [`MAX_REQUEST_HEADER_BYTES`] |
 //! | database statements, rows, bytes, connections | [`DB_STATEMENT_TIMEOUT`], [`MAX_DB_ROWS`], [`MAX_DB_RESULT_BYTES`], [`DB_POOL_SIZE`] |
+//! | SQL parameters | each [`MAX_VALUE_BYTES`], all [`MAX_DB_PARAMS_BYTES`] |
 //! | secret names and values | [`MAX_SECRET_NAME_BYTES`], [`MAX_SECRET_BYTES`] |
 
 use std::time::Duration;
@@ -95,8 +96,16 @@ pub const DB_POOL_SIZE: usize = 16;
 pub const MAX_DB_CONNECTIONS_PER_JOB: u32 = 4;
 /// Most rows one query may return.
 pub const MAX_DB_ROWS: usize = 10_000;
-/// Most bytes of values one query may return.
+/// Most bytes the server may send in answer to one statement, as sent
+/// (each value with its 4-byte length, 7 bytes a row, notices and errors
+/// too): counted as they arrive, before they are in the worker's memory,
+/// and the connection is closed once they pass it.
 pub const MAX_DB_RESULT_BYTES: usize = 4 << 20;
+/// Most bytes of one statement's parameters together.
+pub const MAX_DB_PARAMS_BYTES: usize = 4 << 20;
+/// Longest a session's reset may take when a job lets go of it (cancel,
+/// rollback, `DISCARD ALL`); past it the session is closed instead.
+pub const DB_RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest secret value: API keys, tokens, connection URLs, a PEM
 /// certificate; configuration files belong elsewhere.
 pub const MAX_SECRET_BYTES: usize = 64 << 10;

@@ -17,7 +17,7 @@ pub mod v0_2 {
         imports: { default: async },
         exports: { default: async },
         with: {
-            "wasmq:task/postgres.connection": crate::sandbox::postgres_api::Connection,
+            "wasmq:task/postgres.connection": crate::sandbox::postgres::Connection,
         },
     });
 }

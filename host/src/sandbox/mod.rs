@@ -24,8 +24,7 @@ mod http;
 mod limiter;
 mod output;
 mod pacing;
-pub(crate) mod postgres_api;
-mod postgres_tls;
+pub(crate) mod postgres;
 mod redact;
 mod state;
 mod steps;
@@ -244,7 +243,7 @@ pub struct Sandbox {
     /// a secret that is set fails as the host's fault).
     secrets_key: Option<Arc<SecretsKey>>,
     /// This worker's database pools, per tenant and database.
-    databases: Arc<postgres_api::Databases>,
+    databases: Arc<postgres::Databases>,
 }
 
 impl Sandbox {
@@ -273,7 +272,7 @@ impl Sandbox {
     /// The same sandbox, keeping at most `size` connections per tenant and
     /// database (default [`crate::limits::DB_POOL_SIZE`]).
     pub fn with_db_pool_size(mut self, size: usize) -> Self {
-        self.databases = Arc::new(postgres_api::Databases::with_pool_size(size));
+        self.databases = Arc::new(postgres::Databases::with_pool_size(size));
         self
     }
 
@@ -570,7 +569,7 @@ impl Sandbox {
             host_fault: std::sync::OnceLock::new(),
             waiting_on_step: false,
             secrets: JobSecrets::new(self.secrets_key.clone(), &policy.secrets, &job.task),
-            databases: postgres_api::JobDatabases::new(self.databases.clone(), &policy.databases),
+            databases: postgres::JobDatabases::new(self.databases.clone(), &policy.databases),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

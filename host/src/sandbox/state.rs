@@ -12,7 +12,7 @@ use super::files::JobFiles;
 use super::http::{AllowListHooks, Denials};
 use super::limiter::JobLimiter;
 use super::output::JobLog;
-use super::postgres_api::JobDatabases;
+use super::postgres::JobDatabases;
 use super::steps::OpenSteps;
 use crate::backend::{Backend, Claimant};
 

@@ -8,7 +8,12 @@
 //!   then commits, traps, spins until the deadline, waits in `pg_sleep`
 //!   past the deadline (`sleep`), or returns with the
 //!   transaction open (the host must roll back all but `commit`);
-//! - `{"op": "bench", "user_id": N}`: one indexed SELECT and one UPDATE.
+//! - `{"op": "bench", "user_id": N}`: one indexed SELECT and one UPDATE;
+//! - `{"op": "script", "steps": [STEP...]}`: on one connection, each step
+//!   in turn, a step being `{"sql": S, "params": [...]}` (a query) or
+//!   `{"call": "begin" | "commit" | "rollback"}`; returns one result per
+//!   step, `{"rows": [...]}`, `{"ok": true}` or `{"error": TEXT}` (the
+//!   script goes on after an error).
 
 use serde_json::{json, Value as Json};
 use wasmq_guest::postgres::{Connection, Value};
@@ -27,6 +32,26 @@ struct Args {
     user_id: i64,
     #[serde(default)]
     then: String,
+    #[serde(default)]
+    steps: Vec<Step>,
+}
+
+#[derive(serde::Deserialize)]
+struct Step {
+    #[serde(default)]
+    sql: String,
+    #[serde(default)]
+    params: Vec<Json>,
+    #[serde(default)]
+    call: String,
+}
+
+fn rows_json(rows: &wasmq_guest::postgres::Rows) -> Json {
+    json!(rows
+        .rows
+        .iter()
+        .map(|r| r.iter().map(json).collect::<Vec<_>>())
+        .collect::<Vec<_>>())
 }
 
 fn app() -> String {
@@ -87,6 +112,23 @@ fn run(_job: &Job, args: Args) -> Result<Json, TaskError> {
                 }
             }
             Ok(json!("done"))
+        }
+        "script" => {
+            let mut out = Vec::new();
+            for step in &args.steps {
+                let result = match step.call.as_str() {
+                    "begin" => db.begin().map(|_| json!({"ok": true})),
+                    "commit" => db.commit().map(|_| json!({"ok": true})),
+                    "rollback" => db.rollback().map(|_| json!({"ok": true})),
+                    _ => {
+                        let params: Vec<Value> = step.params.iter().map(param).collect();
+                        db.query(&step.sql, &params)
+                            .map(|rows| json!({"rows": rows_json(&rows)}))
+                    }
+                };
+                out.push(result.unwrap_or_else(|e| json!({"error": format!("{e}")})));
+            }
+            Ok(json!(out))
         }
         "bench" => {
             let id = [Value::Int64(args.user_id)];
