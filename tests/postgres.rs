@@ -802,25 +802,34 @@ async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
     let floor = N as f64 / started.elapsed().as_secs_f64();
 
     // What a job's check-in adds on the server: the same loop, each
-    // iteration followed by `DISCARD ALL` and so preparing again.
+    // iteration followed by the check-in's reset (DISCARD ALL but
+    // DEALLOCATE ALL, and the count of prepared statements: checkin.rs).
     let started = std::time::Instant::now();
     let mut loops = Vec::new();
     for t in 0..8usize {
         let c = w.pg.client().await;
         loops.push(tokio::spawn(async move {
+            let select = c
+                .prepare("SELECT onboarded FROM users WHERE id = $1")
+                .await
+                .unwrap();
+            let update = c
+                .prepare("UPDATE users SET score = score + 1 WHERE id = $1")
+                .await
+                .unwrap();
             for i in (t..N).step_by(8) {
                 let id = 1000 + (i as i64 * 7919) % USERS;
-                let select = c
-                    .prepare("SELECT onboarded FROM users WHERE id = $1")
-                    .await
-                    .unwrap();
-                let update = c
-                    .prepare("UPDATE users SET score = score + 1 WHERE id = $1")
-                    .await
-                    .unwrap();
                 c.query(&select, &[&id]).await.unwrap();
                 c.execute(&update, &[&id]).await.unwrap();
-                c.batch_execute("DISCARD ALL").await.unwrap();
+                c.simple_query(
+                    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+                     SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; \
+                     DISCARD SEQUENCES; SELECT pg_catalog.count(*) FILTER (WHERE from_sql), \
+                     pg_catalog.count(*) FILTER (WHERE NOT from_sql) \
+                     FROM pg_catalog.pg_prepared_statements",
+                )
+                .await
+                .unwrap();
             }
         }));
     }
@@ -905,7 +914,7 @@ async fn db_jobs_per_second_against_a_plain_tokio_postgres_loop() {
         "db jobs (SELECT + UPDATE, through Redis, a worker of 64 slots and a pool of {backends} connections): \
          {rate:.0} jobs/s; the same path with the noop guest: {noop_rate:.0} jobs/s; \
          plain tokio-postgres loop, 8 connections: {floor:.0} iterations/s; \
-         the same loop preparing each time and ending with DISCARD ALL (a check-in's cost): \
+         the same loop, each iteration followed by a check-in's reset: \
          {reset_floor:.0} iterations/s"
     );
     w.stop().await;
@@ -1114,6 +1123,77 @@ async fn a_session_belongs_to_one_job_whatever_the_job_changed_in_it() {
     );
     let (backends, idle_in_tx) = w.wasmq_backends().await;
     assert_eq!((backends, idle_in_tx), (1, 0));
+    w.stop().await;
+}
+
+/// The driver's prepared statements outlive the job (the next job runs
+/// them under the same names, not preparing again), and a job that
+/// swaps one of them for its own (`DEALLOCATE` of the driver's name,
+/// then `PREPARE` under it, in a `DO` block since both are refused as
+/// SQL) changes only its own results: the next job on the same session
+/// runs the query it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_swap_the_drivers_prepared_statement_for_the_next_job() {
+    let w = world_configured(2, |c| c.db_pool_size = 1).await;
+    const MINE: &str = "SELECT 'mine'::text, pg_backend_pid()";
+    let name_of_mine = json!({
+        "sql": "SELECT name FROM pg_prepared_statements WHERE NOT from_sql AND statement = $1",
+        "params": [MINE],
+    });
+    let first = w
+        .script("db", json!([{"sql": MINE}, name_of_mine.clone()]))
+        .await;
+    let pid = &first[0]["rows"][0][1];
+    let name = &first[1]["rows"][0][0];
+    assert!(name.is_string(), "{first:?}");
+    let quoted_mine = format!("'{}'", MINE.replace('\'', "''"));
+    let swap = format!(
+        "DO $$DECLARE n text; BEGIN \
+         SELECT name INTO n FROM pg_prepared_statements WHERE statement = {quoted_mine}; \
+         EXECUTE format('DEALLOCATE %I', n); \
+         EXECUTE format('PREPARE %I AS SELECT ''stolen''::text, 0', n); END$$"
+    );
+    let second = w
+        .script(
+            "db",
+            json!([
+                {"sql": MINE},
+                name_of_mine,
+                {"sql": format!("PREPARE {} AS SELECT 'stolen'::text, 0", name.as_str().unwrap())},
+                {"sql": format!("/* x */ deallocate {}", name.as_str().unwrap())},
+                {"sql": format!("EXECUTE {}", name.as_str().unwrap())},
+                {"sql": swap},
+                {"sql": MINE},
+            ]),
+        )
+        .await;
+    println!("{}", serde_json::to_string_pretty(&second).unwrap());
+    assert_eq!(second[0]["rows"][0][1], *pid, "not the same session");
+    assert_eq!(
+        second[1]["rows"][0][0], *name,
+        "the driver prepared the statement again"
+    );
+    for (i, refused) in second.iter().enumerate().take(5).skip(2) {
+        assert!(
+            step_error(refused).contains("the host prepares each statement itself"),
+            "step {i}: {refused}"
+        );
+    }
+    assert!(second[5].get("rows").is_some(), "{}", second[5]);
+    // The swap is real: the job itself now runs the guest's statement.
+    assert_eq!(second[6]["rows"], json!([["stolen", 0]]));
+    let third = w
+        .script(
+            "db",
+            json!([
+                {"sql": MINE},
+                {"sql": "SELECT count(*) FILTER (WHERE from_sql) FROM pg_prepared_statements"},
+            ]),
+        )
+        .await;
+    println!("{third:?}");
+    assert_eq!(third[0]["rows"], json!([["mine", pid]]));
+    assert_eq!(third[1]["rows"], json!([[0]]));
     w.stop().await;
 }
 

@@ -104,7 +104,7 @@ pub const MAX_DB_RESULT_BYTES: usize = 4 << 20;
 /// Most bytes of one statement's parameters together.
 pub const MAX_DB_PARAMS_BYTES: usize = 4 << 20;
 /// Longest a session's reset may take when a job lets go of it (cancel,
-/// rollback, `DISCARD ALL`); past it the session is closed instead.
+/// rollback, reset); past it the session is closed instead.
 pub const DB_RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest secret value: API keys, tokens, connection URLs, a PEM
 /// certificate; configuration files belong elsewhere.

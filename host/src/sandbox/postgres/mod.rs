@@ -27,7 +27,8 @@
 //! - a session belongs to one job: when the job lets go of a connection
 //!   (drops it, returns, traps, times out, is cancelled, or its worker
 //!   stops the run) a statement still running is cancelled, a transaction
-//!   rolled back and the session reset (`DISCARD ALL`) before another job
+//!   rolled back and the session reset (`DISCARD ALL` but the driver's
+//!   prepared statements, see `checkin`) before another job
 //!   can have it, or it is closed; a worker that dies leaves nothing
 //!   either (the server checks for a vanished client every
 //!   [`limits::DB_CLIENT_CHECK_INTERVAL`] even mid-statement);

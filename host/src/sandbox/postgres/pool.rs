@@ -107,7 +107,7 @@ impl Databases {
         }
         let (mode, tls) = PgTls::new(&ssl).map_err(|e| format!("{secret}: {e}"))?;
         config.ssl_mode(mode);
-        // The session's defaults: what `DISCARD ALL` returns to and what
+        // The session's defaults: what the check-in's `RESET ALL` returns to and what
         // the statement guard restores after each statement.
         config.options(format!(
             "-c statement_timeout={} -c client_connection_check_interval={}",
@@ -141,8 +141,9 @@ pub(super) struct Session {
     /// Reset since a job last used it (see the module docs).
     pub(super) clean: bool,
     /// The driver looked up a type that is not built in: it then holds
-    /// prepared statements of its own that `DISCARD ALL` would drop under
-    /// it, so the session is closed at check-in instead of reset.
+    /// prepared statements of its own that its statement cache does not
+    /// count (see `checkin`), so the session is closed at check-in
+    /// instead of reset.
     pub(super) custom_types: bool,
 }
 

@@ -7,7 +7,8 @@
 //!   arguments ([`limits::MAX_VALUE_BYTES`] each, [`limits::MAX_DB_PARAMS_BYTES`]
 //!   in all);
 //! - transaction control written as SQL (`BEGIN`, `COMMIT`, ..., behind
-//!   comments too) is refused with a friendly error; that check reads
+//!   comments too) and SQL prepared statements (`PREPARE`, `EXECUTE`,
+//!   `DEALLOCATE`) are refused with a friendly error; that check reads
 //!   text, so it is not the guarantee;
 //! - the guarantee: after every statement the host reads the transaction
 //!   status the server reported (see `wire`) and compares it with its
@@ -60,11 +61,18 @@ impl Failure {
 /// First words of SQL that is transaction control (or COPY, which the
 /// interface does not carry): refused before it is sent.
 const REFUSED: &[&str] = &[
-    "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "PREPARE", "COPY",
+    "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "COPY",
 ];
 
+/// First words of SQL prepared statements (`PREPARE TRANSACTION` too):
+/// the host prepares and caches each statement itself, and a statement
+/// of the guest's under one of the driver's names would be run by the
+/// next job. Refused here as a friendly error; the check-in's count of
+/// prepared statements is the guarantee (see `checkin`).
+const PREPARED: &[&str] = &["PREPARE", "EXECUTE", "DEALLOCATE"];
+
 /// Refuse arguments over their bounds, and SQL whose first word (past
-/// whitespace and comments) is in [`REFUSED`].
+/// whitespace and comments) is in [`REFUSED`] or [`PREPARED`].
 pub(super) fn check(sql: &str, params: &[Value]) -> Result<(), HostError> {
     limits::check_name("SQL statement", sql, limits::MAX_VALUE_BYTES)
         .map_err(HostError::Invalid)?;
@@ -90,6 +98,12 @@ pub(super) fn check(sql: &str, params: &[Value]) -> Result<(), HostError> {
         return Err(HostError::Invalid(
             "COPY is not carried by the postgres interface; use INSERT and SELECT".into(),
         ));
+    }
+    if PREPARED.contains(&first.as_str()) {
+        return Err(HostError::Invalid(format!(
+            "{first} in SQL: the host prepares each statement itself; send the statement \
+             with $1, $2, ... parameters (and use the connection's begin, commit and rollback)"
+        )));
     }
     if REFUSED.contains(&first.as_str()) {
         return Err(HostError::Invalid(format!(
@@ -310,6 +324,13 @@ mod tests {
         }
         assert!(check("SELECT 'BEGIN'", &[]).is_ok());
         assert!(check("/* c */ copy t to stdout", &[]).is_err());
+        for sql in [
+            "prepare s1 AS SELECT 1",
+            "EXECUTE s1",
+            "-- x\nDEALLOCATE ALL",
+        ] {
+            assert!(check(sql, &[]).is_err(), "{sql}");
+        }
     }
 
     #[test]
