@@ -82,13 +82,16 @@ fn worker(
     (stop, handle)
 }
 
+/// A job's state, or '' while it cannot be read (a status read that
+/// timed out on a loaded machine is polled again, not a failure).
 async fn state(broker: &Broker, tenant: &str, id: &str) -> String {
-    broker
-        .status(tenant, id)
-        .await
-        .unwrap()
-        .map(|s| s.state)
-        .unwrap_or_default()
+    match broker.status(tenant, id).await {
+        Ok(status) => status.map(|s| s.state).unwrap_or_default(),
+        Err(e) => {
+            eprintln!("reading {id}'s status failed ({e:#}); polling again");
+            String::new()
+        }
+    }
 }
 
 /// Poll `check` every 20 ms until it holds; panics with `what` after
