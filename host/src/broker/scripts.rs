@@ -994,23 +994,26 @@ for i = 4 + #names + 2 * groups, #ARGV, FIELDS do
     -- `attempts` becomes it, in the same HSET as the rest (one write per
     -- job on the happy path).
     local attempt = f[6] or '1'
-    if outcome == 'release' then
-      -- Shutdown before the job finished: back to the front of its queue.
+    if outcome == 'release' or outcome == 'regate' then
+      -- Back to its place in its queue: shutdown before the job finished,
+      -- or (regate) not run because its gate, now the one its task's
+      -- policy requires (the result field), would have skipped the policy;
+      -- the next fetch passes it through the right lanes, and this
+      -- delivery does not count.
+      if outcome == 'regate' then
+        if result == '' then redis.call('HDEL', job, 'gate') else redis.call('HSET', job, 'gate', result) end
+        redis.call('HINCRBY', job, 'deliveries', -1)
+        redis.call('LPUSH', q .. 'signal', '1')
+        redis.call('LTRIM', q .. 'signal', 0, 63)
+      end
       redis.call('HSET', job, 'state', 'queued', 'lease', '', 'recorded', token)
       redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
-      history(job, h, now, 'released')
-    elseif outcome == 'regate' then
-      -- Not run: its gate (the result field) is the one its task's policy
-      -- requires, and the next fetch passes it through the right lanes;
-      -- this delivery does not count.
-      if result == '' then redis.call('HDEL', job, 'gate') else redis.call('HSET', job, 'gate', result) end
-      redis.call('HINCRBY', job, 'deliveries', -1)
-      redis.call('HSET', job, 'state', 'queued', 'lease', '', 'recorded', token)
-      redis.call('ZADD', q .. 'ready', redis.call('HGET', job, 'score'), id)
-      redis.call('LPUSH', q .. 'signal', '1')
-      redis.call('LTRIM', q .. 'signal', 0, 63)
-      history(job, h, now, 'regated', 'its record did not carry its task\'s rate limit or named ' ..
-        'another task; queued again under the deployed policy')
+      if outcome == 'release' then
+        history(job, h, now, 'released')
+      else
+        history(job, h, now, 'regated', 'its record did not carry its task\'s rate limit or named ' ..
+          'another task; queued again under the deployed policy')
+      end
     elseif outcome == 'retry' or outcome == 'host-retry' or outcome == 'wait' then
       -- A host-side failure does not use up one of the task's attempts
       -- (it counts as a host retry); waiting for a step uses neither.
