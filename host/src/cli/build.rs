@@ -126,7 +126,8 @@ fn build_blocking(args: &BuildArgs) -> anyhow::Result<()> {
     }
     cmd.arg(ENTRY_MODULE).arg("-o").arg(&output);
     // Its Rust backtraces say nothing about the task.
-    cmd.env("RUST_BACKTRACE", "0").env("RUST_LIB_BACKTRACE", "0");
+    cmd.env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0");
     let out = cmd
         .output()
         .with_context(|| format!("running {}", componentize_py.display()))?;
@@ -273,8 +274,12 @@ fn check_version(componentize_py: &Path) {
 
 /// The Python of componentize-py's virtualenv (its sibling), else `python3`.
 fn python_beside(componentize_py: &Path) -> OsString {
-    let canonical = std::fs::canonicalize(componentize_py).unwrap_or_else(|_| componentize_py.into());
-    for dir in [componentize_py.parent(), canonical.parent()].into_iter().flatten() {
+    let canonical =
+        std::fs::canonicalize(componentize_py).unwrap_or_else(|_| componentize_py.into());
+    for dir in [componentize_py.parent(), canonical.parent()]
+        .into_iter()
+        .flatten()
+    {
         let python = dir.join("python");
         if python.is_file() {
             return python.into_os_string();
@@ -294,7 +299,13 @@ fn install_requirements(
     }
     let python = python_beside(componentize_py);
     let out = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(["--no-input", "--target"])
         .arg(deps)
         .arg("-r")
@@ -326,7 +337,8 @@ fn refuse_native_extensions(deps: &Path) -> anyhow::Result<()> {
     };
     let rel = file.strip_prefix(deps).unwrap_or(file);
     let rel_text = rel.to_string_lossy().replace('\\', "/");
-    let owner = distribution_of(deps, &rel_text)?.unwrap_or_else(|| "an unknown distribution".into());
+    let owner =
+        distribution_of(deps, &rel_text)?.unwrap_or_else(|| "an unknown distribution".into());
     bail!(
         "{owner} has a native extension ({rel_text}{more}): only pure-Python packages can be \
          bundled into a wasmq task (a WebAssembly component cannot load native code); \
@@ -354,7 +366,9 @@ fn top_level_modules(deps: &Path) -> anyhow::Result<Vec<String>> {
         } else {
             continue;
         };
-        let identifier = module.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        let identifier = module
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !module.starts_with(|c: char| c.is_ascii_digit());
         if identifier && !module.is_empty() {
             modules.push(module.to_string());
@@ -454,7 +468,13 @@ mod tests {
     fn module_names_are_python_identifiers_and_not_reserved() {
         assert_eq!(module_name(Path::new("/t/app.py")).unwrap(), "app");
         assert_eq!(module_name(Path::new("/t/_x9.py")).unwrap(), "_x9");
-        for bad in ["/t/my-task.py", "/t/9a.py", "/t/app.txt", "/t/wasmq.py", "/t/wit_world.py"] {
+        for bad in [
+            "/t/my-task.py",
+            "/t/9a.py",
+            "/t/app.txt",
+            "/t/wasmq.py",
+            "/t/wit_world.py",
+        ] {
             assert!(module_name(Path::new(bad)).is_err(), "{bad}");
         }
     }
@@ -466,6 +486,9 @@ mod tests {
         assert!(text.starts_with("Traceback"), "{text}");
         assert!(text.contains("\"/tasks/x/app.py\", line 4"), "{text}");
         assert!(text.ends_with("SyntaxError: expected ':'"), "{text}");
-        assert!(!text.contains("Caused by") && !text.contains("componentize-py\""), "{text}");
+        assert!(
+            !text.contains("Caused by") && !text.contains("componentize-py\""),
+            "{text}"
+        );
     }
 }
