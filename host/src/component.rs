@@ -131,22 +131,17 @@ impl CompiledCache {
     /// whose sha256 is `hash`, if there is a usable one.
     pub fn load(&self, engine: &Engine, hash: &str) -> Option<Component> {
         let path = self.artifact_path(engine, hash)?;
-        if !path.exists() {
-            return None;
-        }
-        // Mapped from the file, not read into memory: wasmtime then maps
-        // each memory's initial image straight from the page cache, shared
-        // by every worker process of the machine, instead of copying it
-        // into a sealed memfd per process (tens of MB for a Python
-        // component, and sealing a freshly written memfd can fail with
-        // EBUSY on a loaded machine). Artifacts are only ever replaced by
-        // rename (`write_atomically`), never rewritten in place, so the
-        // mapping stays valid.
+        // Read the artifact into memory rather than map it: a mapped file
+        // that someone truncates or rewrites in place would crash the worker
+        // with SIGBUS (or change its code under it). The price is a copy of
+        // each memory's initial image into a memfd per process (see
+        // `initialize_memory_images`).
+        let artifact = std::fs::read(&path).ok()?;
         // SAFETY: the artifact was written by `precompile_component` of an
         // engine with the same compatibility hash (it is in the file name)
         // into our own cache directory; wasmtime also checks the header and
         // rejects an incompatible file, which we then recompile.
-        match unsafe { Component::deserialize_file(engine, &path) } {
+        match unsafe { Component::deserialize(engine, &artifact) } {
             Ok(component) => Some(component),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
@@ -183,10 +178,8 @@ impl CompiledCache {
             .map_err(|e| refused(&e, &self.limits))?;
         if let Err(e) = write_atomically(&path, &artifact) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled cache");
-            return Ok(component);
         }
-        // Use the file just written, as `load` would (see there why).
-        Ok(self.load(engine, hash).unwrap_or(component))
+        Ok(component)
     }
 
     fn artifact_path(&self, engine: &Engine, hash: &str) -> Option<PathBuf> {
@@ -204,11 +197,11 @@ impl CompiledCache {
 /// Make `component`'s initial memory images now, when it is prepared,
 /// rather than in the first job's instantiation: the first job does not pay
 /// for it, and the one failure seen here is dealt with where it cannot
-/// fail a job. Without a file to map (no disk cache) an image is a sealed
-/// memfd, and sealing one just written can fail with EBUSY while the
-/// kernel still holds its pages (seen on a loaded machine with a 12 MB
-/// Python heap): a few tries, then the lazy path at instantiation is left
-/// to try again.
+/// fail a job. Each image is a sealed memfd (artifacts are read, not
+/// mapped: see [`CompiledCache::load`]), and sealing one just written can
+/// fail with EBUSY while the kernel still holds its pages (seen once on a
+/// loaded machine with a Python task's 12 MB heap): a few tries, then the
+/// lazy path at instantiation is left to try again.
 pub fn initialize_memory_images(component: &Component) {
     const TRIES: u32 = 4;
     for attempt in 1..=TRIES {
