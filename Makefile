@@ -9,7 +9,7 @@ GUEST_DIR := target/guests
 GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 flowstep secrets db
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis postgres promtool browser guests py-tools py-guests py-guests-if-pypi build test demo bench lint fmt clean
+.PHONY: all setup target redis postgres promtool browser guests py-tools py-guests py-guests-if-pypi js-guests js-guests-if-npm build test demo bench lint fmt clean
 
 all: build guests
 
@@ -95,6 +95,32 @@ $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK) $(PY_TOOLS)
 	@mkdir -p $(PY_GUEST_DIR)
 	$(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
 
+# JavaScript tasks, as components: the componentize-js that
+# js/package.json pins (every dependency locked by js/package-lock.json),
+# installed with `npm ci` into .node/ (gitignored), then each tasks/*-js
+# built from its app.js against wit/ (world `task`) into
+# target/guests/js/. Needs node and npm with the npm registry
+# (`make js-guests-if-npm` skips, saying so, where they are missing).
+NPM ?= npm
+NODE_DIR := .node
+COMPONENTIZE_JS := $(NODE_DIR)/node_modules/.bin/componentize-js
+# Installed once per lockfile (an edited package.json or lock reinstalls).
+JS_TOOLS := $(NODE_DIR)/tools.installed
+JS_GUEST_DIR := $(GUEST_DIR)/js
+JS_GUESTS := hello-js
+
+js-guests: $(addprefix $(JS_GUEST_DIR)/,$(addsuffix .wasm,$(JS_GUESTS)))
+
+$(JS_TOOLS): js/package.json js/package-lock.json
+	@mkdir -p $(NODE_DIR)
+	cp js/package.json js/package-lock.json $(NODE_DIR)/
+	cd $(NODE_DIR) && $(NPM) ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(JS_GUEST_DIR)/%.wasm: tasks/%/app.js $(wildcard wit/*.wit wit/deps/*/*.wit) $(JS_TOOLS)
+	@mkdir -p $(JS_GUEST_DIR)
+	$(COMPONENTIZE_JS) tasks/$*/app.js --wit wit --world-name task -o $@
+
 build:
 	$(CARGO) build -p wasmq
 
@@ -114,6 +140,17 @@ py-guests-if-pypi:
 		touch $(PY_TOOLS); $(MAKE) --no-print-directory py-guests; \
 	else \
 		echo "skipping the Python tasks: pip could not install componentize-py==$(COMPONENTIZE_PY_VERSION) (is PyPI reachable?)"; \
+	fi
+
+# The JavaScript tasks (not part of `make test` yet): built where npm can
+# install the pinned componentize-js; where npm is missing or the registry
+# unreachable, said so, and the tests that need them print a skip naming
+# `make js-guests`. A build that fails once the tools are in fails.
+js-guests-if-npm:
+	@if command -v $(NPM) >/dev/null 2>&1 && $(MAKE) --no-print-directory -s $(JS_TOOLS); then \
+		$(MAKE) --no-print-directory js-guests; \
+	else \
+		echo "skipping the JavaScript tasks: npm could not install the componentize-js that js/package.json pins into $(NODE_DIR)/ (is npm installed and its registry reachable?)"; \
 	fi
 
 demo: setup guests build
