@@ -77,8 +77,14 @@ COMPONENTIZE_PY := $(VENV)/bin/componentize-py
 PY_TOOLS := $(VENV)/componentize-py-$(COMPONENTIZE_PY_VERSION).installed
 PY_GUEST_DIR := $(GUEST_DIR)/py
 PY_GUESTS := noop-py
+# Tasks written with the wasmq Python SDK (guest-sdk/python), built with
+# `wasmq build` (which embeds the SDK and the Python world's WIT, so a
+# change to either rebuilds them).
+PY_SDK_TASKS := onboard-py scrape-py
+PY_SDK_TASK_WASM := $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_SDK_TASKS)))
+PY_SDK_SOURCES := $(wildcard guest-sdk/python/wasmq/*.py guest-sdk/python/wit/*.wit)
 
-py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS)))
+py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS))) $(PY_SDK_TASK_WASM)
 
 $(PY_TOOLS):
 	@[ -x $(VENV)/bin/pip ] || $(PYTHON) -m venv $(VENV)
@@ -88,6 +94,10 @@ $(PY_TOOLS):
 $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(wildcard wit/*.wit wit/deps/*/*.wit) $(PY_TOOLS)
 	@mkdir -p $(PY_GUEST_DIR)
 	$(COMPONENTIZE_PY) -d wit -w task componentize -p tasks/$* app -o $@
+
+$(PY_SDK_TASK_WASM): $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK_SOURCES) $(PY_TOOLS)
+	@mkdir -p $(PY_GUEST_DIR)
+	$(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
 
 build:
 	$(CARGO) build -p wasmq

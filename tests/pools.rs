@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::components::{example_task_bytes, Lang};
 use common::guest_bytes;
 use common::redis::RedisServer;
 use common::workers::KillOnDrop;
@@ -260,7 +261,21 @@ async fn locked_increments_from_four_workers_are_exact() {
 /// the host counter says exactly 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrape_counts_500_pages_once_despite_duplicates() {
+    scrape_counts_500_pages_once_in(Lang::Rust).await;
+}
+
+/// [`scrape_counts_500_pages_once_despite_duplicates`] with the Python
+/// twin of `scrape` (tasks/scrape-py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_counts_500_pages_once_despite_duplicates_py() {
+    scrape_counts_500_pages_once_in(Lang::Python).await;
+}
+
+async fn scrape_counts_500_pages_once_in(lang: Lang) {
     const PAGES: usize = 500;
+    let Some(scrape) = example_task_bytes("scrape", lang) else {
+        return;
+    };
     let redis = RedisServer::start();
     let broker = Broker::connect(&redis.url).await.unwrap();
     let site = common::http::TestServer::start(|req, _| {
@@ -270,7 +285,7 @@ async fn scrape_counts_500_pages_once_despite_duplicates() {
     let mut p = policy("default", PoolKind::Io);
     p.sandbox.allow_http = vec![site.authority()];
     broker
-        .deploy(TENANT, "scrape", &guest_bytes("scrape"), &p)
+        .deploy(TENANT, "scrape", &scrape, &p)
         .await
         .unwrap();
     let mut ids = Vec::new();

@@ -1,5 +1,54 @@
-//! Components made in the test instead of committed: a real task with a
-//! version of its own, and valid components that take long to compile.
+//! Components the tests run beside the Rust guests of `make guests`: the
+//! Python twins of the example tasks (`make py-guests`), looked up so a
+//! test runs each task in both languages; and components made in the test
+//! instead of committed: a real task with a version of its own, and valid
+//! components that take long to compile.
+
+use std::path::PathBuf;
+
+/// The language an example task is written in: the Rust task in
+/// tasks/NAME (built by `make guests`) or its Python twin in tasks/NAME-py
+/// (built by `make py-guests`). Tests shared by both run one body per
+/// language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    Rust,
+    Python,
+}
+
+/// Path of a Python component built by `make py-guests`
+/// (target/guests/py/NAME.wasm), or None, printing why the test is
+/// skipped, when it is not built (componentize-py needs a venv and PyPI,
+/// which `make test` does not assume).
+pub fn python_guest(name: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests/py")
+        .join(format!("{name}.wasm"));
+    if path.exists() {
+        return Some(path);
+    }
+    println!(
+        "skipped: {} is not built; build it with `make py-guests` \
+         (a .venv with componentize-py 0.25.1)",
+        path.display()
+    );
+    None
+}
+
+/// Path of example task `task` ("onboard", "scrape") in `lang`: the Rust
+/// one must be built; the Python twin ("onboard-py") may not be, then
+/// None (the skip printed).
+pub fn example_task(task: &str, lang: Lang) -> Option<PathBuf> {
+    match lang {
+        Lang::Rust => Some(super::guest(task)),
+        Lang::Python => python_guest(&format!("{task}-py")),
+    }
+}
+
+/// Bytes of [`example_task`].
+pub fn example_task_bytes(task: &str, lang: Lang) -> Option<Vec<u8>> {
+    example_task(task, lang).map(|path| std::fs::read(path).unwrap())
+}
 
 /// `bytes` (a component) with a custom section naming `tag` appended: the
 /// same task, a new content hash, so no cache of another test has it.
