@@ -254,7 +254,7 @@ async fn a_cap_lowered_after_deploy_dead_letters_the_jobs() {
 async fn a_workers_default_cap_applies_to_tenants_without_one() {
     let redis = RedisServer::start();
     let broker = Broker::connect(&redis.url).await.unwrap();
-    // No tenant record: the engine's default cap (16 MiB) lets it deploy.
+    // No tenant record: the engine's default cap (64 MiB) lets it deploy.
     broker
         .deploy(
             "plain",

@@ -131,15 +131,22 @@ impl CompiledCache {
     /// whose sha256 is `hash`, if there is a usable one.
     pub fn load(&self, engine: &Engine, hash: &str) -> Option<Component> {
         let path = self.artifact_path(engine, hash)?;
-        // Read the artifact into memory rather than mmap it: a mapped file
-        // that someone truncates or rewrites in place would crash the worker
-        // with SIGBUS.
-        let artifact = std::fs::read(&path).ok()?;
+        if !path.exists() {
+            return None;
+        }
+        // Mapped from the file, not read into memory: wasmtime then maps
+        // each memory's initial image straight from the page cache, shared
+        // by every worker process of the machine, instead of copying it
+        // into a sealed memfd per process (tens of MB for a Python
+        // component, and sealing a freshly written memfd can fail with
+        // EBUSY on a loaded machine). Artifacts are only ever replaced by
+        // rename (`write_atomically`), never rewritten in place, so the
+        // mapping stays valid.
         // SAFETY: the artifact was written by `precompile_component` of an
         // engine with the same compatibility hash (it is in the file name)
         // into our own cache directory; wasmtime also checks the header and
         // rejects an incompatible file, which we then recompile.
-        match unsafe { Component::deserialize(engine, &artifact) } {
+        match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(component) => Some(component),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
@@ -176,8 +183,10 @@ impl CompiledCache {
             .map_err(|e| refused(&e, &self.limits))?;
         if let Err(e) = write_atomically(&path, &artifact) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled cache");
+            return Ok(component);
         }
-        Ok(component)
+        // Use the file just written, as `load` would (see there why).
+        Ok(self.load(engine, hash).unwrap_or(component))
     }
 
     fn artifact_path(&self, engine: &Engine, hash: &str) -> Option<PathBuf> {
@@ -189,6 +198,28 @@ impl CompiledCache {
             dir.join("compiled")
                 .join(format!("{hash}-{:016x}.cwasm", hasher.finish())),
         )
+    }
+}
+
+/// Make `component`'s initial memory images now, when it is prepared,
+/// rather than in the first job's instantiation: the first job does not pay
+/// for it, and the one failure seen here is dealt with where it cannot
+/// fail a job. Without a file to map (no disk cache) an image is a sealed
+/// memfd, and sealing one just written can fail with EBUSY while the
+/// kernel still holds its pages (seen on a loaded machine with a 12 MB
+/// Python heap): a few tries, then the lazy path at instantiation is left
+/// to try again.
+pub fn initialize_memory_images(component: &Component) {
+    const TRIES: u32 = 4;
+    for attempt in 1..=TRIES {
+        match component.initialize_copy_on_write_image() {
+            Ok(()) => return,
+            Err(e) if attempt == TRIES => {
+                tracing::warn!(error = %format!("{e:#}"),
+                    "could not make the component's memory images; the first instance will try again");
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20 << attempt)),
+        }
     }
 }
 

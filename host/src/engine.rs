@@ -110,16 +110,16 @@ impl std::fmt::Display for ComponentLimits {
 }
 
 /// Largest component a tenant without its own cap (`wasmq tenant create
-/// --max-component`) may deploy and run. Task code compiles at about 1.4 s
-/// per MB on one core of our 2-core VM (noop, hostile), and the issue that
-/// led here saw 4-6 s per MB (5 MB: 20-29 s; 64 MB: almost 7 minutes): at
-/// those rates 16 MiB is 25-100 s, about [`DEFAULT_COMPILE_BUDGET`], so a
-/// bigger file would mostly be refused by the budget anyway, after costing
-/// a worker that much of a core and Redis 16+ MiB per version. Rust tasks
-/// built for release are 0.1-3 MiB (ours: 80-350 KiB). Python components
-/// (the interpreter included) are bigger: give those tenants a cap of
-/// their own.
-pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 16 << 20;
+/// --max-component`) may deploy and run. It bounds what one version costs
+/// Redis and each worker's fetch; compile time is bounded apart, by
+/// [`DEFAULT_COMPILE_BUDGET`], and depends on the code, not the file size.
+/// Rust tasks built for release are 0.1-3 MiB (ours: 80-350 KiB). A Python
+/// task built by `wasmq build` carries the interpreter and a pre-initialised
+/// heap: 18 MB for a no-op, more with bundled packages (its code is about
+/// 6 MB of that, and compiles well within the budget); a JavaScript one
+/// about 10 MB. 64 MiB leaves room for a Python task with its pure-Python
+/// dependencies; a tenant with bigger ones gets a cap of its own.
+pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 64 << 20;
 
 /// CPU time one compile of a component may take before the component is
 /// refused (`invalid-component`). Our task components compile in 0.2-0.5 s

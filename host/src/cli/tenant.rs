@@ -62,7 +62,7 @@ pub struct LimitArgs {
     /// Largest component (`.wasm`) a task may have, e.g. `16MiB`: deploys
     /// of bigger ones are refused, and workers refuse to compile or run a
     /// deployed one over the current cap (`invalid-component`). Without it,
-    /// the engine's default (16MiB) applies.
+    /// the engine's default (64MiB) applies.
     #[arg(long = "max-component", value_parser = crate::policy::parse_size)]
     pub max_component: Option<u64>,
     /// An outbound HTTP entry tasks may be granted (repeatable); without

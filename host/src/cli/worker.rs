@@ -66,7 +66,7 @@ pub struct WorkerArgs {
     #[arg(long = "compile-budget", default_value_t = DEFAULT_COMPILE_BUDGET.into())]
     pub compile_budget: humantime::Duration,
     /// Largest component, e.g. `32MiB`, this worker runs for tenants
-    /// without their own `--max-component` cap (default 16MiB, the cap
+    /// without their own `--max-component` cap (default 64MiB, the cap
     /// `wasmq deploy` applies to them).
     #[arg(long = "default-max-component", value_parser = crate::policy::parse_size)]
     pub default_max_component: Option<u64>,

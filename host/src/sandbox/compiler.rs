@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::world::WorldPre;
 use super::{PreparedTask, Sandbox};
-use crate::component::{check_header, content_hash};
+use crate::component::{check_header, content_hash, initialize_memory_images};
 use crate::engine::CompileSettings;
 use crate::failure::{Category, Failure};
 
@@ -293,6 +293,7 @@ impl Sandbox {
                 self.cache.compile(&self.engine, bytes, hash, abandoned)?
             }
         };
+        initialize_memory_images(&component);
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             Failure::new(
                 Category::InvalidComponent,
