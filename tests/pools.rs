@@ -295,9 +295,18 @@ async fn scrape_counts_500_pages_once_in(lang: Lang) {
             ids.extend(enqueue(&broker, "scrape", payload, 1).await);
         }
         if round == 0 {
-            // Let a first worker take some, then kill it mid-run.
+            // Let a first worker take some, then kill it mid-run: once it
+            // has fetched a few pages (a Python worker first loads its
+            // 18 MB component, so a fixed delay could kill it before any).
             let mut first = spawn_worker(&redis.url, &["--concurrency", "50"]);
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            let started = Instant::now();
+            while site.requests().len() < 20 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "the first worker fetched nothing in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             first.kill().unwrap();
             first.wait().unwrap();
         }
