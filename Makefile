@@ -9,7 +9,7 @@ GUEST_DIR := target/guests
 GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 flowstep secrets db
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis postgres promtool browser guests py-guests py-guests-if-pypi build test demo bench lint fmt clean
+.PHONY: all setup target redis postgres promtool browser guests py-tools py-guests py-guests-if-pypi build test demo bench lint fmt clean
 
 all: build guests
 
@@ -66,9 +66,11 @@ guests: target
 	$(CARGO) build $(GUEST_FLAGS)
 
 # Python tasks, as components: a project virtualenv (.venv/, gitignored)
-# with the pinned componentize-py, then each tasks/*-py built against
-# wit/ (world `task`) into target/guests/py/. Needs python3 with venv and
-# PyPI (`make py-guests-if-pypi` skips, saying so, where it is unreachable).
+# with the pinned componentize-py (`make py-tools`, what `wasmq build`
+# finds), then each tasks/*-py built with `wasmq build` (the Python SDK in
+# guest-sdk/python/ and its world, embedded in the binary) into
+# target/guests/py/. Needs python3 with venv and PyPI (`make
+# py-guests-if-pypi` skips, saying so, where it is unreachable).
 PYTHON ?= python3
 VENV := .venv
 COMPONENTIZE_PY_VERSION := 0.25.1
@@ -86,14 +88,18 @@ PY_SDK_SOURCES := $(wildcard guest-sdk/python/wasmq/*.py guest-sdk/python/wit/*.
 
 py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS))) $(PY_SDK_TASK_WASM)
 
+py-tools: $(PY_TOOLS)
+
 $(PY_TOOLS):
 	@[ -x $(VENV)/bin/pip ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet componentize-py==$(COMPONENTIZE_PY_VERSION)
 	@touch $@
 
-$(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(wildcard wit/*.wit wit/deps/*/*.wit) $(PY_TOOLS)
+PY_SDK := $(wildcard guest-sdk/python/wasmq/*.py guest-sdk/python/wit/*.wit guest-sdk/python/wit/deps/*/*.wit wit/*.wit wit/deps/*/*.wit)
+
+$(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK) $(PY_TOOLS)
 	@mkdir -p $(PY_GUEST_DIR)
-	$(COMPONENTIZE_PY) -d wit -w task componentize -p tasks/$* app -o $@
+	$(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
 
 $(PY_SDK_TASK_WASM): $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK_SOURCES) $(PY_TOOLS)
 	@mkdir -p $(PY_GUEST_DIR)

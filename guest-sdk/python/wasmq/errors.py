@@ -79,17 +79,33 @@ class Retry(TaskError):
 
     def __init__(
         self,
-        delay: Union[Duration, str, None] = None,
-        message: Union[str, Duration, None] = None,
+        *args: Union[Duration, str, None],
+        delay: Optional[Duration] = None,
+        message: Optional[str] = None,
     ) -> None:
-        if isinstance(delay, str):
-            delay, message = message, delay  # type: ignore[assignment]
+        if len(args) > 2:
+            raise TypeError("Retry(delay=None, message=None) takes at most two arguments")
+        # `Retry("busy")`, `Retry("busy", 5)`: a str first is the message.
+        if args and isinstance(args[0], str):
+            given = {"message": args[0], "delay": args[1] if len(args) > 1 else None}
+        else:
+            given = {"delay": args[0] if args else None, "message": args[1] if len(args) > 1 else None}
+        if given["delay"] is not None:
+            if delay is not None:
+                raise TypeError("Retry: delay given twice")
+            delay = given["delay"]  # type: ignore[assignment]
+        if given["message"] is not None:
+            if message is not None:
+                raise TypeError("Retry: message given twice")
+            message = given["message"]  # type: ignore[assignment]
         if message is None:
             message = "the task asked to be retried"
         if not isinstance(message, str):
             raise TypeError(f"Retry: the message is a str, not {type(message).__name__}")
-        self.delay: Optional[Duration] = delay  # type: ignore[assignment]
-        self.delay_ms: Optional[int] = to_millis(delay)  # type: ignore[arg-type]
+        #: The delay as given (seconds or a timedelta), or None for the policy's backoff.
+        self.delay: Optional[Duration] = delay
+        #: The delay in milliseconds (rounded up), or None.
+        self.delay_ms: Optional[int] = to_millis(delay)
         super().__init__(message)
 
     def to_wit(self) -> wit.TaskError:

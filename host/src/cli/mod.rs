@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_redis;
+mod build;
 mod dead;
 mod deploy;
 mod engine_limits;
@@ -14,6 +15,7 @@ mod enqueue;
 mod flow;
 mod format;
 mod operate;
+mod py_sdk_files;
 mod run;
 mod schedule;
 mod secret;
@@ -67,6 +69,9 @@ pub enum Command {
     /// Run one job locally in the sandbox, without Redis (embedded mode), and
     /// print its result JSON.
     Run(run::RunArgs),
+    /// Build a Python task (`@task` from the `wasmq` SDK) into a component
+    /// with componentize-py, bundling its pure-Python requirements.
+    Build(build::BuildArgs),
     /// Validate a component and deploy it under a name with its policy.
     Deploy(deploy::DeployArgs),
     /// List deployed tasks.
@@ -169,6 +174,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     format::set_json_stderr(json_errors);
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.tenant, args).await,
+        Command::Build(args) => build::build(args).await,
         Command::Deploy(args) => deploy::deploy(&cli.redis, &cli.tenant, args).await,
         Command::Tasks => deploy::tasks(&cli.redis, &cli.tenant).await,
         Command::Enqueue(args) => enqueue::enqueue(&cli.redis, &cli.tenant, args).await,
