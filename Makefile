@@ -78,15 +78,11 @@ COMPONENTIZE_PY := $(VENV)/bin/componentize-py
 # Installed once per pinned version (a bump reinstalls).
 PY_TOOLS := $(VENV)/componentize-py-$(COMPONENTIZE_PY_VERSION).installed
 PY_GUEST_DIR := $(GUEST_DIR)/py
-PY_GUESTS := noop-py
-# Tasks written with the wasmq Python SDK (guest-sdk/python), built with
-# `wasmq build` (which embeds the SDK and the Python world's WIT, so a
-# change to either rebuilds them).
-PY_SDK_TASKS := onboard-py scrape-py
-PY_SDK_TASK_WASM := $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_SDK_TASKS)))
-PY_SDK_SOURCES := $(wildcard guest-sdk/python/wasmq/*.py guest-sdk/python/wit/*.wit)
+# The no-op, and the Python twins of the Rust onboard and scrape (the
+# tests shared by both languages run them when built).
+PY_GUESTS := noop-py onboard-py scrape-py
 
-py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS))) $(PY_SDK_TASK_WASM)
+py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS)))
 
 py-tools: $(PY_TOOLS)
 
@@ -98,10 +94,6 @@ $(PY_TOOLS):
 PY_SDK := $(wildcard guest-sdk/python/wasmq/*.py guest-sdk/python/wit/*.wit guest-sdk/python/wit/deps/*/*.wit wit/*.wit wit/deps/*/*.wit)
 
 $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK) $(PY_TOOLS)
-	@mkdir -p $(PY_GUEST_DIR)
-	$(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
-
-$(PY_SDK_TASK_WASM): $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK_SOURCES) $(PY_TOOLS)
 	@mkdir -p $(PY_GUEST_DIR)
 	$(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
 
