@@ -29,7 +29,7 @@ from . import log
 from .errors import BAD_PAYLOAD, EXCEPTION, TaskError
 from .job import Job
 
-__all__ = ["task", "WitWorld", "TaskFunction"]
+__all__ = ["task", "registered", "WitWorld", "TaskFunction"]
 
 #: A task function: ``fn(job, payload) -> JSON-able result``.
 TaskFunction = Callable[[Job, Any], Any]
@@ -54,6 +54,11 @@ def task(fn: TaskFunction) -> TaskFunction:
     _registered = fn
     log.install()
     return fn
+
+
+def registered() -> Optional[TaskFunction]:
+    """The function marked ``@task``, if any (the build checks there is one)."""
+    return _registered
 
 
 def _kind(kind: str, message: str) -> Err:

@@ -84,8 +84,15 @@ mod tests {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 sources(root, &path, out);
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("py" | "wit")) {
-                let rel = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("py" | "wit")
+            ) {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 out.insert(rel, std::fs::read_to_string(&path).unwrap());
             }
         }
@@ -101,12 +108,24 @@ mod tests {
             .iter()
             .map(|f| (f.path.to_string(), f.text.to_string()))
             .collect();
-        let missing: Vec<_> = on_disk.keys().filter(|p| !embedded.contains_key(*p)).collect();
-        assert!(missing.is_empty(), "not embedded in host/src/cli/py_sdk_files.rs: {missing:?}");
-        let gone: Vec<_> = embedded.keys().filter(|p| !on_disk.contains_key(*p)).collect();
+        let missing: Vec<_> = on_disk
+            .keys()
+            .filter(|p| !embedded.contains_key(*p))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not embedded in host/src/cli/py_sdk_files.rs: {missing:?}"
+        );
+        let gone: Vec<_> = embedded
+            .keys()
+            .filter(|p| !on_disk.contains_key(*p))
+            .collect();
         assert!(gone.is_empty(), "embedded but no longer on disk: {gone:?}");
         for (path, text) in &on_disk {
-            assert_eq!(&embedded[path], text, "{path} differs from what is embedded");
+            assert_eq!(
+                &embedded[path], text,
+                "{path} differs from what is embedded"
+            );
         }
     }
 
@@ -114,7 +133,10 @@ mod tests {
     fn the_task_wit_is_the_repositorys() {
         let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let get = |p: &str| FILES.iter().find(|f| f.path == p).unwrap().text;
-        assert_eq!(get("wit/deps/task-0.2.0/task.wit"), std::fs::read_to_string(repo.join("wit/task.wit")).unwrap());
+        assert_eq!(
+            get("wit/deps/task-0.2.0/task.wit"),
+            std::fs::read_to_string(repo.join("wit/task.wit")).unwrap()
+        );
         assert_eq!(
             get("wit/deps/task-0.1.0/task.wit"),
             std::fs::read_to_string(repo.join("wit/deps/task-0.1.0/task.wit")).unwrap()

