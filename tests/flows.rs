@@ -13,11 +13,11 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::components::{example_task_bytes, Lang};
 use common::http::{Reply, TestServer};
 use common::jobs::redis_with_task;
 use common::redis::RedisServer;
 use common::web::Dashboard;
-use common::components::{example_task_bytes, Lang};
 use common::workers::{in_process_config, spawn_process, start_configured, start_in_process};
 use common::{guest_bytes, text, wasmq, TempDir};
 use serde_json::{json, Value};

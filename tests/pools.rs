@@ -284,10 +284,7 @@ async fn scrape_counts_500_pages_once_in(lang: Lang) {
     .await;
     let mut p = policy("default", PoolKind::Io);
     p.sandbox.allow_http = vec![site.authority()];
-    broker
-        .deploy(TENANT, "scrape", &scrape, &p)
-        .await
-        .unwrap();
+    broker.deploy(TENANT, "scrape", &scrape, &p).await.unwrap();
     let mut ids = Vec::new();
     for round in 0..2 {
         for page in 0..PAGES {

@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::http::{Reply, TestServer};
 use common::components::{example_task, example_task_bytes, python_guest, Lang};
+use common::http::{Reply, TestServer};
 use common::sandbox::{failure, job, run, sandbox, sandbox_for, sandbox_with_slots, success};
 use common::{guest, guest_bytes, wasmq_bin, TempDir};
 use serde_json::{json, Value};
@@ -191,6 +191,51 @@ async fn onboard_retries_after_a_mail_api_failure_and_sends_once_in(lang: Lang) 
         mail.count("/send"),
         2,
         "one failed request, then exactly one email"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_names_network_and_denied_failures_by_kind() {
+    onboard_names_network_and_denied_failures_by_kind_in(Lang::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_names_network_and_denied_failures_by_kind_py() {
+    onboard_names_network_and_denied_failures_by_kind_in(Lang::Python).await;
+}
+
+/// A mail API nobody listens on fails with kind "network" (which the
+/// policy retries); one off the allow-list is refused by the host, the
+/// failure in category `denied`.
+async fn onboard_names_network_and_denied_failures_by_kind_in(lang: Lang) {
+    let Some(component) = example_task_bytes("onboard", lang) else {
+        return;
+    };
+    // A port just freed: connecting to it is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let authority = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let sb = sandbox_for(lang);
+    let task = sb.prepare(&component).unwrap();
+    let policy = SandboxPolicy {
+        allow_http: vec![authority.clone()],
+        ..SandboxPolicy::default()
+    };
+    let payload = json!({"user_id": 7, "mail_api": format!("http://{authority}/send")});
+    let outcome = run(&sb, &task, &payload.to_string(), &policy).await;
+    match &outcome.verdict {
+        Verdict::Failed { kind, failure } => {
+            assert_eq!(kind.as_deref(), Some("network"), "{failure:?}")
+        }
+        other => panic!("connection refused: {other:?}\nlog:\n{}", outcome.log),
+    }
+    let payload = json!({"user_id": 7, "mail_api": "http://127.0.0.2:9/send"});
+    let outcome = run(&sb, &task, &payload.to_string(), &policy).await;
+    let (category, message) = failure(&outcome);
+    assert_eq!(category, Category::Denied, "{message}");
+    assert!(
+        message.contains("not in the task's allow-list"),
+        "{message}"
     );
 }
 
