@@ -26,17 +26,13 @@ pub fn sandbox_with_slots(jobs: u32) -> Sandbox {
 }
 
 /// A sandbox for `lang`'s components: Rust ones as [`sandbox`]; Python
-/// ones (the interpreter included, about 18 MB) with the disk cache the
-/// tests' `wasmq` processes share, so each is compiled once (10-20 s of
+/// ones (the interpreter included, about 19 MB) with the disk cache the
+/// tests' `wasmq` processes share, so each is compiled once (about 20 s of
 /// CPU) and then loaded from disk (well under a second).
 pub fn sandbox_for(lang: super::components::Lang) -> Sandbox {
     match lang {
         super::components::Lang::Rust => sandbox(),
-        super::components::Lang::Python => Sandbox::new(
-            build_engine(&EngineLimits::default()).unwrap(),
-            CompiledCache::new(Some(super::shared_cache_dir())),
-        )
-        .unwrap(),
+        super::components::Lang::Python => super::components::python_sandbox(),
     }
 }
 
