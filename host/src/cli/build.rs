@@ -418,7 +418,7 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
 /// componentize-py's failure, shortened to what concerns the task: the
 /// Python traceback of the import it ran (its own traceback and Rust
 /// context dropped), with its `/N/` paths (the N-th `-p` entry) put back
-/// as the real directories.
+/// as the real directories (the build directory as `<wasmq build>`).
 fn readable_failure(stderr: &str, python_path: &[PathBuf]) -> String {
     let mut text = match stderr.split_once("AssertionError: ") {
         Some((_, rest)) => rest.to_string(),
@@ -430,7 +430,12 @@ fn readable_failure(stderr: &str, python_path: &[PathBuf]) -> String {
         }
     }
     for (i, dir) in python_path.iter().enumerate() {
-        text = text.replace(&format!("\"/{i}/"), &format!("\"{}/", dir.display()));
+        // The first entry is the build directory, gone once the build ends.
+        let shown = match i {
+            0 => "<wasmq build>".to_string(),
+            _ => dir.display().to_string(),
+        };
+        text = text.replace(&format!("\"/{i}/"), &format!("\"{shown}/"));
     }
     text.trim().to_string()
 }
@@ -485,6 +490,7 @@ mod tests {
         let text = readable_failure(stderr, &[PathBuf::from("/b"), PathBuf::from("/tasks/x")]);
         assert!(text.starts_with("Traceback"), "{text}");
         assert!(text.contains("\"/tasks/x/app.py\", line 4"), "{text}");
+        assert!(text.contains("\"<wasmq build>/wasmq_entry.py\""), "{text}");
         assert!(text.ends_with("SyntaxError: expected ':'"), "{text}");
         assert!(
             !text.contains("Caused by") && !text.contains("componentize-py\""),
