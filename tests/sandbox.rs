@@ -76,6 +76,20 @@ fn noop_and_thumbnail_run_from_the_cli() {
     assert!(a["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
 }
 
+/// tasks/onboard-py and tasks/scrape-py deploy with their Rust twins'
+/// policies: the same `task.toml`, comments aside.
+#[test]
+fn python_twins_have_their_rust_twins_policies() {
+    let tasks = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tasks");
+    for task in ["onboard", "scrape"] {
+        let policy = |dir: &str| {
+            let text = std::fs::read_to_string(tasks.join(dir).join("task.toml")).unwrap();
+            wasmq::policy::TaskPolicy::from_toml(&text).unwrap()
+        };
+        assert_eq!(policy(task), policy(&format!("{task}-py")), "{task}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboard_sends_one_email_across_runs_of_one_store() {
     onboard_sends_one_email_across_runs_of_one_store_in(Lang::Rust).await;
