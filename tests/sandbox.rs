@@ -778,8 +778,13 @@ fn compiled_components_are_cached_on_disk() {
         std::fs::metadata(&artifact).unwrap().modified().unwrap(),
         written
     );
-    // A corrupt entry is recompiled, not trusted.
-    std::fs::write(&artifact, b"garbage").unwrap();
+    // A corrupt entry is recompiled, not trusted. Written beside and
+    // renamed over it, as the cache replaces artifacts: `first` and
+    // `second` still map the old file, and rewriting a mapped file in
+    // place kills the process with SIGBUS when they next touch it.
+    let corrupt = artifact.with_extension("corrupt");
+    std::fs::write(&corrupt, b"garbage").unwrap();
+    std::fs::rename(&corrupt, &artifact).unwrap();
     let third = Sandbox::new(
         build_engine(&limits).unwrap(),
         CompiledCache::new(Some(cache.0.clone())),
