@@ -208,14 +208,9 @@ impl World {
     ) -> World {
         let redis = RedisServer::start();
         let broker = Broker::connect(&redis.url).await.unwrap();
-        // A Python component is about 20 MB, over the 16 MiB a tenant
-        // without a cap of its own may deploy.
-        // Loopback servers (HTTP, PostgreSQL) stand in for real ones.
-        common::create_tenant(
-            &redis.url,
-            "acme",
-            &["--max-component", "64MiB", "--allow-private-networks"],
-        );
+        // Loopback servers (HTTP, PostgreSQL) stand in for real ones. (A
+        // Python component, about 20 MB, fits the default component cap.)
+        common::create_tenant(&redis.url, "acme", &["--allow-private-networks"]);
         for (name, value) in secrets {
             let out = wasmq_with(
                 &redis.url,
@@ -968,4 +963,73 @@ fn build_refuses_a_requirement_with_a_native_extension_naming_it() {
     assert!(!dir.path().join("app.wasm").exists());
     // Refused before componentize-py runs.
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+// ---- the README's task ------------------------------------------------------
+
+/// The first ```python block of README.md: the task a new user copies.
+fn readme_python_task() -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("```python\n")
+        .expect("README.md has a Python task")
+        + 10;
+    let len = readme[start..].find("```").expect("the block ends");
+    readme[start..start + len].to_string()
+}
+
+/// The Python task README.md shows builds as it is written, and does what
+/// it says: one email per user across runs, even when the mail API failed
+/// the first request (`mail-api`, a kind the policy may retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_python_task_builds_and_sends_one_email() {
+    let Some(componentize_py) = componentize_py() else {
+        println!("{SKIP}");
+        return;
+    };
+    let dir = TempDir::new("readme-py");
+    let source = dir.path().join("welcome.py");
+    std::fs::write(&source, readme_python_task()).unwrap();
+    let wasm = dir.path().join("welcome.wasm");
+    let out = wasmq_build(
+        Some(&componentize_py),
+        &[source.as_os_str(), "-o".as_ref(), wasm.as_os_str()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let mail = TestServer::start(|_, n| {
+        if n == 1 {
+            Reply::status(503)
+        } else {
+            Reply::ok("{}")
+        }
+    })
+    .await;
+    let sb = Sandbox::new(
+        build_engine(&EngineLimits::default()).unwrap(),
+        CompiledCache::new(Some(common::shared_cache_dir())),
+    )
+    .unwrap();
+    let task = sb.prepare(&std::fs::read(&wasm).unwrap()).unwrap();
+    let policy = SandboxPolicy {
+        allow_http: vec![mail.authority()],
+        ..SandboxPolicy::default()
+    };
+    let backend = Arc::new(MemoryBackend::new());
+    let payload = json!({"user_id": 7, "mail_api": mail.url("/send")}).to_string();
+    let job = JobInput::new("job-1", "welcome", "t1", &payload);
+    let first = sb.run(&task, &job, &policy, backend.clone()).await;
+    let (_, kind, message) = failed(&first);
+    assert_eq!(kind.as_deref(), Some("mail-api"), "{message}");
+    for _ in 0..2 {
+        let out = sb.run(&task, &job, &policy, backend.clone()).await;
+        assert_eq!(common::sandbox::success(&out), json!({"email": "sent"}));
+    }
+    assert_eq!(mail.count("/send"), 2, "one failed request, then one email");
+    let keys: Vec<_> = mail
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key").map(String::from))
+        .collect();
+    assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
 }

@@ -23,7 +23,15 @@ goes through the host: :mod:`wasmq.kv`, :mod:`wasmq.counters`,
 :class:`Lock`, :func:`once`. See ``guest-sdk/python/README.md``.
 """
 
+import sys as _sys
+
 from . import config, counters, flows, http, kv, postgres
+
+# `counter` is the same module as `counters`, under the Rust SDK's (and
+# the WIT interface's) name: `from wasmq import counter` and
+# `import wasmq.counter` both work.
+counter = counters
+_sys.modules[__name__ + ".counter"] = counters
 from .errors import (
     BAD_PAYLOAD,
     DENIED,
@@ -62,6 +70,7 @@ __all__ = [
     "NETWORK",
     "kv",
     "counters",
+    "counter",
     "Lock",
     "Lease",
     "once",

@@ -42,7 +42,7 @@ async fn client(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// Create the `users` table with `user` in it, not yet onboarded (a table
+/// Create the `users` table with `users` in it, not yet onboarded (a table
 /// or row already there is kept as it is), and store the database's URL as
 /// `tenant`'s secret `database:app`, sealed with `key`.
 pub async fn prepare(
@@ -50,7 +50,7 @@ pub async fn prepare(
     tenant: &str,
     key: &SecretsKey,
     url: &str,
-    user: i64,
+    users: &[i64],
 ) -> anyhow::Result<()> {
     let db = client(url).await?;
     db.execute(
@@ -59,11 +59,13 @@ pub async fn prepare(
         &[],
     )
     .await?;
-    db.execute(
-        "INSERT INTO users (id, name) VALUES ($1, 'Ada') ON CONFLICT (id) DO NOTHING",
-        &[&user],
-    )
-    .await?;
+    for user in users {
+        db.execute(
+            "INSERT INTO users (id, name) VALUES ($1, 'Ada') ON CONFLICT (id) DO NOTHING",
+            &[user],
+        )
+        .await?;
+    }
     let name = format!("{}app", secrets::DATABASE_PREFIX);
     let sealed = key
         .seal(tenant, &secrets::field(&name, None), url.as_bytes())

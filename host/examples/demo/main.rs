@@ -8,8 +8,9 @@
 //! email; the same task as the seed's article writes it, against a `users`
 //! table in PostgreSQL (a private server unless `WASMQ_DATABASE_URL`
 //! answers): three concurrent jobs for one user, one email, the row's
-//! `onboarded` flag turned on once; and a hostile guest stopped by its fuel
-//! budget.
+//! `onboarded` flag turned on once, by the Rust task and by its Python twin
+//! `onboard-py` (built by `wasmq build`) for another user; and a hostile
+//! guest stopped by its fuel budget.
 
 mod database;
 mod fixture;
@@ -33,9 +34,13 @@ use wasmq::secrets::SecretsKey;
 use fixture::redis::RedisServer;
 
 const GUESTS: &str = "target/guests/wasm32-wasip2/release";
+/// Where `make py-guests` puts the Python tasks.
+const PY_GUESTS: &str = "target/guests/py";
 
-/// The user the database part onboards (user 7 is the HTTP-only part's).
+/// The user the database part onboards with the Rust task (user 7 is the
+/// HTTP-only part's), and the one the Python task onboards.
 const DB_USER: i64 = 42;
+const DB_USER_PY: i64 = 43;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -76,7 +81,14 @@ async fn main() -> anyhow::Result<()> {
     let secrets_key =
         Arc::new(SecretsKey::from_hex(&SecretsKey::generate_hex()).map_err(anyhow::Error::msg)?);
     let db = database::for_demo().await?;
-    database::prepare(&broker, tenant, &secrets_key, &db.url, DB_USER).await?;
+    database::prepare(
+        &broker,
+        tenant,
+        &secrets_key,
+        &db.url,
+        &[DB_USER, DB_USER_PY],
+    )
+    .await?;
     let deploy = |name: &'static str, policy: TaskPolicy| {
         let broker = broker.clone();
         async move {
@@ -104,12 +116,26 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     deploy("scrape", with_http(&site)).await?;
-    deploy("onboard", {
+    let onboard_policy = {
         let mut p = with_http(&mail);
         p.sandbox.databases = vec!["app".into()];
         p
-    })
-    .await?;
+    };
+    deploy("onboard", onboard_policy.clone()).await?;
+    // The same task in Python, where `make py-guests` could build it.
+    let python = format!("{PY_GUESTS}/onboard-py.wasm");
+    let python = match std::fs::read(&python) {
+        Ok(bytes) => {
+            broker
+                .deploy(tenant, "onboard-py", &bytes, &onboard_policy)
+                .await?;
+            true
+        }
+        Err(e) => {
+            println!("skip   onboard-py: {python}: {e} (`make py-guests` builds it; it needs PyPI for componentize-py)");
+            false
+        }
+    };
     let mut spin = TaskPolicy::default();
     spin.sandbox.fuel = 100_000_000;
     deploy("hostile", spin).await?;
@@ -223,8 +249,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let emails_before = emails.load(Ordering::SeqCst);
-    failed += onboard_in_the_database(&broker, tenant, &mail, &db.url).await?;
+    failed += onboard_in_the_database(&broker, tenant, "onboard", DB_USER, &mail, &db.url).await?;
     let db_emails = emails.load(Ordering::SeqCst) - emails_before;
+    let py_emails = if python {
+        let before = emails.load(Ordering::SeqCst);
+        failed +=
+            onboard_in_the_database(&broker, tenant, "onboard-py", DB_USER_PY, &mail, &db.url)
+                .await?;
+        Some(emails.load(Ordering::SeqCst) - before)
+    } else {
+        None
+    };
     let _ = stop.send(());
     workers.await??;
     println!(
@@ -241,29 +276,38 @@ async fn main() -> anyhow::Result<()> {
         db_emails == 1,
         "expected exactly one welcome email for user {DB_USER}, got {db_emails}"
     );
+    if let Some(py_emails) = py_emails {
+        println!("python: onboard-py sent {py_emails} welcome email(s) for user {DB_USER_PY}");
+        anyhow::ensure!(
+            py_emails == 1,
+            "expected exactly one welcome email for user {DB_USER_PY} from onboard-py, got {py_emails}"
+        );
+    }
     chaos(&broker, &redis_url, tenant).await
 }
 
-/// The seed's task as the article writes it: three `onboard` jobs for one
+/// The seed's task as the article writes it: three `task` jobs for one
 /// user at once, each locking the user's row in one transaction; one sends
 /// the email and sets `onboarded`, the others wait for the lock and find it
 /// set. Prints the row before and after; returns the jobs that failed.
 async fn onboard_in_the_database(
     broker: &Broker,
     tenant: &str,
+    task: &str,
+    user: i64,
     mail: &str,
     db_url: &str,
 ) -> anyhow::Result<u32> {
     println!(
-        "db     users row {DB_USER} before: onboarded = {}",
-        database::onboarded(db_url, DB_USER).await?
+        "db     users row {user} before: onboarded = {}",
+        database::onboarded(db_url, user).await?
     );
     let mut ids = Vec::new();
     for _ in 0..3 {
         let request = EnqueueRequest {
             tenant: tenant.into(),
-            task: "onboard".into(),
-            payload: json!({"user_id": DB_USER, "mail_api": format!("http://{mail}/send"), "db": "app"}),
+            task: task.into(),
+            payload: json!({"user_id": user, "mail_api": format!("http://{mail}/send"), "db": "app"}),
             store_result: Some(true),
             ..EnqueueRequest::default()
         };
@@ -271,20 +315,21 @@ async fn onboard_in_the_database(
     }
     let mut failed = 0;
     for id in ids {
+        // The first job of a Python task compiles an 18 MB component.
         match broker
-            .result(tenant, &id, Some(Duration::from_secs(30)))
+            .result(tenant, &id, Some(Duration::from_secs(120)))
             .await?
         {
-            ResultState::Ready(result) => println!("ok     onboard    {result} (database)"),
+            ResultState::Ready(result) => println!("ok     {task:<10} {result} (database)"),
             other => {
                 failed += 1;
-                println!("failed onboard    {other:?} (database)");
+                println!("failed {task:<10} {other:?} (database)");
             }
         }
     }
-    let after = database::onboarded(db_url, DB_USER).await?;
-    println!("db     users row {DB_USER} after: onboarded = {after}");
-    anyhow::ensure!(after, "user {DB_USER}'s row is not onboarded");
+    let after = database::onboarded(db_url, user).await?;
+    println!("db     users row {user} after: onboarded = {after}");
+    anyhow::ensure!(after, "user {user}'s row is not onboarded");
     Ok(failed)
 }
 

@@ -28,7 +28,8 @@ pub struct BenchArgs {
     /// Measure the sandbox alone, in process, without Redis.
     #[arg(long)]
     pub local: bool,
-    /// Task component to run (with `--local`).
+    /// Task component to run: in process with `--local`, else deployed
+    /// (as `bench-noop`) and drained through Redis.
     #[arg(long, default_value = "target/guests/wasm32-wasip2/release/noop.wasm")]
     pub task: PathBuf,
     /// Payload for each job.
