@@ -78,7 +78,9 @@ COMPONENTIZE_PY := $(VENV)/bin/componentize-py
 # Installed once per pinned version (a bump reinstalls).
 PY_TOOLS := $(VENV)/componentize-py-$(COMPONENTIZE_PY_VERSION).installed
 PY_GUEST_DIR := $(GUEST_DIR)/py
-PY_GUESTS := noop-py
+# The no-op, and the Python twins of the Rust onboard and scrape (the
+# tests shared by both languages run them when built).
+PY_GUESTS := noop-py onboard-py scrape-py
 
 py-guests: $(addprefix $(PY_GUEST_DIR)/,$(addsuffix .wasm,$(PY_GUESTS)))
 

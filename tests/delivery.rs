@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::components::{example_task_bytes, Lang};
 use common::guest_bytes;
 use common::http::{Reply, TestServer};
 use common::jobs::redis_with_task;
@@ -282,7 +283,21 @@ async fn a_job_whose_workers_died_twice_still_gets_all_its_retries() {
 /// the key, at least once otherwise).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboard_under_a_kill_loop_sends_one_email_per_user_with_idempotency_keys() {
+    onboard_under_a_kill_loop_in(Lang::Rust).await;
+}
+
+/// [`onboard_under_a_kill_loop_sends_one_email_per_user_with_idempotency_keys`]
+/// with the Python twin of `onboard` (tasks/onboard-py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_under_a_kill_loop_sends_one_email_per_user_with_idempotency_keys_py() {
+    onboard_under_a_kill_loop_in(Lang::Python).await;
+}
+
+async fn onboard_under_a_kill_loop_in(lang: Lang) {
     const USERS: usize = 300;
+    let Some(onboard) = example_task_bytes("onboard", lang) else {
+        return;
+    };
     let redis = RedisServer::start();
     let broker = Broker::connect(&redis.url).await.unwrap();
     // The mail API: sends an email for a key it has not seen, and answers
@@ -305,7 +320,7 @@ async fn onboard_under_a_kill_loop_sends_one_email_per_user_with_idempotency_key
     policy.sandbox.allow_http = vec![mail.authority()];
     policy.retry.auto_retry_kinds = vec!["network".into(), "mail-api".into()];
     broker
-        .deploy(TENANT, "onboard", &guest_bytes("onboard"), &policy)
+        .deploy(TENANT, "onboard", &onboard, &policy)
         .await
         .unwrap();
     let payloads: Vec<_> = (0..USERS)

@@ -13,11 +13,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::components::{example_task_bytes, Lang};
 use common::http::{Reply, TestServer};
 use common::jobs::redis_with_task;
 use common::redis::RedisServer;
 use common::web::Dashboard;
-use common::workers::{spawn_process, start_in_process};
+use common::workers::{in_process_config, spawn_process, start_configured, start_in_process};
 use common::{guest_bytes, text, wasmq, TempDir};
 use serde_json::{json, Value};
 use wasmq::broker::{Broker, FlowState, LeaseTerms, Outcome, ResultState};
@@ -376,6 +377,20 @@ async fn cancelling_a_waiting_step_cancels_what_waits_on_it() {
 /// second flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_fans_out_over_pages_with_scrape() {
+    a_guest_fans_out_over_pages_with_scrape_in(Lang::Rust).await;
+}
+
+/// [`a_guest_fans_out_over_pages_with_scrape`] with the Python twin of
+/// `scrape` (tasks/scrape-py): `flows.chord` and `job.results()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_fans_out_over_pages_with_scrape_py() {
+    a_guest_fans_out_over_pages_with_scrape_in(Lang::Python).await;
+}
+
+async fn a_guest_fans_out_over_pages_with_scrape_in(lang: Lang) {
+    let Some(scrape) = example_task_bytes("scrape", lang) else {
+        return;
+    };
     let site = TestServer::start(|req, _| {
         let links = req
             .path
@@ -391,10 +406,16 @@ async fn a_guest_fans_out_over_pages_with_scrape() {
     policy.sandbox.allow_http = vec![site.authority()];
     policy.store_result = true;
     broker
-        .deploy(TENANT, "scrape", &guest_bytes("scrape"), &policy)
+        .deploy(TENANT, "scrape", &scrape, &policy)
         .await
         .unwrap();
-    let (stop, worker) = start_in_process(&broker, TENANT, 4, Duration::from_secs(30), "w1");
+    let mut config = in_process_config(&broker, TENANT, 4, Duration::from_secs(30), "w1");
+    if lang == Lang::Python {
+        // The disk cache the tests share: the 18 MB component compiles
+        // once (10-20 s of CPU), not once per test.
+        config.cache_dir = Some(common::shared_cache_dir());
+    }
+    let (stop, worker, _) = start_configured(config);
     let pages: Vec<String> = (1..=5).map(|i| site.url(&format!("/p{i}"))).collect();
     let request = wasmq::broker::EnqueueRequest {
         tenant: TENANT.into(),

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::components::{example_task_bytes, Lang};
 use common::guest_bytes;
 use common::redis::RedisServer;
 use common::workers::KillOnDrop;
@@ -260,7 +261,21 @@ async fn locked_increments_from_four_workers_are_exact() {
 /// the host counter says exactly 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrape_counts_500_pages_once_despite_duplicates() {
+    scrape_counts_500_pages_once_in(Lang::Rust).await;
+}
+
+/// [`scrape_counts_500_pages_once_despite_duplicates`] with the Python
+/// twin of `scrape` (tasks/scrape-py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_counts_500_pages_once_despite_duplicates_py() {
+    scrape_counts_500_pages_once_in(Lang::Python).await;
+}
+
+async fn scrape_counts_500_pages_once_in(lang: Lang) {
     const PAGES: usize = 500;
+    let Some(scrape) = example_task_bytes("scrape", lang) else {
+        return;
+    };
     let redis = RedisServer::start();
     let broker = Broker::connect(&redis.url).await.unwrap();
     let site = common::http::TestServer::start(|req, _| {
@@ -269,10 +284,7 @@ async fn scrape_counts_500_pages_once_despite_duplicates() {
     .await;
     let mut p = policy("default", PoolKind::Io);
     p.sandbox.allow_http = vec![site.authority()];
-    broker
-        .deploy(TENANT, "scrape", &guest_bytes("scrape"), &p)
-        .await
-        .unwrap();
+    broker.deploy(TENANT, "scrape", &scrape, &p).await.unwrap();
     let mut ids = Vec::new();
     for round in 0..2 {
         for page in 0..PAGES {
@@ -280,9 +292,18 @@ async fn scrape_counts_500_pages_once_despite_duplicates() {
             ids.extend(enqueue(&broker, "scrape", payload, 1).await);
         }
         if round == 0 {
-            // Let a first worker take some, then kill it mid-run.
+            // Let a first worker take some, then kill it mid-run: once it
+            // has fetched a few pages (a Python worker first loads its
+            // 18 MB component, so a fixed delay could kill it before any).
             let mut first = spawn_worker(&redis.url, &["--concurrency", "50"]);
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            let started = Instant::now();
+            while site.requests().len() < 20 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "the first worker fetched nothing in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             first.kill().unwrap();
             first.wait().unwrap();
         }

@@ -14,6 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::components::{example_task_bytes, Lang};
 use common::jobs::enqueue_and_wait;
 use common::postgres::PostgresServer;
 use common::redis::RedisServer;
@@ -629,7 +630,21 @@ async fn a_worker_killed_mid_transaction_leaves_no_lock_or_connection_behind() {
 /// no connection left in a transaction or open once the workers are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_one_email_onboarded_no_leak_after_a_kill() {
+    seed_scenario_in(Lang::Rust).await;
+}
+
+/// [`seed_scenario_one_email_onboarded_no_leak_after_a_kill`] with the
+/// Python twin of `onboard` (tasks/onboard-py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_one_email_onboarded_no_leak_after_a_kill_py() {
+    seed_scenario_in(Lang::Python).await;
+}
+
+async fn seed_scenario_in(lang: Lang) {
     use common::http::{Reply, TestServer};
+    let Some(onboard) = example_task_bytes("onboard", lang) else {
+        return;
+    };
     let w = world().await;
     let emails: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mail = {
@@ -665,7 +680,7 @@ async fn seed_scenario_one_email_onboarded_no_leak_after_a_kill() {
     policy.retry.backoff_max = Duration::from_millis(500);
     policy.retry.auto_retry_kinds = vec!["network".into(), "mail-api".into()];
     w.broker
-        .deploy("seed", "onboard", &guest_bytes("onboard"), &policy)
+        .deploy("seed", "onboard", &onboard, &policy)
         .await
         .unwrap();
     let worker = |_: ()| {

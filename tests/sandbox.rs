@@ -8,8 +8,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::components::{example_task, example_task_bytes, python_guest, Lang};
 use common::http::{Reply, TestServer};
-use common::sandbox::{failure, job, run, sandbox, sandbox_with_slots, success};
+use common::sandbox::{failure, job, run, sandbox, sandbox_for, sandbox_with_slots, success};
 use common::{guest, guest_bytes, wasmq_bin, TempDir};
 use serde_json::{json, Value};
 use wasmq::backend::memory::MemoryBackend;
@@ -75,13 +76,39 @@ fn noop_and_thumbnail_run_from_the_cli() {
     assert!(a["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
 }
 
+/// tasks/onboard-py and tasks/scrape-py deploy with their Rust twins'
+/// policies: the same `task.toml`, comments aside.
+#[test]
+fn python_twins_have_their_rust_twins_policies() {
+    let tasks = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tasks");
+    for task in ["onboard", "scrape"] {
+        let policy = |dir: &str| {
+            let text = std::fs::read_to_string(tasks.join(dir).join("task.toml")).unwrap();
+            wasmq::policy::TaskPolicy::from_toml(&text).unwrap()
+        };
+        assert_eq!(policy(task), policy(&format!("{task}-py")), "{task}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboard_sends_one_email_across_runs_of_one_store() {
+    onboard_sends_one_email_across_runs_of_one_store_in(Lang::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_sends_one_email_across_runs_of_one_store_py() {
+    onboard_sends_one_email_across_runs_of_one_store_in(Lang::Python).await;
+}
+
+async fn onboard_sends_one_email_across_runs_of_one_store_in(lang: Lang) {
+    let Some(onboard) = example_task("onboard", lang) else {
+        return;
+    };
     let mail = TestServer::start(|_, _| Reply::ok("{\"queued\":true}")).await;
     let state = TempDir::new("onboard");
     let state_file = state.path().join("state.json");
     let payload = json!({"user_id": 7, "mail_api": mail.url("/send")}).to_string();
-    let onboard = guest("onboard");
+    let mut results = Vec::new();
     for _ in 0..2 {
         let args = [
             path(&onboard),
@@ -99,6 +126,7 @@ async fn onboard_sends_one_email_across_runs_of_one_store() {
         .unwrap();
         let result = stdout_json(&out);
         assert_eq!(result["user_id"], 7);
+        results.push(result);
     }
     assert_eq!(
         mail.count("/send"),
@@ -107,10 +135,34 @@ async fn onboard_sends_one_email_across_runs_of_one_store() {
     );
     let body: Value = serde_json::from_slice(&mail.requests()[0].body).unwrap();
     assert_eq!(body["to_user"], 7);
+    assert_eq!(body["template"], "welcome");
+    // The step's token, in the body and (added by the host) as the header.
+    let key = mail.requests()[0]
+        .header("idempotency-key")
+        .expect("the host adds the step's Idempotency-Key")
+        .to_string();
+    assert_eq!(body["idempotency_key"], key.as_str());
+    assert_eq!(results[0]["already_sent"], false);
+    assert_eq!(results[0]["mail_api_status"], 200);
+    assert_eq!(results[1]["already_sent"], true, "{}", results[1]);
+    assert_eq!(results[1]["sent_by_job"], results[0]["sent_by_job"]);
+    assert_eq!(results[1]["mail_api_status"], 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboard_retries_after_a_mail_api_failure_and_sends_once() {
+    onboard_retries_after_a_mail_api_failure_and_sends_once_in(Lang::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_retries_after_a_mail_api_failure_and_sends_once_py() {
+    onboard_retries_after_a_mail_api_failure_and_sends_once_in(Lang::Python).await;
+}
+
+async fn onboard_retries_after_a_mail_api_failure_and_sends_once_in(lang: Lang) {
+    let Some(component) = example_task_bytes("onboard", lang) else {
+        return;
+    };
     // The mail API fails the first request: the step is abandoned, the retry
     // sends, a third run finds the step done.
     let mail = TestServer::start(|_, n| {
@@ -121,8 +173,8 @@ async fn onboard_retries_after_a_mail_api_failure_and_sends_once() {
         }
     })
     .await;
-    let sb = sandbox();
-    let task = sb.prepare(&guest_bytes("onboard")).unwrap();
+    let sb = sandbox_for(lang);
+    let task = sb.prepare(&component).unwrap();
     let policy = SandboxPolicy {
         allow_http: vec![mail.authority()],
         ..SandboxPolicy::default()
@@ -132,11 +184,17 @@ async fn onboard_retries_after_a_mail_api_failure_and_sends_once() {
     let first = sb
         .run(&task, &job(&payload), &policy, backend.clone())
         .await;
-    assert!(
-        !matches!(first.verdict, Verdict::Succeeded { .. }),
-        "503 must fail the attempt: {:?}",
-        first.verdict
-    );
+    // Kind "mail-api", which the policy's auto-retry kinds retry.
+    match &first.verdict {
+        Verdict::Failed { failure, kind } => {
+            assert_eq!(kind.as_deref(), Some("mail-api"), "{failure:?}");
+            assert!(
+                failure.message.contains("mail API answered 503"),
+                "the 503 is named: {failure:?}"
+            );
+        }
+        other => panic!("503 must fail the attempt: {other:?}\nlog:\n{}", first.log),
+    }
     for _ in 0..2 {
         success(
             &sb.run(&task, &job(&payload), &policy, backend.clone())
@@ -151,16 +209,73 @@ async fn onboard_retries_after_a_mail_api_failure_and_sends_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_names_network_and_denied_failures_by_kind() {
+    onboard_names_network_and_denied_failures_by_kind_in(Lang::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboard_names_network_and_denied_failures_by_kind_py() {
+    onboard_names_network_and_denied_failures_by_kind_in(Lang::Python).await;
+}
+
+/// A mail API nobody listens on fails with kind "network" (which the
+/// policy retries); one off the allow-list is refused by the host, the
+/// failure in category `denied`.
+async fn onboard_names_network_and_denied_failures_by_kind_in(lang: Lang) {
+    let Some(component) = example_task_bytes("onboard", lang) else {
+        return;
+    };
+    // A port just freed: connecting to it is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let authority = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let sb = sandbox_for(lang);
+    let task = sb.prepare(&component).unwrap();
+    let policy = SandboxPolicy {
+        allow_http: vec![authority.clone()],
+        ..SandboxPolicy::default()
+    };
+    let payload = json!({"user_id": 7, "mail_api": format!("http://{authority}/send")});
+    let outcome = run(&sb, &task, &payload.to_string(), &policy).await;
+    match &outcome.verdict {
+        Verdict::Failed { kind, failure } => {
+            assert_eq!(kind.as_deref(), Some("network"), "{failure:?}")
+        }
+        other => panic!("connection refused: {other:?}\nlog:\n{}", outcome.log),
+    }
+    let payload = json!({"user_id": 7, "mail_api": "http://127.0.0.2:9/send"});
+    let outcome = run(&sb, &task, &payload.to_string(), &policy).await;
+    let (category, message) = failure(&outcome);
+    assert_eq!(category, Category::Denied, "{message}");
+    assert!(
+        message.contains("not in the task's allow-list"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrape_counts_each_page_once() {
+    scrape_counts_each_page_once_in(Lang::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_counts_each_page_once_py() {
+    scrape_counts_each_page_once_in(Lang::Python).await;
+}
+
+async fn scrape_counts_each_page_once_in(lang: Lang) {
+    let Some(component) = example_task_bytes("scrape", lang) else {
+        return;
+    };
     let site = TestServer::start(|req, _| {
         Reply::ok(format!(
-            "<html><a href='/a'>a</a><a href='/b'>b</a><a href='{}'>self</a></html>",
+            "<html><a href='/a'>a</a><A\nhref='/b'>b</a><abbr>no</abbr><a href='{}'>self</a></html>",
             req.path
         ))
     })
     .await;
-    let sb = sandbox();
-    let task = sb.prepare(&guest_bytes("scrape")).unwrap();
+    let sb = sandbox_for(lang);
+    let task = sb.prepare(&component).unwrap();
     let policy = SandboxPolicy {
         allow_http: vec![site.authority()],
         ..SandboxPolicy::default()
@@ -174,8 +289,31 @@ async fn scrape_counts_each_page_once() {
                 .await,
         );
         assert_eq!(last["links"], 3);
+        assert_eq!(last["url"], site.url(page));
     }
     assert_eq!(last["pages_scraped"], 3, "duplicates count once: {last}");
+    // 429 and 5xx ask for a retry; other non-2xx answers fail.
+    let status = TestServer::start(|req, _| {
+        Reply::status(req.path.trim_start_matches('/').parse().unwrap())
+    })
+    .await;
+    let policy = SandboxPolicy {
+        allow_http: vec![status.authority()],
+        ..SandboxPolicy::default()
+    };
+    for (code, retried) in [(429, true), (503, true), (404, false)] {
+        let payload = json!({"url": status.url(&format!("/{code}"))}).to_string();
+        let outcome = sb
+            .run(&task, &job(&payload), &policy, backend.clone())
+            .await;
+        match (&outcome.verdict, retried) {
+            (Verdict::Retry { .. }, true) => {}
+            (Verdict::Failed { failure, .. }, false) => {
+                assert!(failure.message.contains("answered 404"), "{failure:?}")
+            }
+            (other, _) => panic!("{code}: {other:?}\nlog:\n{}", outcome.log),
+        }
+    }
 }
 
 /// Each hostile guest ends in its category with a clear message, and the
@@ -640,8 +778,13 @@ fn compiled_components_are_cached_on_disk() {
         std::fs::metadata(&artifact).unwrap().modified().unwrap(),
         written
     );
-    // A corrupt entry is recompiled, not trusted.
-    std::fs::write(&artifact, b"garbage").unwrap();
+    // A corrupt entry is recompiled, not trusted. Written beside and
+    // renamed over it, as the cache replaces artifacts: `first` and
+    // `second` still map the old file, and rewriting a mapped file in
+    // place kills the process with SIGBUS when they next touch it.
+    let corrupt = artifact.with_extension("corrupt");
+    std::fs::write(&corrupt, b"garbage").unwrap();
+    std::fs::rename(&corrupt, &artifact).unwrap();
     let third = Sandbox::new(
         build_engine(&limits).unwrap(),
         CompiledCache::new(Some(cache.0.clone())),
@@ -745,23 +888,10 @@ async fn spinning_guests_finish_on_the_compute_threads() {
 /// hold. Skipped, saying how to build it, where it is not built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_componentize_py_task_runs() {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/guests/py/noop-py.wasm");
-    if !path.exists() {
-        println!(
-            "skipped: {} is not built; build it with `make py-guests` \
-             (a .venv with componentize-py 0.25.1)",
-            path.display()
-        );
+    let Some(path) = python_guest("noop-py") else {
         return;
-    }
-    // The disk cache the tests' CLI runs share: compiling it takes 10-20 s
-    // of CPU, loading it well under one.
-    let sb = Sandbox::new(
-        build_engine(&EngineLimits::default()).unwrap(),
-        CompiledCache::new(Some(common::shared_cache_dir())),
-    )
-    .unwrap();
+    };
+    let sb = sandbox_for(Lang::Python);
     let task = sb.prepare(&std::fs::read(&path).unwrap()).unwrap();
     for _ in 0..2 {
         let outcome = run(&sb, &task, "{}", &SandboxPolicy::default()).await;

@@ -1,5 +1,98 @@
-//! Components made in the test instead of committed: a real task with a
-//! version of its own, and valid components that take long to compile.
+//! Components the tests run beside the Rust guests of `make guests`: the
+//! Python twins of the example tasks (`make py-guests`), looked up so a
+//! test runs each task in both languages; and components made in the test
+//! instead of committed: a real task with a version of its own, and valid
+//! components that take long to compile.
+
+use std::path::PathBuf;
+
+/// The language an example task is written in: the Rust task in
+/// tasks/NAME (built by `make guests`) or its Python twin in tasks/NAME-py
+/// (built by `make py-guests`). Tests shared by both run one body per
+/// language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    Rust,
+    Python,
+}
+
+/// Path of a Python component built by `make py-guests`
+/// (target/guests/py/NAME.wasm), or None, printing why the test is
+/// skipped, when it is not built (componentize-py needs a venv and PyPI,
+/// which `make test` does not assume).
+pub fn python_guest(name: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests/py")
+        .join(format!("{name}.wasm"));
+    if path.exists() {
+        return Some(path);
+    }
+    println!(
+        "skipped: {} is not built; build it with `make py-guests` \
+         (a .venv with componentize-py 0.25.1)",
+        path.display()
+    );
+    None
+}
+
+/// Path of example task `task` ("onboard", "scrape") in `lang`: the Rust
+/// one must be built (as `common::guest`); the Python twin ("onboard-py")
+/// may not be, then None (the skip printed).
+pub fn example_task(task: &str, lang: Lang) -> Option<PathBuf> {
+    match lang {
+        Lang::Rust => {
+            // Not `super::guest`: benches include this file alone.
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/guests/wasm32-wasip2/release")
+                .join(format!("{task}.wasm"));
+            assert!(
+                path.exists(),
+                "{} is missing: build the guests first with `make guests` (or run `make test`)",
+                path.display()
+            );
+            Some(path)
+        }
+        Lang::Python => python_guest(&format!("{task}-py")),
+    }
+}
+
+/// Bytes of [`example_task`]. A Python component is also compiled into
+/// the disk cache the tests' workers share (`common::shared_cache_dir`) if
+/// it is not there yet: compiling one takes about 20 s of CPU (40+ s of
+/// wall time on a loaded 2-core machine), loading it well under one, so
+/// the workers a test then starts (worker processes, or in-process ones
+/// given the shared cache) load it at once instead of each compiling it
+/// within the test's deadlines, or never finishing when a kill loop ends
+/// them first.
+pub fn example_task_bytes(task: &str, lang: Lang) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(example_task(task, lang)?).unwrap();
+    if lang == Lang::Python {
+        let started = std::time::Instant::now();
+        python_sandbox()
+            .prepare(&bytes)
+            .expect("the Python task compiles");
+        println!(
+            "{task}-py ready in the shared compiled cache in {:?}",
+            started.elapsed()
+        );
+    }
+    Some(bytes)
+}
+
+/// A sandbox with the default engine and the compiled cache the tests'
+/// `wasmq` processes share (`common::shared_cache_dir`; spelled out here
+/// because benches include this file alone): a Python component (the
+/// interpreter included, about 19 MB) is compiled once and then loaded.
+pub fn python_sandbox() -> wasmq::sandbox::Sandbox {
+    use wasmq::component::CompiledCache;
+    use wasmq::engine::{build_engine, EngineLimits};
+    let cache = std::env::temp_dir().join("wasmq-test-cache");
+    wasmq::sandbox::Sandbox::new(
+        build_engine(&EngineLimits::default()).unwrap(),
+        CompiledCache::new(Some(cache)),
+    )
+    .unwrap()
+}
 
 /// `bytes` (a component) with a custom section naming `tag` appended: the
 /// same task, a new content hash, so no cache of another test has it.

@@ -25,6 +25,17 @@ pub fn sandbox_with_slots(jobs: u32) -> Sandbox {
     Sandbox::new(build_engine(&limits).unwrap(), CompiledCache::new(None)).unwrap()
 }
 
+/// A sandbox for `lang`'s components: Rust ones as [`sandbox`]; Python
+/// ones (the interpreter included, about 19 MB) with the disk cache the
+/// tests' `wasmq` processes share, so each is compiled once (about 20 s of
+/// CPU) and then loaded from disk (well under a second).
+pub fn sandbox_for(lang: super::components::Lang) -> Sandbox {
+    match lang {
+        super::components::Lang::Rust => sandbox(),
+        super::components::Lang::Python => super::components::python_sandbox(),
+    }
+}
+
 /// A first-attempt job of tenant `t1` with a fresh id.
 pub fn job(payload: &str) -> JobInput {
     JobInput::new(&uuid::Uuid::new_v4().to_string(), "test", "t1", payload)
