@@ -9,11 +9,11 @@ GUEST_DIR := target/guests
 GUESTS := noop onboard thumbnail scrape hostile other-world typed task-v010 flowstep secrets db
 GUEST_FLAGS := --release --target $(GUEST_TARGET) --target-dir $(GUEST_DIR) $(addprefix -p ,$(GUESTS))
 
-.PHONY: all setup target redis postgres promtool browser guests py-tools py-guests py-guests-if-pypi js-guests js-guests-if-npm build test demo bench lint fmt clean
+.PHONY: all setup target redis postgres promtool browser python node guests py-tools py-guests py-guests-if-pypi js-guests js-guests-if-npm build test demo bench lint fmt clean
 
 all: build guests
 
-setup: target redis postgres promtool browser
+setup: target redis postgres promtool browser python node
 
 target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(GUEST_TARGET) || rustup target add $(GUEST_TARGET)
@@ -61,6 +61,28 @@ browser:
 		echo "chromium or chromedriver not found: install them (e.g. 'sudo apt-get install chromium chromium-driver') and re-run"; exit 1; \
 	fi
 
+# python3 with venv (Debian's python3-venv) makes the project virtualenv
+# componentize-py is installed into; node and npm install componentize-js.
+# Where they cannot be installed, the Python or JavaScript tasks are
+# skipped, saying so, and so are the tests that need them.
+python:
+	@if $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "python3 with venv not found: installing Debian's python3-venv with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null; \
+	else \
+		echo "python3 with venv not found: install it (e.g. 'sudo apt-get install python3-venv'); the Python tasks are skipped until then"; \
+	fi
+
+node:
+	@if command -v $(NPM) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "npm not found: installing Debian's nodejs and npm with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+	else \
+		echo "npm not found: install it (e.g. 'sudo apt-get install nodejs npm'); the JavaScript tasks are skipped until then"; \
+	fi
+
 # Example tasks and test guests, as WebAssembly components.
 guests: target
 	$(CARGO) build $(GUEST_FLAGS)
@@ -95,7 +117,7 @@ PY_SDK := $(wildcard guest-sdk/python/wasmq/*.py guest-sdk/python/wit/*.wit gues
 
 $(PY_GUEST_DIR)/%.wasm: tasks/%/app.py $(PY_SDK) $(PY_TOOLS)
 	@mkdir -p $(PY_GUEST_DIR)
-	$(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
+	WASMQ_COMPONENTIZE_PY=$(COMPONENTIZE_PY) $(CARGO) run -q -p wasmq -- build tasks/$*/app.py -o $@
 
 # JavaScript tasks, as components: the componentize-js that
 # js/package.json pins (every dependency locked by js/package-lock.json),
@@ -126,25 +148,24 @@ $(JS_GUEST_DIR)/%.wasm: tasks/%/app.js $(wildcard wit/*.wit wit/deps/*/*.wit) $(
 build:
 	$(CARGO) build -p wasmq
 
-test: setup guests
+# Every test, with the Python and JavaScript tasks built first (where
+# their registries answer; otherwise their tests print a skip).
+test: setup guests py-guests-if-pypi js-guests-if-npm
 	$(CARGO) test
 
-# The Python tasks: built when componentize-py can be installed (not yet
-# part of `make test`: running the 18 MB component beside tests that fork
-# worker processes failed once with wasmtime's "cannot add seals to the
-# memfd", to be understood under issue 23 first). Otherwise: built when componentize-py can be
-# installed; where PyPI is unreachable, said so, and the tests that need
-# them print a skip naming `make py-guests`. A build that fails for any
-# other reason fails.
+# The Python tasks: built when componentize-py can be installed; where
+# PyPI (or python3's venv) is unavailable, said so, and the tests that need
+# them print a skip naming `make py-guests` or `make py-tools`. A build
+# that fails for any other reason fails.
 py-guests-if-pypi:
 	@if [ -f $(PY_TOOLS) ] || { { [ -x $(VENV)/bin/pip ] || $(PYTHON) -m venv $(VENV); } && \
 		$(VENV)/bin/pip install --quiet componentize-py==$(COMPONENTIZE_PY_VERSION); }; then \
 		touch $(PY_TOOLS); $(MAKE) --no-print-directory py-guests; \
 	else \
-		echo "skipping the Python tasks: pip could not install componentize-py==$(COMPONENTIZE_PY_VERSION) (is PyPI reachable?)"; \
+		echo "skipping the Python tasks: pip could not install componentize-py==$(COMPONENTIZE_PY_VERSION) (are python3-venv and PyPI there?)"; \
 	fi
 
-# The JavaScript tasks (not part of `make test` yet): built where npm can
+# The JavaScript tasks: built where npm can
 # install the pinned componentize-js; where npm is missing or the registry
 # unreachable, said so, and the tests that need them print a skip naming
 # `make js-guests`. A build that fails once the tools are in fails.
@@ -155,7 +176,7 @@ js-guests-if-npm:
 		echo "skipping the JavaScript tasks: npm could not install the componentize-js that js/package.json pins into $(NODE_DIR)/ (is npm installed and its registry reachable?)"; \
 	fi
 
-demo: setup guests build
+demo: setup guests build py-guests-if-pypi
 	$(CARGO) run -q -p wasmq --example demo
 
 # Figures for the closing notes: release build, nothing else running.
