@@ -35,6 +35,10 @@ __all__ = ["task", "registered", "WitWorld", "TaskFunction"]
 TaskFunction = Callable[[Job, Any], Any]
 
 _registered: Optional[TaskFunction] = None
+# Made once, at build time (the module is imported into the snapshot), not
+# per job as `json.dumps(out, separators=...)` would; NaN and infinities
+# are refused because they are not JSON.
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _logger = logging.getLogger("wasmq")
 
 
@@ -82,7 +86,7 @@ def dispatch(ctx: wit_types.JobContext, payload: str) -> str:
         _logger.error("uncaught exception in the task:\n%s", traceback.format_exc().rstrip())
         raise _kind(EXCEPTION, f"{type(e).__name__}: {e}") from None
     try:
-        return json.dumps(out, separators=(",", ":"))
+        return _encoder.encode(out)
     except (TypeError, ValueError) as e:
         raise Err(wit.TaskError_Fail(f"task result does not serialize to JSON: {e}")) from None
 
