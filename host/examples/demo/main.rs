@@ -302,6 +302,9 @@ async fn onboard_in_the_database(
         "db     users row {user} before: onboarded = {}",
         database::onboarded(db_url, user).await?
     );
+    if task.ends_with("-py") {
+        println!("db     {task}: the first job compiles the Python component (a few seconds to minutes; once per machine)");
+    }
     let mut ids = Vec::new();
     for _ in 0..3 {
         let request = EnqueueRequest {
@@ -315,9 +318,11 @@ async fn onboard_in_the_database(
     }
     let mut failed = 0;
     for id in ids {
-        // The first job of a Python task compiles an 18 MB component.
+        // The first job of a Python task compiles its 19 MB component
+        // (about 20 s of CPU, on a low-priority thread: minutes on a busy
+        // machine).
         match broker
-            .result(tenant, &id, Some(Duration::from_secs(120)))
+            .result(tenant, &id, Some(Duration::from_secs(600)))
             .await?
         {
             ResultState::Ready(result) => println!("ok     {task:<10} {result} (database)"),
