@@ -39,6 +39,19 @@ _registered: Optional[TaskFunction] = None
 # per job as `json.dumps(out, separators=...)` would; NaN and infinities
 # are refused because they are not JSON.
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _warm_up() -> None:
+    """Run the decode and encode every job does a few times at build time:
+    what CPython does on a function's first runs (specialising it, filling
+    caches) is then in the snapshot each job starts from instead of being
+    done again by every job (about 20,000 fuel a job)."""
+    for _ in range(20):
+        json.loads('{"a": [1, "x", null, true, 1.5], "b": {}}')
+        _encoder.encode({"ok": True, "l": [1, "x", None, 1.5], "d": {}})
+
+
+_warm_up()
 _logger = logging.getLogger("wasmq")
 
 
