@@ -171,12 +171,18 @@ impl Leases {
         }
     }
 
-    /// A renewal of `jobs` sent at `sent` came back: `lost` are owned by
-    /// another delivery now, or their leases lapsed in Redis.
+    /// A renewal of `jobs` (id, delivery token) sent at `sent` came back:
+    /// `lost` are owned by another delivery now, or their leases lapsed in
+    /// Redis. The answer is about the deliveries the renewal named: a job
+    /// fetched again while it was on the wire (its older run stopped, this
+    /// worker reclaimed it) is another delivery, which it neither stops nor
+    /// renews.
     fn renewed(&self, jobs: &[(String, String)], lost: &[String], sent: Instant, lease: Duration) {
         let held = self.lock();
-        for (id, _) in jobs {
-            let Some(h) = held.get(id) else { continue };
+        for (id, token) in jobs {
+            let Some(h) = held.get(id).filter(|h| h.job.token == *token) else {
+                continue;
+            };
             if lost.contains(id) {
                 tracing::warn!(job = %id, "the job's lease was lost (it lapsed, or another delivery owns it); stopping its run");
                 h.watch.lose();
@@ -214,6 +220,35 @@ mod tests {
         let next = Arc::new(LeaseWatch::unbounded());
         leases.hold(delivery("w:2"), next.clone());
         assert!(next.held(), "another delivery of the job runs");
+    }
+
+    /// The race seen once in the frozen-worker test: a renewal names the
+    /// delivery held when it was sent; before its answer ("lost") comes
+    /// back, that run stopped and the job was fetched again. The answer
+    /// must not stop the new delivery (nor renew it).
+    #[test]
+    fn a_renewal_answer_about_an_older_delivery_leaves_the_new_one_alone() {
+        let leases = Leases::default();
+        let old_watch = Arc::new(LeaseWatch::unbounded());
+        leases.hold(delivery("w:1"), old_watch.clone());
+        let sent = vec![("j".to_string(), "w:1".to_string())];
+        let new_watch = Arc::new(LeaseWatch::new(Instant::now(), Duration::from_secs(2)));
+        leases.hold(delivery("w:2"), new_watch.clone());
+        leases.renewed(
+            &sent,
+            &["j".to_string()],
+            Instant::now(),
+            Duration::from_secs(2),
+        );
+        assert!(new_watch.held(), "the newer delivery runs on");
+        assert!(!old_watch.held());
+        // Nor is a success for the old delivery applied to the new one
+        // (applied, this one, sent past the new lease's end, would mark the
+        // new delivery lapsed).
+        let later = Instant::now() + Duration::from_secs(60);
+        leases.renewed(&sent, &[], later, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(new_watch.held());
     }
 
     #[test]
