@@ -16,10 +16,24 @@ pub enum Lang {
     Python,
 }
 
+/// Path of a guest component built by `make guests` (the Rust tasks and
+/// test guests); a missing one fails the test, naming the target.
+pub fn guest(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the guests first with `make guests` (or run `make test`)",
+        path.display()
+    );
+    path
+}
+
 /// Path of a Python component built by `make py-guests`
 /// (target/guests/py/NAME.wasm), or None, printing why the test is
-/// skipped, when it is not built (componentize-py needs a venv and PyPI,
-/// which `make test` does not assume).
+/// skipped, when it is not built (componentize-py needs a venv and PyPI:
+/// `make test` builds them where PyPI answers, and says so where not).
 pub fn python_guest(name: &str) -> Option<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../target/guests/py")
@@ -40,18 +54,7 @@ pub fn python_guest(name: &str) -> Option<PathBuf> {
 /// may not be, then None (the skip printed).
 pub fn example_task(task: &str, lang: Lang) -> Option<PathBuf> {
     match lang {
-        Lang::Rust => {
-            // Not `super::guest`: benches include this file alone.
-            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/guests/wasm32-wasip2/release")
-                .join(format!("{task}.wasm"));
-            assert!(
-                path.exists(),
-                "{} is missing: build the guests first with `make guests` (or run `make test`)",
-                path.display()
-            );
-            Some(path)
-        }
+        Lang::Rust => Some(guest(task)),
         Lang::Python => python_guest(&format!("{task}-py")),
     }
 }

@@ -21,18 +21,7 @@ pub use temp_dir::TempDir;
 
 use std::path::PathBuf;
 
-/// Path of a guest component built by `make guests`.
-pub fn guest(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/guests/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: build the guests first with `make guests` (or run `make test`)",
-        path.display()
-    );
-    path
-}
+pub use components::guest;
 
 /// Bytes of a guest component.
 pub fn guest_bytes(name: &str) -> Vec<u8> {
